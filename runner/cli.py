@@ -1,0 +1,100 @@
+"""Command line: parse, build settings, run one command, map the outcome to an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+from runner import cancel as cancellation
+from runner import config, db
+from runner.context import Run
+from runner.errors import ConfigError, RunnerError
+from runner.exitcodes import ExitCode
+from runner.log import EventLog
+from runner.redact import redact
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (exit 2, one line) instead of printing usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message}: see 'python -m runner --help'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m runner", description="Apply Alembic migrations once, safely.")
+    p.add_argument("-c", "--config", dest="ALEMBIC_CONFIG", help="alembic.ini (ALEMBIC_CONFIG)")
+    p.add_argument("--log-format", dest="LOG_FORMAT", choices=None, help="text|json (LOG_FORMAT)")
+    p.add_argument("--wait-timeout", dest="DB_WAIT_TIMEOUT", help="DB_WAIT_TIMEOUT, e.g. 60s")
+    p.add_argument("--lock-wait-timeout", dest="LOCK_WAIT_TIMEOUT", help="LOCK_WAIT_TIMEOUT")
+    p.add_argument("--run-deadline", dest="RUN_DEADLINE", help="RUN_DEADLINE, e.g. 10m")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    up = sub.add_parser("upgrade", help="apply pending migrations (default: to head)")
+    up.add_argument("--to", default="head", help="target revision (default head)")
+    down = sub.add_parser("downgrade", help="roll back to a revision (-1, an id, or base)")
+    down.add_argument("--to", required=True, help="revision id, -N, or base")
+    down.add_argument("--yes", action="store_true", help="confirm a downgrade to base")
+    st = sub.add_parser("status", help="show current, head and pending revisions")
+    st.add_argument("--check", action="store_true", help="exit 10 when not at head")
+    sub.add_parser("wait", help="only wait until the database is ready")
+    pl = sub.add_parser("plan", help="print the SQL upgrade would run")
+    pl.add_argument("--to", default="head")
+    return p
+
+
+def _dispatch(run: Run, args: argparse.Namespace) -> None:
+    from runner import commands  # deferred: keeps --help and bad input fast
+
+    match args.command:
+        case "upgrade":
+            commands.upgrade(run, args.to)
+        case "downgrade":
+            commands.downgrade(run, args.to, args.yes)
+        case "status":
+            commands.status(run, args.check)
+        case "wait":
+            commands.wait(run)
+        case "plan":
+            commands.plan(run, args.to)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one command and return its exit code (see runner.exitcodes)."""
+    env = os.environ if environ is None else environ
+    log = EventLog("json" if env.get("LOG_FORMAT") == "json" else "text")
+    run: Run | None = None
+    try:
+        args = build_parser().parse_args(argv)
+        overrides = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
+        settings = config.load(env, overrides)
+        log = EventLog(settings.log_format)
+        run = Run(settings=settings, log=log, command=args.command)
+        cancellation.install(run.cancel, log)
+        cancellation.start_deadline(run.cancel, settings.run_deadline)
+        db.install_statement_guard(run)
+        log("start", f"{args.command} against {settings.safe_target}", run_id=run.run_id)
+        _dispatch(run, args)
+        code, error = ExitCode.OK, None
+    except RunnerError as exc:
+        code, error = exc.code, str(exc)
+    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
+        if run is not None and run.cancel.is_set:
+            err = run.cancel.error()
+            code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
+        else:
+            code, error = ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+    if run is None:
+        log.error("config", redact(error or ""), exit_code=int(code))
+    else:
+        if error:
+            run.log.error("failed", error, exit_code=int(code))
+        from runner.report import report
+
+        report(run, code, error)
+    return int(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""One function per command, each readable top to bottom (after Alembic's command.py)."""
+
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from runner import db, revisions
+from runner.context import Run
+from runner.errors import ConfigError, MigrationFailed, Pending, PreflightRefused
+from runner.lock import migration_lock
+from runner.migrate import apply_steps
+from runner.revisions import DbState
+from runner.wait import wait_until_ready
+
+
+def upgrade(run: Run, target: str = "head") -> None:
+    """Bring the database up to target (default head), under the lock."""
+    _migrate(run, target, downgrade=False)
+
+
+def downgrade(run: Run, target: str, yes: bool = False) -> None:
+    """Take the database back to target: a revision id, -N, or base (with yes)."""
+    if target == "base" and not yes:
+        raise ConfigError("downgrade --to base removes every migrated object: add --yes to confirm")
+    _migrate(run, target, downgrade=True)
+
+
+def _migrate(run: Run, target: str, downgrade: bool) -> None:
+    cfg, script = _load(run)
+    if target in ("head", "heads"):
+        revisions.single_head(script)
+    # 1. wait, then the fast path: nothing to do means no lock, no backup
+    with wait_until_ready(run) as conn:
+        state = revisions.read_state(cfg, script, conn)
+    goal = _plan(run, script, state, target, downgrade)
+    if set(state.heads) == set(goal):
+        return _nothing_to_do(run, state)
+    # 2. the lock, then look again: another copy may have migrated meanwhile
+    with migration_lock(run, state.version_schema or "", state.version_table):
+        with db.connect(run, "inspect") as conn:
+            state = revisions.read_state(cfg, script, conn)
+        revisions.check_known(script, state.heads)
+        if set(state.heads) == set(goal):
+            return _nothing_to_do(run, state)
+        _check_direction(script, state.heads, goal, downgrade)
+        # 3. migrate, one transaction per revision
+        plan = revisions.steps(script, state.heads, goal, downgrade)
+        run.summary["pending"] = [rev for rev, _ in plan]
+        with run.timed("migrate"):
+            apply_steps(run, cfg, plan, downgrade)
+        # 4. verify
+        with db.connect(run, "verify") as conn:
+            after = revisions.read_state(cfg, script, conn).heads
+    if set(after) != set(goal):
+        raise MigrationFailed(f"after migrating the database is at {_fmt(after)}, expected "
+                              f"{_fmt(goal)}: check env.py's run_migrations for skipped revisions")
+    run.summary.update(to=_fmt(after), outcome="migrated")
+
+
+def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
+    """Print current revision(s), heads and pending revisions; with check, fail when pending."""
+    out = out or sys.stdout
+    cfg, script = _load(run)
+    with wait_until_ready(run) as conn:
+        state = revisions.read_state(cfg, script, conn)
+    heads = tuple(script.get_heads())
+    unknown = [h for h in state.heads if h not in revisions.ancestors(script, heads)]
+    pending = [] if unknown else [s.revision for s in reversed(list(
+        script.iterate_revisions(heads if len(heads) > 1 else heads[0], state.heads or "base")))]
+    print(f"database: {run.settings.safe_target}", file=out)
+    print(f"current:  {_fmt(state.heads)}", file=out)
+    print(f"head:     {_fmt(heads)}", file=out)
+    print(f"pending:  {', '.join(pending) if pending else 'none'}", file=out)
+    if unknown:
+        print(f"unknown:  {', '.join(unknown)} (not in these scripts: the image is older than "
+              "the database)", file=out)
+    run.summary.update({"from": _fmt(state.heads), "to": _fmt(state.heads), "head": _fmt(heads),
+                        "pending": pending})
+    if check and (pending or unknown or set(state.heads) != set(heads)):
+        raise Pending(f"database is at {_fmt(state.heads)}, not at head {_fmt(heads)}: "
+                      f"{len(pending)} revision(s) pending")
+    run.summary["outcome"] = "at head" if set(state.heads) == set(heads) else "behind head"
+
+
+def wait(run: Run) -> None:
+    """Only wait until the database is ready."""
+    wait_until_ready(run).close()
+    run.summary["outcome"] = "ready"
+
+
+def plan(run: Run, target: str = "head", out: IO[str] | None = None) -> None:
+    """Print the SQL that upgrade would run (Alembic offline mode) for the pending range."""
+    cfg, script = _load(run)
+    with wait_until_ready(run) as conn:
+        state = revisions.read_state(cfg, script, conn)
+    goal = _plan(run, script, state, target, downgrade=False)
+    if set(state.heads) == set(goal):
+        print("-- nothing to do: the database is at the target", file=out or sys.stdout)
+    else:
+        (out or sys.stdout).write(revisions.offline_sql(cfg, state.heads, ":".join(goal)))
+    run.summary.update(outcome="planned")
+
+
+def _load(run: Run) -> tuple[Config, ScriptDirectory]:
+    cfg = revisions.alembic_config(run.settings)
+    revisions.route_logging(run.log)
+    return cfg, revisions.load_scripts(cfg)
+
+
+def _plan(run: Run, script: ScriptDirectory, state: DbState, target: str,
+          downgrade: bool) -> tuple[str, ...]:
+    """Refuse what must not run; return the resolved target revisions."""
+    revisions.check_known(script, state.heads)
+    goal = revisions.resolve(script, target, state.heads)
+    _check_direction(script, state.heads, goal, downgrade)
+    run.summary.update({"from": _fmt(state.heads), "target": _fmt(goal)})
+    return goal
+
+
+def _check_direction(script: ScriptDirectory, current: tuple[str, ...], goal: tuple[str, ...],
+                     downgrade: bool) -> None:
+    below = revisions.ancestors(script, current)
+    if set(goal) == set(current):
+        return
+    if downgrade and not set(goal) <= below:
+        raise PreflightRefused(f"downgrade target {_fmt(goal)} is not an ancestor of the current "
+                               f"revision {_fmt(current)}: a downgrade can only go back")
+    if not downgrade and goal and set(goal) <= below:
+        raise PreflightRefused(f"upgrade target {_fmt(goal)} is older than the current revision "
+                               f"{_fmt(current)}: use 'downgrade --to {_fmt(goal)}'")
+
+
+def _nothing_to_do(run: Run, state: DbState) -> None:
+    run.log("migrate.noop", f"database already at {_fmt(state.heads)}: nothing to do")
+    run.summary.update(to=_fmt(state.heads), outcome="nothing to do", applied=[])
+
+
+def _fmt(revs: tuple[str, ...] | list[str]) -> str:
+    return ",".join(revs) if revs else "base"

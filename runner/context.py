@@ -1,0 +1,59 @@
+"""The state of one run: settings, log, cancellation, deadline and what the summary reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from runner.cancel import Cancel
+from runner.config import Settings
+from runner.log import EventLog
+
+
+@dataclasses.dataclass
+class Run:
+    settings: Settings
+    log: EventLog
+    command: str
+    cancel: Cancel = dataclasses.field(default_factory=Cancel)
+    run_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex[:8])
+    clock: Callable[[], float] = time.monotonic
+    started: float = dataclasses.field(default_factory=time.monotonic)
+    server_version: int = 0
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    durations: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def remaining(self) -> float | None:
+        """Return seconds left before RUN_DEADLINE, or None without a deadline."""
+        if not self.settings.run_deadline:
+            return None
+        return self.settings.run_deadline - (self.clock() - self.started)
+
+    def limit(self, timeout: float) -> tuple[float, bool]:
+        """Return (seconds, capped): timeout bounded by the run deadline, and whether it was."""
+        left = self.remaining()
+        if left is not None and left < timeout:
+            return max(0.0, left), True
+        return timeout, False
+
+    def app_name(self, purpose: str) -> str:
+        """Return the application_name for a runner connection (unique per run, so we can cancel it)."""
+        return f"{self.settings.application_name}/{purpose}/{self.run_id}"
+
+    def timed(self, phase: str) -> _Timer:
+        return _Timer(self, phase)
+
+
+class _Timer:
+    def __init__(self, run: Run, phase: str) -> None:
+        self.run, self.phase = run, phase
+
+    def __enter__(self) -> None:
+        self.t0 = self.run.clock()
+
+    def __exit__(self, *exc: object) -> None:
+        took = self.run.clock() - self.t0
+        self.run.durations[self.phase] = round(self.run.durations.get(self.phase, 0.0) + took, 3)

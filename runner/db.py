@@ -1,0 +1,82 @@
+"""Runner connections: sync driver, application_name, keepalives and protective session settings."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from runner.context import Run
+
+# TCP keepalives so a backend whose runner vanished without closing its socket goes away
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+               "keepalives_count": 3}
+CHECK_INTERVAL = "2s"  # client_connection_check_interval: a killed runner's query stops this fast
+IDLE_IN_TX_TIMEOUT = "10min"
+
+
+def _ms(seconds: float) -> str:
+    return f"{int(seconds * 1000)}ms"
+
+
+def session_options(run: Run, migrating: bool) -> str:
+    """Return libpq `options` (-c name=value ...) for a runner connection."""
+    opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT}
+    if run.server_version >= 140000:
+        opts["client_connection_check_interval"] = CHECK_INTERVAL
+    if migrating:
+        s = run.settings
+        opts["lock_timeout"] = _ms(s.migration_lock_timeout)
+        opts["statement_timeout"] = _ms(s.migration_statement_timeout)
+    return " ".join(f"-c {k}={v}" for k, v in opts.items())
+
+
+def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool = False,
+           connect_timeout: float = 10.0) -> Engine:
+    """Create a pool-less engine for one purpose (wait, lock, migrate, cancel, ...)."""
+    args: dict[str, Any] = dict(_KEEPALIVES, application_name=run.app_name(purpose),
+                                connect_timeout=max(1, int(connect_timeout)))
+    if run.server_version:  # unknown before the first successful connection
+        args["options"] = session_options(run, migrating)
+    kw: dict[str, Any] = {"poolclass": NullPool, "connect_args": args}
+    if autocommit:
+        kw["isolation_level"] = "AUTOCOMMIT"
+    eng = sa.create_engine(run.settings.sync_url, **kw)
+    if not migrating:
+        eng = eng.execution_options(runner_control=True)
+    return eng
+
+
+def connect(run: Run, purpose: str, **kw: Any) -> Connection:
+    return engine(run, purpose, **kw).connect()
+
+
+def libpq_environment(run: Run) -> dict[str, str]:
+    """Return PGAPPNAME/PGOPTIONS so engines that env.py builds itself get the same protection."""
+    return {"PGAPPNAME": run.app_name("migrate"), "PGOPTIONS": session_options(run, True)}
+
+
+def cancel_own_statements(run: Run) -> int:
+    """Cancel this run's running statements from a fresh connection; return how many."""
+    with connect(run, "cancel", autocommit=True, connect_timeout=5) as conn:
+        return conn.execute(sa.text(
+            "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name LIKE :pattern AND pid <> pg_backend_pid() "
+            "AND state <> 'idle'"),
+            {"pattern": f"{run.settings.application_name}/%/{run.run_id}"}).scalar_one()
+
+
+def install_statement_guard(run: Run) -> None:
+    """Refuse new migration statements once the run is cancelled (between two statements)."""
+
+    @sa.event.listens_for(Engine, "before_cursor_execute")
+    def _guard(conn: Connection, *args: Any) -> None:
+        if run.cancel.is_set and not conn.get_execution_options().get("runner_control"):
+            run.cancel.check()
+
+
+def apply_libpq_environment(run: Run) -> None:
+    os.environ.update(libpq_environment(run))

@@ -1,0 +1,185 @@
+"""Apply revisions one transaction at a time; retry on lock_timeout; report who blocks us."""
+
+from __future__ import annotations
+
+import re
+import threading
+from typing import Any
+
+import sqlalchemy as sa
+import tenacity
+from alembic.config import Config
+
+from runner import db, revisions
+from runner.context import Run
+from runner.errors import LockRetriesExhausted, MigrationFailed, PreflightRefused
+from runner.redact import redact
+
+LOCK_NOT_AVAILABLE = "55P03"
+QUERY_CANCELED = "57014"
+
+BLOCKERS_SQL = sa.text("""
+SELECT DISTINCT b.pid, b.application_name, b.state,
+       round(extract(epoch FROM now() - b.xact_start))::int AS xact_age_s,
+       left(b.query, 400) AS query
+FROM pg_stat_activity w
+CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid)
+JOIN pg_stat_activity b ON b.pid = bp.pid
+WHERE w.application_name = :app
+""")
+
+INVALID_INDEXES_SQL = sa.text("""
+SELECT format('%I.%I', n.nspname, c.relname) AS name
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE NOT i.indisvalid
+  AND i.indexrelid NOT IN (SELECT index_relid FROM pg_stat_progress_create_index
+                           WHERE index_relid IS NOT NULL)
+ORDER BY 1
+""")
+
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|\b\d+(?:\.\d+)?\b", re.S)
+
+
+class _LockTimeout(Exception):
+    def __init__(self, revision: str, message: str) -> None:
+        super().__init__(message)
+        self.revision = revision
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+
+
+def db_message(exc: BaseException) -> str:
+    """Return the server's error as one redacted line (no SQL, no parameters)."""
+    orig = getattr(exc, "orig", exc)
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return redact(first)
+
+
+def scrub_query(query: str) -> str:
+    """Drop literal values from a query text: they may be bind values or secrets."""
+    return " ".join(_LITERALS.sub("?", query or "").split())[:160]
+
+
+def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: bool) -> None:
+    """Apply each step in its own transaction; the summary lists what was applied."""
+    applied: list[str] = run.summary.setdefault("applied", [])
+    db.apply_libpq_environment(run)
+    handle_invalid_indexes(run)
+    with run.cancel.on_cancel(lambda: db.cancel_own_statements(run)):
+        for revision, dest in plan:
+            run.log("migrate.step", f"{'downgrading' if downgrade else 'upgrading'} {revision}",
+                    revision=revision, to=dest)
+            _with_lock_retries(run, cfg, revision, dest, downgrade)
+            applied.append(revision)
+
+
+def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool) -> None:
+    s = run.settings
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        run.log.warning("migrate.retry", f"{revision} hit lock_timeout "
+                     f"({s.migration_lock_timeout:g}s); rolled back, retrying",
+                     attempt=state.attempt_number, of=s.lock_retry_attempts,
+                     retry_in=round(state.upcoming_sleep, 2))
+        handle_invalid_indexes(run)
+
+    left = run.remaining()
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_LockTimeout),
+        wait=tenacity.wait_exponential_jitter(initial=0.5, max=s.lock_retry_max_wait, jitter=1.0),
+        stop=tenacity.stop_after_attempt(s.lock_retry_attempts)
+        | tenacity.stop_before_delay(left if left is not None else float("inf")),
+        sleep=run.cancel.sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )
+    try:
+        retrying(_step_once, run, cfg, revision, dest, downgrade)
+    except _LockTimeout as exc:
+        run.cancel.check()
+        raise LockRetriesExhausted(
+            f"revision {revision} could not get its table locks in "
+            f"{s.lock_retry_attempts} attempts of {s.migration_lock_timeout:g}s ({exc}); "
+            "the database stays at the last good revision: end the blocking sessions "
+            "or retry at a quieter time") from None
+
+
+def _step_once(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool) -> None:
+    run.cancel.check()
+    monitor = _BlockerMonitor(run)
+    monitor.start()
+    try:
+        with db.connect(run, "migrate", migrating=True) as conn:
+            revisions.run_step(cfg, dest, downgrade, conn)
+    except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
+        run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
+        code = sqlstate(exc)
+        if code == LOCK_NOT_AVAILABLE:
+            blockers = monitor.last or []
+            for b in blockers:
+                run.log.warning("migrate.blocker", "session holding the lock we need",
+                             pid=b["pid"], application_name=b["application_name"],
+                             state=b["state"], xact_age_s=b["xact_age_s"],
+                             query=scrub_query(b["query"]))
+            raise _LockTimeout(revision, db_message(exc)) from None
+        what = "statement_timeout reached" if code == QUERY_CANCELED else db_message(exc)
+        raise MigrationFailed(f"revision {revision} failed and was rolled back: {what}"
+                              + ("" if code else f" ({type(exc).__name__})")) from None
+    finally:
+        monitor.stop()
+
+
+class _BlockerMonitor(threading.Thread):
+    """Poll pg_blocking_pids() for our migration session while a step runs."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(name="blocker-monitor", daemon=True)
+        self.ctx: Run = run
+        self.last: list[dict[str, Any]] | None = None
+        self._stop_event = threading.Event()
+        self._logged: set[int] = set()
+
+    def run(self) -> None:  # type: ignore[override]
+        try:
+            with db.connect(self.ctx, "monitor", autocommit=True, connect_timeout=5) as conn:
+                while not self._stop_event.wait(0.5):
+                    rows = [dict(r) for r in conn.execute(
+                        BLOCKERS_SQL, {"app": self.ctx.app_name("migrate")}).mappings()]
+                    if rows:
+                        self.last = rows
+                        self._log_new(rows)
+        except Exception:  # noqa: BLE001 - reporting is best effort; the migration goes on
+            return
+
+    def _log_new(self, rows: list[dict[str, Any]]) -> None:
+        for b in rows:
+            if b["pid"] not in self._logged:
+                self._logged.add(b["pid"])
+                self.ctx.log.warning("migrate.blocked", "migration is waiting for a lock held by "
+                                  "another session", pid=b["pid"],
+                                  application_name=b["application_name"], state=b["state"],
+                                  xact_age_s=b["xact_age_s"], query=scrub_query(b["query"]))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=2)
+
+
+def handle_invalid_indexes(run: Run) -> None:
+    """Drop (or refuse on) INVALID indexes left by an interrupted CREATE INDEX CONCURRENTLY."""
+    with db.connect(run, "maintain", autocommit=True, migrating=True) as conn:
+        names = list(conn.execute(INVALID_INDEXES_SQL).scalars())
+        if not names:
+            return
+        if run.settings.invalid_index_policy == "refuse":
+            raise PreflightRefused(
+                f"INVALID index(es) {', '.join(names)} left by an interrupted CREATE INDEX "
+                f"CONCURRENTLY: run DROP INDEX CONCURRENTLY {names[0]}; (for each) and retry, "
+                "or set INVALID_INDEX_POLICY=drop")
+        for name in names:
+            run.log.warning("index.invalid", f"dropping INVALID index {name} left by an "
+                         "interrupted CREATE INDEX CONCURRENTLY; the migration rebuilds it")
+            conn.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))

