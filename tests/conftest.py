@@ -14,6 +14,8 @@ import pytest
 
 from tests.pgcluster import APP_PASSWORD, PASSWORD, Cluster
 
+pytest_plugins = ["tests.s3_fixtures", "tests.docker_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 MAJORS = os.environ.get("TEST_PG_MAJORS", "15,18").split(",")
 SECRETS = (PASSWORD, APP_PASSWORD)

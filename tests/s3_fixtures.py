@@ -1,0 +1,1 @@
+"""pytest fixtures (registered in conftest.py via pytest_plugins)."""
