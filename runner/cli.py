@@ -88,8 +88,6 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if run is None:
         log.error("config", redact(error or ""), exit_code=int(code))
     else:
-        if error:
-            run.log.error("failed", error, exit_code=int(code))
         from runner.report import report
 
         report(run, code, error)

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Connection
 
-from runner import db
+from runner import backoff, db
 from runner.context import Run
 from runner.errors import LockNotAcquired
 
@@ -78,8 +78,7 @@ def _acquire(run: Run, conn: Connection, key: int) -> None:
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_result(lambda got: not got),
-        wait=tenacity.wait_exponential_jitter(initial=0.2, max=2.0, jitter=0.3),
-        stop=tenacity.stop_before_delay(limit),
+        **backoff.until(limit, initial=0.2, maximum=2.0, jitter=0.3),  # type: ignore[arg-type]
         sleep=run.cancel.sleep,
         before_sleep=before_sleep,
         retry_error_callback=lambda state: False,

@@ -25,8 +25,12 @@ def summary(run: Run, code: ExitCode, error: str | None) -> dict[str, object]:
 def report(run: Run, code: ExitCode, error: str | None) -> None:
     """Log the summary and write the termination message (best effort: never masks the exit code)."""
     data = summary(run, code, error)
-    level = "info" if code in (ExitCode.OK,) else "error"
-    run.log("summary", f"{run.command}: {data['outcome']} (exit {int(code)})", level=level, **data)
+    if code == ExitCode.OK:
+        run.log("summary", f"{run.command}: {data['outcome']} (exit 0)", **data)
+    else:  # one line that says what went wrong and what to do; the details follow as fields
+        fields = {k: v for k, v in data.items() if k != "error"}
+        run.log.error("summary", f"{run.command} failed (exit {int(code)}): {redact(error or '')}",
+                      **fields)
     path = run.settings.termination_message_path if run.settings else None
     if path:
         text = redact(json.dumps(data, default=str, ensure_ascii=False))

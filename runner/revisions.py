@@ -40,7 +40,10 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     if not cfg.file_config.has_section(cfg.config_ini_section):
         raise ConfigError(f"ALEMBIC_CONFIG={settings.alembic_config} has no [alembic] section: "
                           "point it at your project's alembic.ini")
-    url = settings.database_url.render_as_string(hide_password=False)
+    app_url = settings.database_url
+    if "+" not in app_url.drivername:  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
+        app_url = settings.sync_url  # the image ships psycopg2
+    url = app_url.render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
     return cfg

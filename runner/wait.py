@@ -6,7 +6,7 @@ import sqlalchemy as sa
 import tenacity
 from sqlalchemy.engine import Connection
 
-from runner import db
+from runner import backoff, db
 from runner.context import Run
 from runner.errors import NotReady
 from runner.redact import redact
@@ -53,8 +53,7 @@ def wait_until_ready(run: Run) -> Connection:
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(_NotYet),
-        wait=tenacity.wait_exponential_jitter(initial=0.25, max=5, jitter=0.5),
-        stop=tenacity.stop_before_delay(limit),
+        **backoff.until(limit, initial=0.25, maximum=5.0, jitter=0.5),  # type: ignore[arg-type]
         sleep=run.cancel.sleep,
         before_sleep=before_sleep,
         reraise=True,

@@ -88,8 +88,11 @@ class Cluster:
         return self
 
     def start(self) -> Cluster:
-        self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w",
-                  "-t", "60", "start")
+        out = self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w",
+                        "-t", "60", "start", check=False)
+        if out.returncode:
+            log = (self.root / "server.log").read_text()[-2000:]
+            raise RuntimeError(f"pg_ctl start failed: {out.stdout}{out.stderr}\n{log}")
         return self
 
     def stop(self, mode: str = "fast") -> None:
@@ -101,13 +104,25 @@ class Cluster:
         return None
 
     def kill9(self) -> None:
-        """Kill the postmaster with SIGKILL (crash), as an OOM killer would."""
+        """Crash the server: SIGKILL the postmaster, then its orphaned children."""
         pid = self.postmaster_pid()
-        if pid:
-            os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)
-            # orphaned backends exit when they notice the postmaster is gone
-            subprocess.run(["pkill", "-9", "-f", f"{self.data}"], check=False)
+        if not pid:
+            return
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+        os.kill(pid, signal.SIGKILL)
+        for child in children.split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+        # wait for the kernel to drop it; a zombie nobody reaps still "exists" for the next
+        # postmaster's lock-file check, so then remove the stale lock file as an operator would
+        for _ in range(50):
+            stat = Path(f"/proc/{pid}/stat")
+            if not stat.exists() or stat.read_text().split()[2] == "Z":
+                break
+            time.sleep(0.1)
+        (self.data / "postmaster.pid").unlink(missing_ok=True)
+        for lock in self.sock.glob(".s.PGSQL.*.lock"):
+            lock.unlink(missing_ok=True)
 
     def destroy(self) -> None:
         self.stop("immediate")

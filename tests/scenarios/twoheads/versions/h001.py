@@ -1,0 +1,10 @@
+revision = "h001"
+down_revision = None
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,10 @@
+revision = "h003"
+down_revision = 'h001'
+
+
+def upgrade() -> None:
+    pass
+
+
+def downgrade() -> None:
+    pass

@@ -1,0 +1,84 @@
+"""The migration lock: ten runners at once, a foreign holder, and lock-key scoping."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import psycopg2
+
+from runner.lock import lock_key
+from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner
+
+LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
+
+
+def test_ten_runners_exactly_one_applies(database: Database) -> None:
+    # a slow revision keeps the holder busy long enough for every waiter to see it
+    env = runner_env(database.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="3",
+                     LOG_FORMAT="text")
+    procs = [start_runner(["upgrade"], env) for _ in range(10)]
+    results = [finish(p) for p in procs]
+    assert [r.code for r in results] == [0] * 10, [r.err for r in results if r.code]
+    migrated = [r for r in results if "outcome=migrated" in r.err]
+    noops = [r for r in results if 'outcome="nothing to do"' in r.err]
+    assert len(migrated) == 1 and len(noops) == 9
+    holder_pid = re.search(r"lock.acquired", migrated[0].err)
+    assert holder_pid
+    waiters = [r for r in noops if "lock.waiting" in r.err]
+    assert waiters, "at least one runner must have waited for the lock"
+    for w in waiters:
+        line = next(line for line in w.lines if "lock.waiting" in line)
+        assert "holder_pid=" in line and "holder_application_name=migration-runner/lock/" in line
+        assert "holder_since=" in line
+    assert database.version() == "l003"
+    assert database.sql("SELECT count(*) FROM l002_done") == "0"
+
+
+def test_foreign_holder_times_out_with_exit_4(database: Database) -> None:
+    env = runner_env(database.url, LOCK_WAIT_TIMEOUT="3s")
+    key = lock_key(database.name, "", "alembic_version")
+    holder = psycopg2.connect(database.url, application_name="manual-maintenance")
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+        holder.commit()
+        t0 = time.monotonic()
+        r = run_runner(["upgrade"], env)
+        took = time.monotonic() - t0
+        assert r.code == 4, r.err
+        assert 3 <= took < 10
+        assert "manual-maintenance" in r.err and "LOCK_WAIT_TIMEOUT" in r.err
+        assert database.tables() == set()
+    finally:
+        holder.close()
+    # once released, the same run succeeds
+    assert run_runner(["upgrade"], env).code == 0
+
+
+def test_lock_key_scopes_database_and_version_table() -> None:
+    base = lock_key("shop", "", "alembic_version")
+    assert base == lock_key("shop", "", "alembic_version")
+    assert len({base, lock_key("shop2", "", "alembic_version"),
+                lock_key("shop", "meta", "alembic_version"),
+                lock_key("shop", "", "other_version")}) == 4
+    assert -(2**63) <= base < 2**63
+
+
+def test_other_version_table_is_not_blocked(database: Database) -> None:
+    """Two applications in one database, with their own version tables, don't block each other."""
+    key = lock_key(database.name, "", "alembic_version")
+    holder = psycopg2.connect(database.url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s)", (key,))
+        env = runner_env(database.url, ALEMBIC_CONFIG=str(REPO / "tests/scenarios/foreign/alembic.ini"),
+                         LOCK_WAIT_TIMEOUT="2s")
+        assert run_runner(["upgrade"], env).code == 0
+    finally:
+        holder.close()
+
+
+def test_no_advisory_lock_left_after_run(database: Database) -> None:
+    assert run_runner(["upgrade"], runner_env(database.url)).code == 0
+    assert database.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"

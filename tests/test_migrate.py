@@ -1,0 +1,124 @@
+"""upgrade / downgrade / status / plan against real PostgreSQL 15 and 18."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import REPO, Database, run_runner, runner_env
+
+SAMPLE_TABLES = {"public.customers", "public.orders", "billing.invoices", "public.alembic_version",
+                 "billing.customer_totals"}
+
+
+def summary_of(result) -> dict:
+    env_lines = [line for line in result.err.splitlines() if '"event": "summary"' in line]
+    assert env_lines, result.err
+    return json.loads(env_lines[-1])
+
+
+def test_upgrade_from_empty_then_noop(database: Database) -> None:
+    env = runner_env(database.url, LOG_FORMAT="json")
+    first = run_runner(["upgrade"], env)
+    assert first.code == 0, first.err
+    assert database.version() == "0005"
+    assert SAMPLE_TABLES <= database.tables()
+    s = summary_of(first)
+    assert s["applied"] == ["0001", "0002", "0003", "0004", "0005"]
+    assert s["from"] == "base" and s["to"] == "0005" and s["exit_code"] == 0
+    assert {"wait", "lock", "migrate"} <= set(s["durations_s"])
+    # the CONCURRENTLY index exists and is valid; the data migration ran
+    assert database.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = "
+                        "'ix_orders_customer_created'::regclass") == "t"
+    second = run_runner(["upgrade"], env)
+    assert second.code == 0
+    s2 = summary_of(second)
+    assert s2["outcome"] == "nothing to do" and s2["applied"] == []
+    assert "lock" not in s2["durations_s"], "the fast path must not take the lock"
+
+
+def test_data_migration_backfills(database: Database) -> None:
+    env = runner_env(database.url)
+    assert run_runner(["upgrade", "--to", "0004"], env).code == 0
+    database.sql("INSERT INTO customers (email, name) VALUES ('Ann@Example.COM', 'Ann'), "
+                 "('bo@b.org', 'Bo')")
+    assert run_runner(["upgrade"], env).code == 0
+    assert database.sql("SELECT string_agg(email_domain, ',' ORDER BY id) FROM customers") == \
+        "example.com,b.org"
+
+
+def test_upgrade_to_and_downgrade_round_trip(database: Database) -> None:
+    env = runner_env(database.url)
+    assert run_runner(["upgrade", "--to", "0002"], env).code == 0
+    assert database.version() == "0002"
+    assert "billing.invoices" in database.tables()
+    assert run_runner(["upgrade"], env).code == 0
+    assert database.version() == "0005"
+    r = run_runner(["downgrade", "--to", "-1"], env)
+    assert r.code == 0, r.err
+    assert database.version() == "0004"
+    assert run_runner(["downgrade", "--to", "0002"], env).code == 0
+    assert database.version() == "0002"
+    assert "billing.customer_totals" not in database.tables()
+    assert database.sql("SELECT to_regclass('ix_orders_customer_created') IS NULL") == "t"
+    refused = run_runner(["downgrade", "--to", "base"], env)
+    assert refused.code == 2 and "--yes" in refused.err
+    assert database.version() == "0002"
+    assert run_runner(["downgrade", "--to", "base", "--yes"], env).code == 0
+    assert database.version() == ""
+    assert database.tables() <= {"public.alembic_version"}
+    assert run_runner(["upgrade"], env).code == 0
+    assert database.version() == "0005"
+
+
+def test_status_check(database: Database) -> None:
+    env = runner_env(database.url)
+    behind = run_runner(["status", "--check"], env)
+    assert behind.code == 10
+    assert "pending:  0001, 0002, 0003, 0004, 0005" in behind.out
+    assert run_runner(["upgrade", "--to", "0003"], env).code == 0
+    plain = run_runner(["status"], env)
+    assert plain.code == 0 and "current:  0003" in plain.out and "pending:  0004, 0005" in plain.out
+    assert run_runner(["upgrade"], env).code == 0
+    at_head = run_runner(["status", "--check"], env)
+    assert at_head.code == 0 and "pending:  none" in at_head.out
+
+
+def test_plan_prints_pending_sql_without_changing_anything(database: Database) -> None:
+    env = runner_env(database.url)
+    assert run_runner(["upgrade", "--to", "0003"], env).code == 0
+    r = run_runner(["plan"], env)
+    assert r.code == 0, r.err
+    assert "CREATE VIEW billing.customer_totals" in r.out
+    assert "ALTER TABLE customers ADD COLUMN email_domain TEXT" in r.out
+    assert "CREATE TABLE customers" not in r.out  # only the pending range
+    assert database.version() == "0003"
+    assert run_runner(["upgrade"], env).code == 0
+    assert "nothing to do" in run_runner(["plan"], env).out
+
+
+def test_wait_command(database: Database) -> None:
+    r = run_runner(["wait"], runner_env(database.url))
+    assert r.code == 0 and "db.ready" in r.err
+    assert database.tables() == set()
+
+
+def test_foreign_env_builds_its_own_engine(database: Database) -> None:
+    """An env.py that ignores the runner's connection, with a %, @ and : in the password."""
+    from tests.pgcluster import APP_PASSWORD
+
+    database.sql(f"CREATE ROLE app LOGIN PASSWORD '{APP_PASSWORD}'; "
+                 f"GRANT ALL ON DATABASE {database.name} TO app; "
+                 f"ALTER DATABASE {database.name} OWNER TO app")
+    url = database.cluster.url(database.name, user="app", password=APP_PASSWORD,
+                               driver="postgresql+psycopg2")
+    env = runner_env(url, ALEMBIC_CONFIG=str(REPO / "tests/scenarios/foreign/alembic.ini"),
+                     MIGRATION_LOCK_TIMEOUT="3s")
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    assert database.sql("SELECT string_agg(version_num, ',') FROM meta.foreign_version") == "f002"
+    app, lock_timeout = database.sql("SELECT app || ' ' || lock_timeout FROM seen_app").split()
+    assert app.startswith("migration-runner/migrate/") and lock_timeout == "3s"
+    again = run_runner(["status", "--check"], env)
+    assert again.code == 0 and "current:  f002" in again.out
+    assert run_runner(["downgrade", "--to", "f001"], env).code == 0
+    assert database.sql("SELECT version_num FROM meta.foreign_version") == "f001"
