@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-import tenacity
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import tenacity
 
 
 def until(limit: float, initial: float, maximum: float, jitter: float) -> dict[str, object]:
     """Return tenacity wait/stop arguments: exponential backoff with jitter, bounded by limit seconds."""
+    import tenacity  # lazily: the no-op fast path never retries
+
     base = tenacity.wait_exponential_jitter(initial=initial, max=maximum, jitter=jitter)
 
     def wait(state: tenacity.RetryCallState) -> float:

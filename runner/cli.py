@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(run: Run, args: argparse.Namespace) -> None:
     from runner import commands  # deferred: keeps --help and bad input fast
 
+    gc.freeze()  # startup objects live until exit: keep them out of every later collection
+    gc.enable()
+
     match args.command:
         case "upgrade":
             commands.upgrade(run, args.to)
@@ -84,7 +88,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             err = run.cancel.error()
             code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
         else:
-            code, error = ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+            first = (str(exc).strip().splitlines() or [""])[0]
+            code, error = ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {first}"
     if run is None:
         log.error("config", redact(error or ""), exit_code=int(code))
     else:

@@ -11,8 +11,6 @@ from alembic.script import ScriptDirectory
 from runner import db, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending, PreflightRefused
-from runner.lock import migration_lock
-from runner.migrate import apply_steps
 from runner.revisions import DbState
 from runner.wait import wait_until_ready
 
@@ -40,6 +38,9 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     if set(state.heads) == set(goal):
         return _nothing_to_do(run, state)
     # 2. the lock, then look again: another copy may have migrated meanwhile
+    from runner.lock import migration_lock  # off the no-op fast path, like everything below
+    from runner.migrate import apply_steps
+
     with migration_lock(run, state.version_schema or "", state.version_table):
         with db.connect(run, "inspect") as conn:
             state = revisions.read_state(cfg, script, conn)

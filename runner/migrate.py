@@ -37,7 +37,7 @@ WHERE NOT i.indisvalid
 ORDER BY 1
 """)
 
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|\b\d+(?:\.\d+)?\b", re.S)
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|(?<![\w$])\d+(?:\.\d+)?\b", re.S)
 
 
 class _LockTimeout(Exception):
@@ -67,7 +67,6 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
     """Apply each step in its own transaction; the summary lists what was applied."""
     applied: list[str] = run.summary.setdefault("applied", [])
     db.apply_libpq_environment(run)
-    handle_invalid_indexes(run)
     with run.cancel.on_cancel(lambda: db.cancel_own_statements(run)):
         for revision, dest in plan:
             run.log("migrate.step", f"{'downgrading' if downgrade else 'upgrading'} {revision}",
@@ -84,7 +83,6 @@ def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrad
                      f"({s.migration_lock_timeout:g}s); rolled back, retrying",
                      attempt=state.attempt_number, of=s.lock_retry_attempts,
                      retry_in=round(state.upcoming_sleep, 2))
-        handle_invalid_indexes(run)
 
     left = run.remaining()
     retrying = tenacity.Retrying(
@@ -112,8 +110,12 @@ def _step_once(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool)
     monitor = _BlockerMonitor(run)
     monitor.start()
     try:
+        # before every attempt: a CONCURRENTLY build that timed out leaves an INVALID index
+        handle_invalid_indexes(run)
         with db.connect(run, "migrate", migrating=True) as conn:
             revisions.run_step(cfg, dest, downgrade, conn)
+    except PreflightRefused:
+        raise
     except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
         run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
         code = sqlstate(exc)

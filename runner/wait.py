@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-import tenacity
 from sqlalchemy.engine import Connection
 
 from runner import backoff, db
@@ -42,14 +41,28 @@ def probe(run: Run) -> Connection:
 
 
 def wait_until_ready(run: Run) -> Connection:
-    """Probe with exponential backoff and jitter until ready or the deadline; return a connection."""
+    """Probe until ready or the deadline (exit 3); return an open connection."""
+    with run.timed("wait"):
+        try:
+            conn, attempts = probe(run), 1  # the common case: ready at once, no retry machinery
+        except _NotYet as first:
+            conn, attempts = _retry(run, first)
+    run.log("db.ready", f"database {run.settings.safe_target} is ready",
+            server_version=run.server_version, attempts=attempts)
+    return conn
+
+
+def _retry(run: Run, first: _NotYet) -> tuple[Connection, int]:
+    """Retry with exponential backoff and jitter, one log line per failed attempt."""
+    import tenacity  # only needed when the database was not ready at the first probe
+
     limit, capped = run.limit(run.settings.wait_timeout)
-    attempts = 0
+    attempts = 1
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        run.log.warning("db.not_ready", str(exc), attempt=state.attempt_number,
-                     retry_in=round(state.upcoming_sleep, 2))
+        run.log.warning("db.not_ready", str(exc), attempt=state.attempt_number + 1,
+                        retry_in=round(state.upcoming_sleep, 2))
 
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(_NotYet),
@@ -58,23 +71,22 @@ def wait_until_ready(run: Run) -> Connection:
         before_sleep=before_sleep,
         reraise=True,
     )
-    with run.timed("wait"):
-        try:
-            for attempt in retrying:
-                with attempt:
-                    attempts += 1
-                    run.cancel.check()
-                    conn = probe(run)
-        except _NotYet as exc:
-            if capped:
-                run.cancel.trigger("deadline")
+    run.log.warning("db.not_ready", str(first), attempt=1, retry_in=0.25)
+    run.cancel.sleep(0.25)
+    try:
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
                 run.cancel.check()
-            raise NotReady(f"database {run.settings.safe_target} not ready after "
-                           f"{limit:g}s ({attempts} attempts): {exc}; check that it is running "
-                           "and reachable, or raise DB_WAIT_TIMEOUT") from None
-    run.log("db.ready", f"database {run.settings.safe_target} is ready",
-            server_version=run.server_version, attempts=attempts)
-    return conn
+                conn = probe(run)
+    except _NotYet as exc:
+        if capped:
+            run.cancel.trigger("deadline")
+            run.cancel.check()
+        raise NotReady(f"database {run.settings.safe_target} not ready after "
+                       f"{limit:g}s ({attempts} attempts): {exc}; check that it is running "
+                       "and reachable, or raise DB_WAIT_TIMEOUT") from None
+    return conn, attempts
 
 
 def _reason(exc: sa.exc.DBAPIError) -> str:
