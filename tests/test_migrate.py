@@ -122,3 +122,33 @@ def test_foreign_env_builds_its_own_engine(database: Database) -> None:
     assert again.code == 0 and "current:  f002" in again.out
     assert run_runner(["downgrade", "--to", "f001"], env).code == 0
     assert database.sql("SELECT version_num FROM meta.foreign_version") == "f001"
+
+
+def test_models_match_database_alembic_check(database: Database, tmp_path) -> None:
+    """`alembic check` (models vs database) finds nothing to generate after upgrade head."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    assert run_runner(["upgrade"], runner_env(database.url)).code == 0
+    ini = tmp_path / "alembic.ini"
+    url = database.url.replace("postgresql://", "postgresql+psycopg2://").replace("%", "%%")
+    ini.write_text((REPO / "alembic.ini").read_text().replace("%(here)s", str(REPO)).replace(
+        "[alembic]\n", f"[alembic]\nsqlalchemy.url = {url}\n", 1))
+    alembic = str(Path(sys.executable).with_name("alembic"))
+    out = subprocess.run([alembic, "-c", str(ini), "check"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "No new upgrade operations detected" in out.stdout + out.stderr
+
+
+def test_termination_message_has_json_summary(database: Database, tmp_path) -> None:
+    path = tmp_path / "termination-log"
+    r = run_runner(["upgrade", "--to", "0002"], runner_env(database.url, TERMINATION_MESSAGE_PATH=str(path)))
+    assert r.code == 0
+    msg = json.loads(path.read_text())
+    assert msg["command"] == "upgrade" and msg["exit_code"] == 0 and msg["to"] == "0002"
+    assert msg["applied"] == ["0001", "0002"]
+    failed = run_runner(["upgrade", "--to", "zzz"], runner_env(database.url, TERMINATION_MESSAGE_PATH=str(path)))
+    assert failed.code == 7
+    msg = json.loads(path.read_text())
+    assert msg["exit_code"] == 7 and "zzz" in msg["error"]
