@@ -38,5 +38,9 @@ class EventLog:
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value)) or "none"
+    elif isinstance(value, dict):
+        value = ",".join(f"{k}:{v}" for k, v in value.items())
     s = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
     return json.dumps(s, ensure_ascii=False) if (" " in s or not s) else s

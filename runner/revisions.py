@@ -19,9 +19,10 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from runner.config import Settings
-from runner.errors import ConfigError, PreflightRefused
+from runner.errors import ConfigError, PreflightRefused, RunnerError
 from runner.redact import redact
 
 
@@ -76,6 +77,11 @@ def read_state(cfg: Config, script: ScriptDirectory, conn: Connection | None) ->
     try:
         with EnvironmentContext(cfg, script, fn=capture, dont_mutate=True):
             script.run_env()
+    except (RunnerError, DBAPIError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - env.py is user code; its failures are config errors
+        raise ConfigError(f"env.py failed ({type(exc).__name__}: {redact(str(exc))}): fix the "
+                          "migration environment (imports, settings) and rebuild the image") from None
     finally:
         cfg.attributes.pop("connection", None)
         if conn is not None and conn.in_transaction():

@@ -29,6 +29,8 @@ def _cases(url: str, tmp: str) -> list[tuple[str, list[str], dict[str, str], int
          "[alembic] section"),
         ("bad script_location", ["upgrade"], {"ALEMBIC_CONFIG": f"{tmp}/badloc.ini"}, 2,
          "script_location"),
+        ("env.py that fails to import", ["upgrade"], {"ALEMBIC_CONFIG": f"{tmp}/brokenenv/alembic.ini"},
+         2, "env.py failed (ModuleNotFoundError"),
         ("unknown command", ["migrate-all"], {}, 2, "invalid choice"),
         ("unknown flag", ["upgrade", "--force"], {}, 2, "unrecognized arguments"),
         ("downgrade without target", ["downgrade"], {}, 2, "--to"),
@@ -50,6 +52,11 @@ def bad_inputs(tmp_path, database: Database):
     (tmp_path / "url").write_text(database.url)
     (tmp_path / "empty.ini").write_text("[other]\nx = 1\n")
     (tmp_path / "badloc.ini").write_text("[alembic]\nscript_location = /nonexistent/migrations\n")
+    broken = tmp_path / "brokenenv"
+    (broken / "versions").mkdir(parents=True)
+    (broken / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s\n")
+    (broken / "env.py").write_text("import app_models_not_installed  # noqa\n")
+    (broken / "versions" / "b001.py").write_text("revision = 'b001'\ndown_revision = None\n")
     return _cases(database.url, str(tmp_path))
 
 

@@ -152,3 +152,14 @@ def test_termination_message_has_json_summary(database: Database, tmp_path) -> N
     assert failed.code == 7
     msg = json.loads(path.read_text())
     assert msg["exit_code"] == 7 and "zzz" in msg["error"]
+
+
+def test_any_postgresql_driver_url_is_accepted(database: Database) -> None:
+    """The app may use asyncpg or psycopg 3; the runner's own connections use psycopg2."""
+    for driver in ("postgresql+asyncpg", "postgresql+psycopg", "postgres"):
+        url = database.cluster.url(database.name, driver=driver)
+        r = run_runner(["status"], runner_env(url))
+        assert r.code == 0, f"{driver}: {r.err}"
+    url = database.cluster.url(database.name, driver="postgresql+asyncpg")
+    assert run_runner(["upgrade"], runner_env(url)).code == 0
+    assert database.version() == "0005"
