@@ -1,53 +1,8 @@
-"""Alembic environment for the sample application.
-
-Accepts a connection from the caller (config.attributes['connection'], as the runner passes)
-and falls back to its own engine from sqlalchemy.url, so plain `alembic` works too.
-"""
-
-from logging.config import fileConfig
+"""Minimal env.py: takes the runner's connection, one transaction per revision."""
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
 
-metadata = None
-
-config = context.config
-if config.config_file_name and config.attributes.get("configure_logger", True):
-    fileConfig(config.config_file_name)
-
-OPTIONS = dict(
-    target_metadata=metadata,
-    # one transaction per revision: a failure leaves the database at the last good revision,
-    # and autocommit_block() (CREATE INDEX CONCURRENTLY) needs it
-    transaction_per_migration=True,
-    include_schemas=True,
-    compare_type=True,
-)
-
-
-def run_migrations_offline() -> None:
-    context.configure(url=config.get_main_option("sqlalchemy.url"), literal_binds=True,
-                      dialect_opts={"paramstyle": "named"}, **OPTIONS)
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
-        context.configure(connection=connection, **OPTIONS)
-        with context.begin_transaction():
-            context.run_migrations()
-        return
-    engine = engine_from_config(config.get_section(config.config_ini_section, {}),
-                                prefix="sqlalchemy.", poolclass=pool.NullPool)
-    with engine.connect() as connection:
-        context.configure(connection=connection, **OPTIONS)
-        with context.begin_transaction():
-            context.run_migrations()
-
-
-if context.is_offline_mode():
-    run_migrations_offline()
-else:
-    run_migrations_online()
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, transaction_per_migration=True)
+with context.begin_transaction():
+    context.run_migrations()
