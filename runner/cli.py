@@ -37,11 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("downgrade", help="roll back to a revision (-1, an id, or base)")
     down.add_argument("--to", required=True, help="revision id, -N, or base")
     down.add_argument("--yes", action="store_true", help="confirm a downgrade to base")
+    down.add_argument("--confirm", metavar="REV", help="when given, must repeat --to exactly "
+                      "(the Kubernetes rollback Job passes it: no confirmation, no downgrade)")
     st = sub.add_parser("status", help="show current, head and pending revisions")
     st.add_argument("--check", action="store_true", help="exit 10 when not at head")
-    sub.add_parser("wait", help="only wait until the database is ready")
+    wt = sub.add_parser("wait", help="only wait until the database is ready")
+    wt.add_argument("--until-head", action="store_true", help="then poll until it is at this "
+                    "image's head (init containers; never migrates; HEAD_WAIT_TIMEOUT, exit 10)")
     pl = sub.add_parser("plan", help="print the SQL upgrade would run")
     pl.add_argument("--to", default="head")
+    sub.add_parser("backup", help="back the database up to BACKUP_S3_URI (under the lock)")
+    sub.add_parser("backups", help="list this database's backups, newest first")
+    rs = sub.add_parser("restore", help="restore a backup into the database (under the lock)")
+    rs.add_argument("--backup", required=True, help="backup key (from 'backups') or 'latest'")
+    rs.add_argument("--yes", action="store_true", help="confirm: replaces the database's contents")
     return p
 
 
@@ -55,13 +64,19 @@ def _dispatch(run: Run, args: argparse.Namespace) -> None:
         case "upgrade":
             commands.upgrade(run, args.to)
         case "downgrade":
-            commands.downgrade(run, args.to, args.yes)
+            commands.downgrade(run, args.to, args.yes, args.confirm)
         case "status":
             commands.status(run, args.check)
         case "wait":
-            commands.wait(run)
+            commands.wait(run, args.until_head)
         case "plan":
             commands.plan(run, args.to)
+        case "backup":
+            commands.backup(run)
+        case "backups":
+            commands.backups(run)
+        case "restore":
+            commands.restore(run, args.backup, args.yes)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -72,7 +87,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         args = build_parser().parse_args(argv)
         overrides = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
-        settings = config.load(env, overrides)
+        settings = config.load(env, overrides, command=args.command)
         log = EventLog(settings.log_format)
         run = Run(settings=settings, log=log, command=args.command)
         cancellation.install(run.cancel, log)

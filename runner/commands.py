@@ -20,8 +20,15 @@ def upgrade(run: Run, target: str = "head") -> None:
     _migrate(run, target, downgrade=False)
 
 
-def downgrade(run: Run, target: str, yes: bool = False) -> None:
-    """Take the database back to target: a revision id, -N, or base (with yes)."""
+def downgrade(run: Run, target: str, yes: bool = False, confirm: str | None = None) -> None:
+    """Take the database back to target: a revision id, -N, or base (with yes).
+
+    confirm, when given, must repeat target: a rollback Job carries both, so a stale or missing
+    confirmation refuses (exit 2) instead of rolling back to a revision nobody re-checked.
+    """
+    if confirm is not None and confirm != target:
+        raise ConfigError(f"downgrade --to {target!r} is not confirmed (--confirm {confirm!r}): "
+                          "set the confirmation to the same revision to roll back")
     if target == "base" and not yes:
         raise ConfigError("downgrade --to base removes every migrated object: add --yes to confirm")
     _migrate(run, target, downgrade=True)
@@ -51,6 +58,8 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         # 3. migrate, one transaction per revision
         plan = revisions.steps(script, state.heads, goal, downgrade)
         run.summary["pending"] = [rev for rev, _ in plan]
+        if plan:  # 3a. backup first: fail closed, nothing is migrated without one
+            _backup_before(run, state)
         with run.timed("migrate"):
             apply_steps(run, cfg, plan, downgrade)
         # 4. verify
@@ -87,8 +96,13 @@ def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
     run.summary["outcome"] = "at head" if set(state.heads) == set(heads) else "behind head"
 
 
-def wait(run: Run) -> None:
-    """Only wait until the database is ready."""
+def wait(run: Run, until_head: bool = False) -> None:
+    """Wait until the database is ready; with until_head, until it is at the scripts' head too."""
+    if until_head:  # init containers: read-only polling, no lock, no migration
+        from runner.headwait import wait_for_head
+
+        cfg, script = _load(run)
+        return wait_for_head(run, cfg, script)
     wait_until_ready(run).close()
     run.summary["outcome"] = "ready"
 
@@ -104,6 +118,75 @@ def plan(run: Run, target: str = "head", out: IO[str] | None = None) -> None:
     else:
         (out or sys.stdout).write(revisions.offline_sql(cfg, state.heads, ":".join(goal)))
     run.summary.update(outcome="planned")
+
+
+def backup(run: Run) -> None:
+    """Back the database up to BACKUP_S3_URI, under the migration lock (no migration waits on it)."""
+    from runner import backup as backups_
+    from runner.lock import migration_lock
+
+    cfg, script = _load(run)
+    with wait_until_ready(run) as conn:
+        state = revisions.read_state(cfg, script, conn)
+    with migration_lock(run, state.version_schema or "", state.version_table):
+        with db.connect(run, "inspect") as conn:
+            state = revisions.read_state(cfg, script, conn)
+        with run.timed("backup"):
+            manifest = backups_.take(run, state)
+    run.summary.update(backup=manifest["key"], revision=_fmt(state.heads), outcome="backed up")
+
+
+def backups(run: Run, out: IO[str] | None = None) -> None:
+    """List this database's committed backups, newest first."""
+    from runner import s3
+
+    out = out or sys.stdout
+    loc = s3.Location.parse(run.settings.backup_s3_uri)
+    found = s3.manifests(s3.client(run.settings), loc, run.settings.database_url.database or "")
+    print(f"{'key':<60} {'created':<25} {'size':>12} {'revision':<14} database", file=out)
+    for m in found:
+        print(f"{m['key']:<60} {m['created']:<25} {m['size']:>12} "
+              f"{_fmt(m['alembic_revision']):<14} {m['database']}", file=out)
+    run.summary.update(backups=len(found), outcome="listed")
+
+
+def restore(run: Run, which: str, yes: bool = False) -> None:
+    """Replace the database's contents with a verified backup, under the migration lock."""
+    from runner import restore as restoring
+    from runner import s3
+    from runner.lock import migration_lock
+
+    if not yes:
+        raise ConfigError("restore replaces every schema in the database with the backup's: "
+                          "add --yes to confirm")
+    cfg, script = _load(run)
+    client, loc = s3.client(run.settings), s3.Location.parse(run.settings.backup_s3_uri)
+    with wait_until_ready(run) as conn:
+        state = revisions.read_state(cfg, script, conn)
+    with migration_lock(run, state.version_schema or "", state.version_table):
+        manifest = restoring.resolve(run, client, loc, run.settings.database_url.database or "", which)
+        run.log("restore.verify", f"verifying {manifest['key']} against its manifest",
+                size=manifest["size"], revision=_fmt(manifest["alembic_revision"]))
+        with run.timed("verify"):
+            etag = restoring.verify(run, client, manifest)
+        run.log("restore.start", f"restoring {manifest['key']} in one transaction",
+                database=run.settings.safe_target)
+        with run.timed("restore"):
+            restoring.restore(run, client, manifest, etag)
+        with db.connect(run, "verify") as conn:
+            after = revisions.read_state(cfg, script, conn).heads
+    run.summary.update({"backup": manifest["key"], "from": _fmt(state.heads), "to": _fmt(after),
+                        "outcome": "restored"})
+
+
+def _backup_before(run: Run, state: DbState) -> None:
+    if run.settings.backup_mode == "off":
+        run.log.warning("backup.skipped", "BACKUP_MODE=off: migrating without a backup")
+        return
+    from runner import backup as backups_  # boto3 loads only when a backup is taken
+
+    with run.timed("backup"):
+        run.summary["backup"] = backups_.take(run, state)["key"]
 
 
 def _load(run: Run) -> tuple[Config, ScriptDirectory]:

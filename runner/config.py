@@ -56,6 +56,24 @@ SETTINGS: tuple[Setting, ...] = (
             "runner connection, visible in pg_stat_activity."),
     Setting("TERMINATION_MESSAGE_PATH", "(unset)", "Where to write the JSON run summary "
             "(Kubernetes: /dev/termination-log)."),
+    Setting("HEAD_WAIT_TIMEOUT", "10m", "`wait --until-head` (init containers): how long to "
+            "wait for the database to reach the image's head before exiting 10."),
+    Setting("HEAD_POLL_INTERVAL", "5s", "`wait --until-head`: how often to read the database's "
+            "revision (one log line per look)."),
+    Setting("BACKUP_MODE", "required", "`required`: upgrade/downgrade back the database up to "
+            "S3 before changing it (exit 5 when that fails); `off`: no backup (local development)."),
+    Setting("BACKUP_S3_URI", "(required for backups)", "`s3://bucket/prefix`: where backups and "
+            "their manifests go. Credentials, region and endpoint come from the AWS chain "
+            "(`AWS_ENDPOINT_URL_S3` for S3-compatible stores, IRSA / Pod Identity in clusters)."),
+    Setting("BACKUP_COMPRESSION", "zstd", "`zstd` (`pg_dump -Fc -Z0` piped through "
+            "`zstd -1 -T0`: fast), `gzip` (pg_dump's own: slow) or `none`."),
+    Setting("BACKUP_CHECKSUM", "when_supported", "boto3 request checksum policy; "
+            "`when_required` for S3-compatible stores that reject boto3's default checksums."),
+    Setting("BACKUP_LOCK_WAIT_TIMEOUT", "60s", "`pg_dump --lock-wait-timeout`: how long the "
+            "dump may wait for a table lock held by another session before failing (exit 5)."),
+    Setting("PG_DUMP_BIN", "pg_dump", "pg_dump to use (at least the server's major version)."),
+    Setting("PG_RESTORE_BIN", "pg_restore", "pg_restore to use; `psql` is taken from the same "
+            "directory (or PATH)."),
 )
 
 
@@ -82,6 +100,15 @@ class Settings:
     log_format: str = "text"
     application_name: str = "migration-runner"
     termination_message_path: str | None = None
+    head_wait_timeout: float = 600.0
+    head_poll_interval: float = 5.0
+    backup_mode: str = "required"
+    backup_s3_uri: str = ""
+    backup_compression: str = "zstd"
+    backup_checksum: str = "when_supported"
+    backup_lock_wait_timeout: float = 60.0
+    pg_dump_bin: str = "pg_dump"
+    pg_restore_bin: str = "pg_restore"
 
     @property
     def sync_url(self) -> URL:
@@ -171,9 +198,37 @@ def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], errors:
     return raw
 
 
+def _backup_settings(env: Mapping[str, str], command: str, errors: list[str]) -> dict[str, object]:
+    """Read the BACKUP_* settings; the S3 URI is required only where a backup is needed."""
+    mode = _choice(env, "BACKUP_MODE", ("required", "off"), errors)
+    uri = env.get("BACKUP_S3_URI", "").strip()
+    if uri and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", uri):
+        errors.append(f"BACKUP_S3_URI={uri!r} is not an S3 URI: use s3://BUCKET/PREFIX")
+    needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode == "required")
+    if needs_uri and not uri:
+        errors.append("BACKUP_S3_URI is not set: set it to s3://BUCKET/PREFIX" + (
+            "" if command in BACKUP_COMMANDS else
+            ", or BACKUP_MODE=off to migrate without a backup (local development only)"))
+    return dict(
+        backup_mode=mode, backup_s3_uri=uri,
+        backup_compression=_choice(env, "BACKUP_COMPRESSION", ("zstd", "gzip", "none"), errors),
+        backup_checksum=_choice(env, "BACKUP_CHECKSUM", ("when_supported", "when_required"), errors),
+        backup_lock_wait_timeout=_duration(env, "BACKUP_LOCK_WAIT_TIMEOUT", 60.0, errors),
+        pg_dump_bin=env.get("PG_DUMP_BIN") or "pg_dump",
+        pg_restore_bin=env.get("PG_RESTORE_BIN") or "pg_restore",
+    )
+
+
+BACKUP_COMMANDS = ("backup", "backups", "restore")
+MIGRATE_COMMANDS = ("upgrade", "downgrade")
+
+
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None,
-         need_database: bool = True) -> Settings:
+         need_database: bool = True, command: str = "") -> Settings:
     """Build Settings from the environment (flags in overrides win).
+
+    command decides whether BACKUP_S3_URI is required (backup commands; upgrade and downgrade
+    unless BACKUP_MODE=off).
 
     Raise ConfigError listing every problem at once.
     """
@@ -200,7 +255,10 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] 
         log_format=_choice(env, "LOG_FORMAT", ("text", "json"), errors),
         application_name=env.get("APPLICATION_NAME") or "migration-runner",
         termination_message_path=env.get("TERMINATION_MESSAGE_PATH") or None,
+        head_wait_timeout=_duration(env, "HEAD_WAIT_TIMEOUT", 600.0, errors),
+        head_poll_interval=_duration(env, "HEAD_POLL_INTERVAL", 5.0, errors),
     )
+    settings.update(_backup_settings(env, command, errors))
     st, lt = settings["migration_statement_timeout"], settings["migration_lock_timeout"]
     if st and st <= lt:
         errors.append(f"MIGRATION_STATEMENT_TIMEOUT ({st:g}s) must be greater than "

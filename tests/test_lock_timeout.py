@@ -106,7 +106,8 @@ def test_blocker_never_leaves_exit_8_unchanged(at) -> None:
 def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:
     db = at("l002")
     # an old snapshot makes CREATE INDEX CONCURRENTLY wait; its wait obeys lock_timeout
-    hold = blocker(db, "SELECT count(*) FROM items", isolation=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+    repeatable = psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ
+    hold = blocker(db, "SELECT count(*) FROM items", isolation=repeatable)
     proc = start_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="30"))
     time.sleep(3 * LOCK_TIMEOUT)
     hold.commit()

@@ -143,12 +143,13 @@ def test_models_match_database_alembic_check(database: Database, tmp_path) -> No
 
 def test_termination_message_has_json_summary(database: Database, tmp_path) -> None:
     path = tmp_path / "termination-log"
-    r = run_runner(["upgrade", "--to", "0002"], runner_env(database.url, TERMINATION_MESSAGE_PATH=str(path)))
+    env = runner_env(database.url, TERMINATION_MESSAGE_PATH=str(path))
+    r = run_runner(["upgrade", "--to", "0002"], env)
     assert r.code == 0
     msg = json.loads(path.read_text())
     assert msg["command"] == "upgrade" and msg["exit_code"] == 0 and msg["to"] == "0002"
     assert msg["applied"] == ["0001", "0002"]
-    failed = run_runner(["upgrade", "--to", "zzz"], runner_env(database.url, TERMINATION_MESSAGE_PATH=str(path)))
+    failed = run_runner(["upgrade", "--to", "zzz"], env)
     assert failed.code == 7
     msg = json.loads(path.read_text())
     assert msg["exit_code"] == 7 and "zzz" in msg["error"]

@@ -1,0 +1,111 @@
+"""Back the database up to S3: pg_dump -> zstd -> multipart upload -> manifest (the commit point).
+
+No temp file: the dump streams through a buffered reader into s3transfer, whose memory is
+bounded by (parts kept in memory) x (part size). The part size comes from pg_database_size()
+so the 10,000-part limit is never reached. Any failure aborts the multipart upload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime as dt
+import math
+from typing import Any
+
+import botocore.exceptions
+import sqlalchemy as sa
+from s3transfer.manager import TransferConfig, TransferManager
+
+from runner import db, dump, s3
+from runner.context import Run
+from runner.errors import BackupFailed, RunnerError
+from runner.revisions import DbState
+
+MiB = 1 << 20
+MIN_PART = 8 * MiB
+MAX_PART = 5 * 1024 * MiB  # S3's own limit
+TARGET_PARTS = 9000  # below S3's 10,000 with room for an underestimate
+GROWTH = 4  # a dump can outgrow pg_database_size() (bytea as hex, TOAST-compressed values)
+CONCURRENCY = 4  # parts in flight
+M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
+IN_MEMORY_PARTS = 4  # parts queued or in flight; buffers peak near (IN_MEMORY_PARTS + 1) x part
+
+
+def part_size(database_bytes: int) -> int:
+    """Return a part size (whole MiB) that keeps a dump of GROWTH x the database under TARGET_PARTS."""
+    need = math.ceil(database_bytes * GROWTH / TARGET_PARTS / MiB) * MiB
+    return min(MAX_PART, max(MIN_PART, need))
+
+
+def take(run: Run, state: DbState) -> dict[str, Any]:
+    """Dump the database to S3 and write its manifest; return the manifest. Raise BackupFailed."""
+    settings = run.settings
+    loc = s3.Location.parse(settings.backup_s3_uri)
+    pg_dump = dump.check_client(run, settings.pg_dump_bin, "PG_DUMP_BIN")
+    with db.connect(run, "backup-info") as conn:
+        database, size, server = conn.execute(sa.text(
+            "SELECT current_database(), pg_database_size(current_database()), "
+            "current_setting('server_version')")).one()
+    client = s3.client(settings)
+    s3.check_access(client, loc, database)
+    s3.sweep_stale_uploads(client, loc, database, run.log)
+    created = dt.datetime.now(dt.UTC)
+    dump_args, filt, suffix = dump.COMPRESSION[settings.backup_compression]
+    key = f"{loc.database_prefix(database)}{created:%Y%m%dT%H%M%SZ}-{run.run_id}{suffix}"
+    part = part_size(size)
+    run.log("backup.start", f"backing up {database} ({size / 1e6:.0f} MB on disk) to {loc.uri(key)}",
+            compression=settings.backup_compression, part_mib=part // MiB)
+    args = [settings.pg_dump_bin, "--format=custom", *dump_args, "--no-password",
+            f"--lock-wait-timeout={int(settings.backup_lock_wait_timeout * 1000)}"]
+    with dump.pipeline(run, args, filt) as (stream, reader):
+        _upload(run, client, loc, key, reader, part)
+        took = stream.elapsed()
+    manifest = {
+        "manifest_version": s3.MANIFEST_VERSION, "key": key, "bucket": loc.bucket,
+        "size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
+        "compression": settings.backup_compression, "pg_dump_version": pg_dump,
+        "server_version": server, "database": database, "database_size": size,
+        "alembic_revision": list(state.heads), "version_table": state.version_table,
+        "version_schema": state.version_schema, "created": created.isoformat(timespec="seconds"),
+        "run_id": run.run_id, "duration_s": round(took, 2),
+    }
+    try:
+        s3.write_manifest(client, loc, manifest)
+    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise BackupFailed(f"the dump was uploaded but its manifest was not written "
+                           f"({s3.describe(exc, key)}); nothing was migrated") from None
+    run.log("backup.done", f"backup {loc.uri(key)} complete", bytes=stream.size,
+            mb_per_s=round(stream.size / 1e6 / max(took, 1e-9), 1), seconds=round(took, 1),
+            sha256=manifest["sha256"])
+    return manifest
+
+
+def _mmap_part_buffers() -> None:
+    """Have glibc serve part-sized buffers with mmap, so freed parts go back to the OS.
+
+    By default glibc raises its mmap threshold after the first large free and then keeps
+    part buffers in per-thread arenas: RSS creeps up with the dump's length.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def _upload(run: Run, client: Any, loc: s3.Location, key: str, reader: Any, part: int) -> None:
+    """Stream reader into one object; on any failure the multipart upload is aborted."""
+    _mmap_part_buffers()
+    cfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                         max_request_concurrency=CONCURRENCY, max_submission_concurrency=2,
+                         max_in_memory_upload_chunks=IN_MEMORY_PARTS)
+    with TransferManager(client, cfg) as manager:
+        future = manager.upload(reader, loc.bucket, key, extra_args={
+            "ContentType": "application/octet-stream"})
+        with run.cancel.on_cancel(future.cancel):
+            try:
+                future.result()
+            except RunnerError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - S3, network, or cancellation
+                run.cancel.check()
+                raise BackupFailed(f"upload to {loc.uri(key)} failed: {s3.describe(exc, key)}; "
+                                   "nothing was migrated") from None

@@ -1,0 +1,195 @@
+"""pg_dump (piped through zstd) as a readable stream that counts, hashes and fails loudly.
+
+The stream raises at EOF when pg_dump or the compressor exited non-zero: s3transfer then aborts
+the multipart upload. Without that, a dump cut short is completed and stored as a good backup.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from runner import cancel as cancellation
+from runner.context import Run
+from runner.errors import BackupFailed
+
+PROGRESS_EVERY = 5.0  # seconds between backup.progress events
+READ_BUFFER = 1 << 20  # the BufferedReader's buffer: s3transfer's read(part) then fills a whole part
+
+# what each BACKUP_COMPRESSION adds to pg_dump's arguments, the filter after it, and the suffix
+COMPRESSION: dict[str, tuple[list[str], list[str] | None, str]] = {
+    "zstd": (["-Z0"], ["zstd", "-q", "-c", "-1", "-T0"], ".pgdump.zst"),
+    "gzip": ([], None, ".pgdump"),
+    "none": (["-Z0"], None, ".pgdump"),
+}
+
+
+def client_major(path: str) -> tuple[int, str]:
+    """Return (major, version text) of a PostgreSQL client tool."""
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                         preexec_fn=cancellation.unblock_in_child).stdout.strip()
+    m = re.search(r"\b(\d+)(?:\.\d+)?", out)
+    if not m:
+        raise BackupFailed(f"cannot read the version of {path} ({out!r})")
+    return int(m.group(1)), out
+
+
+def check_client(run: Run, binary: str, setting: str) -> str:
+    """Refuse a client older than the server's major version (it cannot dump / restore it)."""
+    path = shutil.which(binary)
+    if not path:
+        raise BackupFailed(f"{setting}={binary} not found: install the PostgreSQL client tools "
+                           f"(major {run.server_version // 10000} or newer) or point {setting} at them")
+    major, text = client_major(path)
+    server = run.server_version // 10000
+    if major < server:
+        raise BackupFailed(f"{setting} is {text}, older than the server (PostgreSQL {server}): "
+                           f"use an image with a PostgreSQL {server} (or newer) client, or point "
+                           f"{setting} at one")
+    return text
+
+
+def libpq_env(run: Run, purpose: str) -> tuple[dict[str, str], str]:
+    """Return (environment, conninfo without password) for a client tool on the run's database.
+
+    The password goes through PGPASSWORD, never argv (argv is visible in the process list).
+    """
+    u = run.settings.sync_url
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    if u.password:
+        env["PGPASSWORD"] = str(u.password)
+    env["PGAPPNAME"] = run.app_name(purpose)
+    parts = {"host": u.host, "port": u.port, "user": u.username, "dbname": u.database}
+    parts.update({k: v if isinstance(v, str) else v[-1] for k, v in u.query.items()})
+    conninfo = " ".join(f"{k}={_quote(str(v))}" for k, v in parts.items() if v is not None)
+    return env, conninfo
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+class DumpStream(io.RawIOBase):
+    """Read a pipeline's output; count bytes, sha256 them, log progress, raise on a failed exit."""
+
+    def __init__(self, run: Run, procs: list[subprocess.Popen[bytes]], names: list[str],
+                 stderr_files: list[IO[bytes]], clock: Callable[[], float] = time.monotonic) -> None:
+        self.run, self.procs, self.names, self.stderr_files = run, procs, names, stderr_files
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.clock = clock
+        self.t0 = self._last = clock()
+        out = procs[-1].stdout
+        assert out is not None
+        # the raw descriptor: a read returns what the pipe holds now (a buffered file object
+        # would block until the whole part is there, and progress would lag by a part)
+        self._fd = out.fileno()
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer, larger reads (Linux)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = os.readv(self._fd, [buffer])
+        if not n:
+            self._finish()
+            return 0
+        self.sha256.update(memoryview(buffer)[:n])
+        self.size += n
+        now = self.clock()
+        if now - self._last >= PROGRESS_EVERY:
+            self._last = now
+            took = now - self.t0
+            self.run.log("backup.progress", f"{self.size / 1e6:.0f} MB streamed so far",
+                         bytes=self.size, mb_per_s=round(self.size / 1e6 / max(took, 1e-9), 1),
+                         elapsed_s=round(took, 1))
+        return n
+
+    def _finish(self) -> None:
+        """At EOF: every process must have exited 0, else the upload must fail."""
+        codes = [p.wait() for p in self.procs]
+        self.run.cancel.check()  # SIGTERM or deadline: say so, not "pg_dump failed"
+        for name, code, err in zip(self.names, codes, self.stderr_files, strict=True):
+            if code != 0:
+                tail = _tail(err) or "no message"
+                hint = ("; another session holds a conflicting table lock: find it in pg_locks, "
+                        "or raise BACKUP_LOCK_WAIT_TIMEOUT" if "LOCK TABLE" in tail else "")
+                raise BackupFailed(f"{name} exited with {_describe_exit(code)}: {tail}{hint}; "
+                                   "nothing was migrated")
+
+    def elapsed(self) -> float:
+        return self.clock() - self.t0
+
+
+@contextlib.contextmanager
+def pipeline(run: Run, dump_args: list[str], filt: list[str] | None) -> Any:
+    """Start pg_dump [| filter]; yield a buffered reader over the output; always clean up.
+
+    The processes get their own process group (so a wrapper's children die with them) and
+    the signals the runner blocks; a cancel terminates them, which ends the stream.
+    """
+    env, conninfo = libpq_env(run, "backup")
+    procs: list[subprocess.Popen[bytes]] = []
+    errs = [tempfile.TemporaryFile() for _ in range(2 if filt else 1)]
+    names = [os.path.basename(dump_args[0])] + ([filt[0]] if filt else [])
+    try:
+        procs.append(_spawn([*dump_args, "--dbname", conninfo], env, subprocess.DEVNULL, errs[0]))
+        if filt:
+            procs.append(_spawn(filt, env, procs[0].stdout, errs[1]))
+            procs[0].stdout.close()  # type: ignore[union-attr] # only the filter reads it now
+        stream = DumpStream(run, procs, names, errs)
+        with run.cancel.on_cancel(lambda: terminate(procs)):
+            run.cancel.check()  # a signal that came before the callback was registered
+            yield stream, io.BufferedReader(stream, buffer_size=READ_BUFFER)
+    finally:
+        terminate(procs)
+        for p in procs:
+            with contextlib.suppress(Exception):
+                p.wait(timeout=10)
+            if p.stdout:
+                p.stdout.close()
+        for f in errs:
+            f.close()
+
+
+def _spawn(args: list[str], env: dict[str, str], stdin: Any, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, env=env,
+                                preexec_fn=cancellation.unblock_in_child, start_new_session=True)
+    except OSError as exc:
+        raise BackupFailed(f"cannot start {args[0]} ({exc.strerror}): install it or pick another "
+                           "BACKUP_COMPRESSION") from None
+
+
+def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM the process groups of the still-running processes (idempotent)."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(p.pid, signal.SIGTERM)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+def _tail(f: IO[bytes], limit: int = 400) -> str:
+    f.seek(0)
+    text = f.read().decode("utf-8", "replace").strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    return " / ".join(lines[-3:])[-limit:]

@@ -1,0 +1,385 @@
+"""Backups: real PostgreSQL 15/18, real pg_dump/pg_restore, a real S3 server (moto) on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from tests.conftest import Database, finish, run_runner, runner_env, start_runner
+from tests.pgcluster import PASSWORD, bindir, free_port
+from tests.s3_fixtures import AuthS3, S3Server
+
+MiB = 1 << 20
+
+
+def backup_env(db: Database, s3: S3Server, bucket: str, **extra: str) -> dict[str, str]:
+    """Runner environment with backups required, the client tools matching the server."""
+    tools = bindir(db.cluster.major)
+    env = dict(BACKUP_MODE="required", BACKUP_S3_URI=f"s3://{bucket}/team/app",
+               PG_DUMP_BIN=str(tools / "pg_dump"), PG_RESTORE_BIN=str(tools / "pg_restore"),
+               **s3.env())
+    return runner_env(db.url, **{**env, **extra})
+
+
+def digest(db: Database) -> dict[str, str]:
+    """Return {table: 'rows:md5 of its ordered rows'} for every user table."""
+    tables = db.sql("SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables "
+                    "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') "
+                    "AND table_type = 'BASE TABLE' ORDER BY 1").splitlines()
+    return {t: db.sql(f"SELECT count(*) || ':' || md5(coalesce(string_agg(x::text, '|' ORDER BY "
+                      f"x::text), '')) FROM {t} x") for t in tables}
+
+
+def fill(db: Database, mb: int = 0) -> None:
+    """Non-ASCII text, large rows, several schemas; plus mb MB of incompressible text."""
+    db.sql("""
+        CREATE SCHEMA "inventaire_ü";
+        CREATE TABLE "inventaire_ü"."articles" (id int PRIMARY KEY, nom text, prix numeric(10,2));
+        INSERT INTO "inventaire_ü".articles
+            SELECT g, 'Grüße 日本語 ñandú 🎉 ' || g, g * 1.5 FROM generate_series(1, 2000) g;
+        CREATE SCHEMA blobs;
+        CREATE TABLE blobs.big (id int PRIMARY KEY, body text, raw bytea);
+        INSERT INTO blobs.big SELECT g, repeat(md5(g::text), 40000),
+            decode(repeat(md5((g * 7)::text), 20000), 'hex') FROM generate_series(1, 12) g;
+        INSERT INTO customers (email, name)
+            SELECT 'user' || g || '@exämple.org', 'Zoë ' || g FROM generate_series(1, 500) g;
+        INSERT INTO orders (customer_id, total_cents) SELECT id, id * 100 FROM customers;
+    """)
+    if mb:
+        db.sql(f"CREATE TABLE public.noise AS SELECT g AS id, "
+               f"(SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 32) i) "
+               f"AS body FROM generate_series(1, {mb * 1000}) g")
+
+
+def summary(err: str) -> dict:
+    return json.loads([line for line in err.splitlines() if '"event": "summary"' in line][-1])
+
+
+@pytest.fixture
+def at_0002(database: Database) -> Database:
+    r = run_runner(["upgrade", "--to", "0002"], runner_env(database.url))
+    assert r.code == 0, r.err
+    return database
+
+
+@pytest.mark.parametrize("compression,suffix", [("zstd", ".pgdump.zst"), ("gzip", ".pgdump")])
+def test_round_trip_backup_migrate_restore(at_0002: Database, s3_server: S3Server, bucket: str,
+                                           compression: str, suffix: str) -> None:
+    db = at_0002
+    fill(db)
+    before = digest(db)
+    env = backup_env(db, s3_server, bucket, LOG_FORMAT="json", BACKUP_COMPRESSION=compression)
+
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    key = summary(r.err)["backup"]
+    assert key.startswith(f"team/app/{db.name}/") and key.endswith(suffix)
+    assert s3_server.keys(bucket) == [key, key + ".manifest.json"]
+    assert db.version() == "0005" and "billing.customer_totals" in db.tables()
+    got = s3_server.client.get_object(Bucket=bucket, Key=key + ".manifest.json")
+    manifest = json.loads(got["Body"].read())
+    assert manifest["alembic_revision"] == ["0002"] and manifest["database"] == db.name
+    assert manifest["compression"] == compression and len(manifest["sha256"]) == 64
+    obj = s3_server.client.head_object(Bucket=bucket, Key=key)
+    assert obj["ContentLength"] == manifest["size"]
+    # the migration changed data too (0005 fills a new column)
+    assert digest(db) != before
+
+    listed = run_runner(["backups"], env)
+    assert listed.code == 0, listed.err
+    assert key in listed.out and "0002" in listed.out
+
+    refused = run_runner(["restore", "--backup", "latest"], env)
+    assert refused.code == 2 and "--yes" in refused.err
+
+    restored = run_runner(["restore", "--backup", "latest", "--yes"], env)
+    assert restored.code == 0, restored.err
+    assert db.version() == "0002"
+    assert digest(db) == before
+    assert "billing.customer_totals" not in db.tables()
+    # the restored database migrates again, with a second backup
+    again = run_runner(["upgrade"], env)
+    assert again.code == 0, again.err
+    assert len(s3_server.keys(bucket)) == 4
+
+
+def test_noop_takes_no_backup_and_off_mode_skips(at_0002: Database, s3_server: S3Server,
+                                                  bucket: str) -> None:
+    db = at_0002
+    r = run_runner(["upgrade", "--to", "0002"], backup_env(db, s3_server, bucket))
+    assert r.code == 0 and s3_server.keys(bucket) == []
+    r = run_runner(["upgrade", "--to", "0003"], backup_env(db, s3_server, bucket, BACKUP_MODE="off"))
+    assert r.code == 0 and "backup.skipped" in r.err and s3_server.keys(bucket) == []
+    missing = run_runner(["upgrade"], runner_env(db.url, BACKUP_MODE="required"))
+    assert missing.code == 2 and "BACKUP_S3_URI" in missing.err
+    assert len(missing.lines) == 1 and db.version() == "0003"
+
+
+def wrapper(tmp_path: Path, db: Database, body: str) -> str:
+    """A PG_DUMP_BIN that runs the real pg_dump inside a shell pipeline (for failures on cue)."""
+    real = bindir(db.cluster.major) / "pg_dump"
+    script = tmp_path / "pg_dump"
+    script.write_text(textwrap.dedent(f"""\
+        #!/bin/bash
+        if [ "$1" = "--version" ]; then exec {real} --version; fi
+        REAL={real}
+        """) + textwrap.dedent(body))
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_pg_dump_killed_mid_stream(at_0002: Database, s3_server: S3Server, bucket: str,
+                                   tmp_path: Path) -> None:
+    db = at_0002
+    fill(db, mb=24)
+    # 12 MiB of real dump output (more than one 8 MiB part is uploaded), then SIGKILL
+    dump = wrapper(tmp_path, db, """\
+        "$REAL" "$@" | head -c 12582912
+        kill -9 $$
+        """)
+    r = run_runner(["upgrade"], backup_env(db, s3_server, bucket, PG_DUMP_BIN=dump,
+                                           BACKUP_COMPRESSION="none"))
+    assert r.code == 5, r.err
+    assert "pg_dump exited with signal SIGKILL" in r.err and "nothing was migrated" in r.err
+    assert "Traceback" not in r.err
+    assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
+    assert db.version() == "0002" and "billing.customer_totals" not in db.tables()
+
+
+def cmdlines() -> list[str]:
+    """Return every process's command line (what `ps` shows anyone on the host)."""
+    out = []
+    for proc in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            out.append(proc.read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:
+            pass
+    return out
+
+
+def test_sigterm_during_backup(at_0002: Database, s3_server: S3Server, bucket: str,
+                               tmp_path: Path) -> None:
+    db = at_0002
+    fill(db, mb=24)
+    throttle = "import sys,time\nwhile b := sys.stdin.buffer.read(1 << 20):\n" \
+               "    sys.stdout.buffer.write(b); sys.stdout.flush(); time.sleep(0.4)\n"
+    (tmp_path / "throttle.py").write_text(throttle)
+    dump = wrapper(tmp_path, db, f"""\
+        "$REAL" "$@" | python3 {tmp_path / 'throttle.py'}
+        """)
+    proc = start_runner(["upgrade"], backup_env(db, s3_server, bucket, PG_DUMP_BIN=dump,
+                                                BACKUP_COMPRESSION="none"))
+    deadline = time.monotonic() + 30
+    while not s3_server.uploads(bucket) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert s3_server.uploads(bucket), "the multipart upload never started"
+    dumps = [c for c in cmdlines() if "--lock-wait-timeout" in c]
+    assert dumps and all("--format=custom" in c for c in dumps)
+    assert not any(PASSWORD in c or quote(PASSWORD, safe="") in c for c in dumps), \
+        "the password must reach pg_dump through PGPASSWORD, not argv"
+    time.sleep(3)  # past the first progress event (every 5 s)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    r = finish(proc, timeout=30)
+    assert r.code == 143, r.err
+    assert time.monotonic() - t0 < 10
+    assert "backup.progress" in r.err and "MB streamed so far" in r.err
+    assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
+    assert db.version() == "0002"
+    assert db.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                  "'migration-runner/backup/%'") == "0"
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no bucket", "wrong secret", "unknown key"])
+def test_s3_failures_fail_closed(at_0002: Database, s3_server: S3Server, auth_s3_server: AuthS3,
+                                 case: str) -> None:
+    db = at_0002
+    good = dict(AWS_ENDPOINT_URL_S3=auth_s3_server.endpoint, AWS_ACCESS_KEY_ID=auth_s3_server.access_key,
+                AWS_SECRET_ACCESS_KEY=auth_s3_server.secret_key,
+                BACKUP_S3_URI=f"s3://{auth_s3_server.bucket}/p")
+    bad, expect = {
+        "unreachable": ({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{free_port()}"}, "S3 unreachable"),
+        "no bucket": ({"BACKUP_S3_URI": "s3://no-such-bucket-here/p"}, "NoSuchBucket"),
+        "wrong secret": ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "SignatureDoesNotMatch"),
+        "unknown key": ({"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY"}, "InvalidAccessKeyId"),
+    }[case]
+    env = backup_env(db, s3_server, "unused", **{**good, **bad})
+    t0 = time.monotonic()
+    r = run_runner(["upgrade"], env)
+    assert r.code == 5, r.err
+    assert time.monotonic() - t0 < 30
+    errors = [line for line in r.lines if " ERROR " in line]
+    assert len(errors) == 1 and expect in errors[0], r.err
+    assert "Traceback" not in r.err and "not-the-secret" not in r.err
+    assert db.version() == "0002"
+    # the same server and credentials work when nothing is wrong
+    if case == "wrong secret":
+        ok = run_runner(["backup"], backup_env(db, s3_server, "unused", **good))
+        assert ok.code == 0, ok.err
+
+
+def test_old_pg_dump_refused(at_0002: Database, s3_server: S3Server, bucket: str) -> None:
+    db = at_0002
+    if db.cluster.major != "18":
+        pytest.skip("needs a server newer than the oldest client (PG 15 pg_dump, PG 18 server)")
+    r = run_runner(["upgrade"], backup_env(db, s3_server, bucket,
+                                           PG_DUMP_BIN=str(bindir("15") / "pg_dump")))
+    assert r.code == 5, r.err
+    assert "older than the server (PostgreSQL 18)" in r.err and "PostgreSQL 18 (or newer) client" in r.err
+    assert s3_server.keys(bucket) == [] and db.version() == "0002"
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+def test_restore_refuses_a_damaged_backup(at_0002: Database, s3_server: S3Server, bucket: str,
+                                          damage: str) -> None:
+    db = at_0002
+    env = backup_env(db, s3_server, bucket)
+    r = run_runner(["backup"], env)
+    assert r.code == 0, r.err
+    key = s3_server.keys(bucket)[0]
+    body = s3_server.client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    body = body[:-1] + bytes([body[-1] ^ 1]) if damage == "tampered" else body[: len(body) // 2]
+    s3_server.client.put_object(Bucket=bucket, Key=key, Body=body)
+    db.sql("CREATE TABLE marker (x int); INSERT INTO marker VALUES (42)")
+    r = run_runner(["restore", "--backup", key, "--yes"], env)
+    assert r.code == 5, r.err
+    assert "does not match its manifest" in r.err and "not touched" in r.err
+    assert db.sql("SELECT x FROM marker") == "42" and db.version() == "0002"
+
+
+def test_restore_only_trusts_manifested_backups(at_0002: Database, s3_server: S3Server,
+                                                bucket: str) -> None:
+    db = at_0002
+    env = backup_env(db, s3_server, bucket)
+    orphan = f"team/app/{db.name}/20990101T000000Z-deadbeef.pgdump.zst"
+    s3_server.client.put_object(Bucket=bucket, Key=orphan, Body=b"not a dump")
+    r = run_runner(["restore", "--backup", orphan, "--yes"], env)
+    assert r.code == 2 and "no committed backup" in r.err
+    r = run_runner(["restore", "--backup", "latest", "--yes"], env)
+    assert r.code == 2 and "nothing to restore" in r.err
+    listed = run_runner(["backups"], env)
+    assert listed.code == 0 and orphan not in listed.out
+
+
+def test_five_runners_one_backup(at_0002: Database, s3_server: S3Server, bucket: str) -> None:
+    db = at_0002
+    env = backup_env(db, s3_server, bucket)
+    procs = [start_runner(["upgrade"], env) for _ in range(5)]
+    results = [finish(p, timeout=120) for p in procs]
+    assert [r.code for r in results] == [0] * 5, [r.err for r in results if r.code]
+    assert len([k for k in s3_server.keys(bucket) if k.endswith(".manifest.json")]) == 1
+    assert len(s3_server.keys(bucket)) == 2
+    assert db.version() == "0005"
+
+
+def test_failed_restore_rolls_back(at_0002: Database, s3_server: S3Server, bucket: str,
+                                   tmp_path: Path) -> None:
+    """The restore is one transaction: an error at its very end leaves the database as it was."""
+    db = at_0002
+    env = backup_env(db, s3_server, bucket)
+    assert run_runner(["upgrade"], env).code == 0
+    db.sql("CREATE TABLE marker (x int); INSERT INTO marker VALUES (42)")
+    real = bindir(db.cluster.major) / "pg_restore"
+    script = tmp_path / "pg_restore"
+    script.write_text(f"#!/bin/bash\nif [ \"$1\" = --version ]; then exec {real} --version; fi\n"
+                      f"{real} \"$@\" && echo 'SELECT 1/0;'\n")
+    script.chmod(0o755)
+    r = run_runner(["restore", "--backup", "latest", "--yes"], {**env, "PG_RESTORE_BIN": str(script)})
+    assert r.code == 5, r.err
+    assert "division by zero" in r.err and "rolled back" in r.err
+    assert db.sql("SELECT x FROM marker") == "42" and db.version() == "0005"
+    assert "billing.customer_totals" in db.tables()
+
+
+def test_pg_dump_does_not_wait_behind_table_locks(at_0002: Database, s3_server: S3Server,
+                                                  bucket: str) -> None:
+    import psycopg2
+
+    db = at_0002
+    holder = psycopg2.connect(db.url)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("LOCK TABLE customers IN ACCESS EXCLUSIVE MODE")
+        t0 = time.monotonic()
+        r = run_runner(["upgrade"], backup_env(db, s3_server, bucket, BACKUP_LOCK_WAIT_TIMEOUT="1s"))
+        assert r.code == 5, r.err
+        assert time.monotonic() - t0 < 20
+        assert "BACKUP_LOCK_WAIT_TIMEOUT" in r.err and "nothing was migrated" in r.err
+        assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
+    finally:
+        holder.close()
+    assert db.version() == "0002"
+
+
+# -- pure logic and S3 helpers -------------------------------------------------------------------
+
+def test_part_size_keeps_under_the_part_limit() -> None:
+    from runner.backup import GROWTH, MAX_PART, MIN_PART, TARGET_PARTS, part_size
+
+    assert part_size(0) == part_size(1 << 30) == MIN_PART
+    for size in (20 << 30, 1 << 40, 7 << 40):
+        part = part_size(size)
+        assert part % MiB == 0 and size * GROWTH / part <= TARGET_PARTS
+    assert part_size(1 << 50) == MAX_PART
+
+
+def test_location_and_key_layout() -> None:
+    from runner.s3 import Location
+
+    loc = Location.parse("s3://my-bucket/team/app/")
+    assert (loc.bucket, loc.prefix) == ("my-bucket", "team/app")
+    assert loc.database_prefix("shop") == "team/app/shop/"
+    assert Location.parse("s3://my-bucket").database_prefix("shop") == "shop/"
+
+
+@pytest.mark.parametrize("command,env,problem", [
+    ("upgrade", {}, "BACKUP_S3_URI is not set"),
+    ("downgrade", {}, "BACKUP_S3_URI is not set"),
+    ("upgrade", {"BACKUP_MODE": "off"}, None),
+    ("status", {}, None),
+    ("backups", {"BACKUP_MODE": "off"}, "BACKUP_S3_URI is not set"),
+    ("upgrade", {"BACKUP_S3_URI": "https://bucket/x"}, "is not an S3 URI"),
+    ("upgrade", {"BACKUP_S3_URI": "s3://bkt/x", "BACKUP_MODE": "maybe"}, "BACKUP_MODE"),
+    ("backup", {"BACKUP_S3_URI": "s3://bkt/x", "BACKUP_COMPRESSION": "lz4"}, "BACKUP_COMPRESSION"),
+    ("backup", {"BACKUP_S3_URI": "s3://bkt/x", "BACKUP_CHECKSUM": "never"}, "BACKUP_CHECKSUM"),
+    ("backup", {"BACKUP_S3_URI": "s3://bkt/x", "BACKUP_LOCK_WAIT_TIMEOUT": "soon"},
+     "BACKUP_LOCK_WAIT_TIMEOUT"),
+])
+def test_backup_settings(command: str, env: dict[str, str], problem: str | None) -> None:
+    from runner import config
+    from runner.errors import ConfigError
+    from tests.conftest import REPO
+
+    base = {"DATABASE_URL": "postgresql://u@h/d", "ALEMBIC_CONFIG": str(REPO / "alembic.ini"), **env}
+    if problem is None:
+        config.load(base, command=command)
+        return
+    with pytest.raises(ConfigError, match=problem):
+        config.load(base, command=command)
+
+
+def test_sweep_aborts_only_stale_uploads_under_the_prefix(s3_server: S3Server, bucket: str) -> None:
+    import datetime as dt
+    import io
+
+    from runner.log import EventLog
+    from runner.s3 import Location, sweep_stale_uploads
+
+    c = s3_server.client
+    mine = c.create_multipart_upload(Bucket=bucket, Key="team/app/shop/old.pgdump.zst")["UploadId"]
+    other = c.create_multipart_upload(Bucket=bucket, Key="elsewhere/x")["UploadId"]
+    loc, log = Location.parse(f"s3://{bucket}/team/app"), EventLog("text", io.StringIO())
+    # moto reports every upload as initiated in 2010, so "too fresh to sweep" is checked by
+    # asking about a moment before that
+    early = dt.datetime(2010, 1, 1, tzinfo=dt.UTC)
+    assert sweep_stale_uploads(c, loc, "shop", log, now=early) == 0
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=2)
+    assert sweep_stale_uploads(c, loc, "shop", log, now=later) == 1
+    assert [u["UploadId"] for u in s3_server.uploads(bucket)] == [other]
+    assert mine != other

@@ -1,0 +1,272 @@
+"""The migration image, built and run for real: hardened containers against real PostgreSQL and S3.
+
+Containers run the way a Pod Security "restricted" pod runs them: the image's numeric non-root
+user, a read-only root filesystem with a tmpfs /tmp, every capability dropped, no privilege
+escalation. They reach the test clusters on 127.0.0.1 through the host network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, Database, assert_no_secrets
+from tests.docker_harness import (
+    RUNNER_USER,
+    ContainerResult,
+    docker,
+    inspect,
+    run_container,
+    start_container,
+)
+from tests.s3_fixtures import S3Server
+
+SLOWPOKE = REPO / "tests/scenarios/slowpoke"
+# the first test that needs the image pays for the stand-in base and the build on a fresh machine
+pytestmark = pytest.mark.timeout(900)
+
+
+def container_env(db: Database, **extra: str) -> dict[str, str]:
+    return {"DATABASE_URL": db.url, "BACKUP_MODE": "off", "DB_WAIT_TIMEOUT": "20s", **extra}
+
+
+def run(image: str, args: list[str], env: dict[str, str], **options: object) -> ContainerResult:
+    """Run a hardened container (the harness defaults) and check it printed no password."""
+    r = run_container(image, args, env, **options)
+    assert_no_secrets(r.out, r.err)
+    return r
+
+
+def summary(r: ContainerResult) -> dict:
+    lines = [line for line in r.err.splitlines() if '"event": "summary"' in line]
+    assert lines, r.err
+    return json.loads(lines[-1])
+
+
+# -- without Docker: the Dockerfile lint, the entrypoint's mapping, the compose file -------------
+def test_hadolint_clean_and_every_ignore_has_a_reason() -> None:
+    hadolint = Path(os.environ.get("HADOLINT", REPO / ".venv/bin/hadolint"))
+    proc = subprocess.run([str(hadolint), "--no-color", str(REPO / "Dockerfile")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "", proc.stdout + proc.stderr
+    lines = (REPO / "Dockerfile").read_text().splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"#\s*hadolint ignore=(\S+)", line)
+        if m:
+            comment = " ".join(lines[j] for j in range(max(0, i - 6), i) if lines[j].startswith("#"))
+            for rule in m.group(1).split(","):
+                assert rule in comment, f"hadolint ignore of {rule} without a reason above it"
+
+
+@pytest.fixture
+def fake_python(tmp_path: Path) -> dict[str, str]:
+    """PATH with a `python` that prints its argv: shows what the entrypoint execs."""
+    (tmp_path / "python").write_text('#!/bin/sh\necho "python $*"\n')
+    (tmp_path / "python").chmod(0o755)
+    return {"PATH": f"{tmp_path}:/usr/bin:/bin", "DATABASE_URL": "postgresql://u:s3cr3t-x@h/db"}
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["upgrade"], "python -m runner upgrade"),
+    (["downgrade", "--to", "-1"], "python -m runner downgrade --to -1"),
+    (["status", "--check"], "python -m runner status --check"),
+    (["wait"], "python -m runner wait"),
+    (["plan"], "python -m runner plan"),
+    (["backup"], "python -m runner backup"),
+    (["backups"], "python -m runner backups"),
+    (["restore", "--backup", "latest", "--yes"], "python -m runner restore --backup latest --yes"),
+    (["--log-format", "json", "upgrade"], "python -m runner --log-format json upgrade"),
+    ([], "python -m runner"),
+    (["echo", "any", "command"], "any command"),
+])
+def test_entrypoint_maps_commands(fake_python: dict[str, str], args: list[str], expected: str) -> None:
+    proc = subprocess.run(["bash", str(REPO / "entrypoint.sh"), *args], env=fake_python,
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stdout.strip(), proc.stderr) == (0, expected, "")
+
+
+def test_entrypoint_is_strict_and_executable() -> None:
+    text = (REPO / "entrypoint.sh").read_text()
+    assert "set -Eeuo pipefail" in text and text.startswith("#!/bin/bash")
+    assert os.access(REPO / "entrypoint.sh", os.X_OK), "COPY keeps the mode: entrypoint.sh must be +x"
+    assert "echo" not in text.split("set -Eeuo pipefail", 1)[1], "the entrypoint prints nothing"
+
+
+def test_compose_file_is_valid_and_wired() -> None:
+    if not shutil.which("docker-compose"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true requires docker-compose (WITH_DOCKER=1 bash .ci/setup installs it)")
+        pytest.skip("docker-compose not installed (Debian package docker-compose)")
+    proc = subprocess.run(["docker-compose", "-f", str(REPO / "docker-compose.yaml"), "config"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    import yaml
+
+    services = yaml.safe_load(proc.stdout)["services"]
+    assert services["db"]["healthcheck"]["test"][:4] == ["CMD", "pg_isready", "-h", "127.0.0.1"]
+    migrate = services["migrate"]
+    assert migrate["depends_on"]["db"]["condition"] == "service_healthy"
+    assert migrate["restart"] == "no" and migrate["read_only"] is True
+    assert migrate["environment"]["BACKUP_S3_URI"].startswith("s3://")
+    assert migrate["environment"]["AWS_ENDPOINT_URL_S3"] == "http://s3:8333"
+    assert services["app"]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    for svc in services.values():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"published beyond loopback: {port}"
+
+
+# -- the image -----------------------------------------------------------------------------------
+def test_image_metadata(runner_image: str) -> None:
+    cfg = inspect(runner_image)["Config"]
+    assert cfg["User"] == RUNNER_USER, "a numeric user: the kubelet can check runAsNonRoot"
+    assert not cfg.get("Healthcheck"), "a one-shot job has no HEALTHCHECK"
+    assert cfg["Entrypoint"][0] == "/usr/bin/tini" and cfg["Cmd"] == ["upgrade"]
+    env = dict(e.split("=", 1) for e in cfg["Env"])
+    assert env["PYTHONUNBUFFERED"] == "1"
+    labels = cfg["Labels"]
+    for key in ("title", "description", "licenses", "version", "revision", "base.name"):
+        assert labels.get(f"org.opencontainers.image.{key}"), key
+
+
+def test_image_contents(runner_image: str) -> None:
+    script = ("set -e; id -u; id -g; for t in pg_dump pg_restore psql zstd python; do command -v $t; "
+              "done; pg_dump --version; zstd --version >/dev/null; "
+              "test -f /app/alembic.ini && test -f /app/migrations/env.py && test -d /app/runner; "
+              "ls /opt/venv/bin; python -c 'import pip' 2>/dev/null && echo HAS-PIP; "
+              "python -c 'import uv' 2>/dev/null && echo HAS-UV; "
+              "touch /written 2>/dev/null && echo ROOT-WRITABLE; touch /tmp/ok && echo TMP-OK")
+    r = run(runner_image, ["bash", "-c", script], {})
+    assert r.code == 0, r.err
+    lines = r.out.split()
+    assert lines[:2] == ["10001", "10001"]
+    assert "/usr/lib/postgresql/" in r.out and "/opt/venv/bin/python" in lines
+    for banned in ("pip", "pip3", "uv", "HAS-PIP", "HAS-UV", "ROOT-WRITABLE"):
+        assert banned not in lines, f"{banned} in the final image"
+    assert "TMP-OK" in lines
+
+
+def test_upgrade_then_noop(runner_image: str, database: Database) -> None:
+    env = container_env(database, LOG_FORMAT="json")
+    first = run(runner_image, ["upgrade"], env)
+    assert first.code == 0, first.err
+    assert database.version() == "0005"
+    assert summary(first)["applied"] == ["0001", "0002", "0003", "0004", "0005"]
+    second = run(runner_image, [], env)  # the default command is upgrade
+    assert second.code == 0, second.err
+    assert summary(second)["outcome"] == "nothing to do"
+    status = run(runner_image, ["status", "--check"], env)
+    assert status.code == 0, status.err
+
+
+def test_sigterm_during_slow_migration_rolls_back(runner_image: str, database: Database) -> None:
+    env = container_env(database, ALEMBIC_CONFIG="/scenario/alembic.ini", SLOWPOKE_SLEEP="120")
+    box = start_container(runner_image, ["upgrade"], env, volumes=[f"{SLOWPOKE}:/scenario:ro"])
+    try:
+        deadline = time.monotonic() + 60
+        while database.sql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                           "AND query LIKE 'SELECT pg_sleep%'") == "0":
+            assert box.proc.poll() is None, box.wait().err
+            assert time.monotonic() < deadline, "the slow revision never started"
+            time.sleep(0.2)
+        t0 = time.monotonic()
+        box.stop(grace=20)
+        took = time.monotonic() - t0
+        r = box.wait(timeout=60)
+    finally:
+        box.kill()
+    assert_no_secrets(r.out, r.err)
+    assert r.code == 143, r.err
+    assert took < 10, f"docker stop took {took:.1f}s: SIGTERM did not reach the runner"
+    assert database.version() == "" and "public.slowpoke" not in database.tables()
+    assert database.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
+    assert database.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+                        "AND state = 'active'") == "0"
+
+
+def test_sigterm_during_startup_exits_143_at_once(runner_image: str, database: Database) -> None:
+    """Before the runner takes over SIGTERM, tini's forwarded signal still ends it (no 10 s wait)."""
+    env = container_env(database, ALEMBIC_CONFIG="/scenario/alembic.ini", SLOWPOKE_SLEEP="120")
+    box = start_container(runner_image, ["upgrade"], env, volumes=[f"{SLOWPOKE}:/scenario:ro"])
+    try:
+        box.wait_running()
+        t0 = time.monotonic()
+        box.stop(grace=20)
+        took = time.monotonic() - t0
+        r = box.wait(timeout=60)
+    finally:
+        box.kill()
+    assert r.code == 143, r.err
+    assert took < 10, f"docker stop took {took:.1f}s"
+    assert database.version() == ""
+
+
+@pytest.mark.parametrize("env,args,needle", [
+    ({"DATABASE_URL": "mysql://root:s3cr3t-x@127.0.0.1/app", "BACKUP_MODE": "off"}, ["upgrade"],
+     "DATABASE_URL"),
+    ({"BACKUP_MODE": "off"}, ["upgrade"], "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://u:s3cr3t-x@127.0.0.1:1/app", "BACKUP_MODE": "off"},
+     ["upgrade", "--bogus"], "--bogus"),
+])
+def test_bad_configuration_exits_2_with_one_line(runner_image: str, env: dict[str, str],
+                                                 args: list[str], needle: str) -> None:
+    r = run(runner_image, args, env)
+    assert r.code == 2, r.err
+    assert len(r.lines) == 1 and needle in r.err and r.out == "", r.err
+    assert "s3cr3t-x" not in r.err and "Traceback" not in r.err
+
+
+def test_database_url_file_and_custom_migrations_mounted(runner_image: str, database: Database,
+                                                        tmp_path: Path) -> None:
+    secret = tmp_path / "database-url"
+    secret.write_text(database.url + "\n")
+    secret.chmod(0o644)
+    env = {"DATABASE_URL_FILE": "/run/secrets/database-url", "BACKUP_MODE": "off",
+           "ALEMBIC_CONFIG": "/scenario/alembic.ini"}
+    r = run(runner_image, ["upgrade"], env,
+            volumes=[f"{secret}:/run/secrets/database-url:ro", f"{SLOWPOKE}:/scenario:ro"])
+    assert r.code == 0, r.err
+    assert database.version() == "s001"
+
+
+def test_derived_image_with_own_migrations(runner_image: str, database: Database,
+                                           tmp_path: Path) -> None:
+    """The README's `FROM migration-runner` recipe: copy your migrations, point ALEMBIC_CONFIG."""
+    shutil.copytree(SLOWPOKE, tmp_path / "db")
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {runner_image}\nCOPY db/ /srv/app/\nENV ALEMBIC_CONFIG=/srv/app/alembic.ini\n")
+    tag = "migration-runner-derived:test"
+    docker("build", "--network", "host", "-t", tag, str(tmp_path), timeout=300,
+           env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    try:
+        r = run(tag, ["upgrade"], container_env(database))
+        assert r.code == 0, r.err
+        assert database.version() == "s001"
+    finally:
+        docker("rmi", tag, check=False)
+
+
+def test_backup_to_s3_from_the_container(runner_image: str, database: Database,
+                                         s3_server: S3Server, bucket: str) -> None:
+    if database.cluster.major != "15":
+        pytest.skip("the test image carries Debian's pg_dump 15; it rightly refuses newer servers")
+    env = {**container_env(database, LOG_FORMAT="json", BACKUP_MODE="required",
+                           BACKUP_S3_URI=f"s3://{bucket}/team/app"), **s3_server.env()}
+    r = run(runner_image, ["upgrade", "--to", "0002"], env)
+    assert r.code == 0, r.err
+    key = summary(r)["backup"]
+    assert key.startswith(f"team/app/{database.name}/") and key.endswith(".pgdump.zst")
+    assert s3_server.keys(bucket) == [key, key + ".manifest.json"]
+    listed = run(runner_image, ["backups"], env)
+    assert listed.code == 0 and key in listed.out + listed.err, listed.err
+
+
+def test_arbitrary_command_runs(runner_image: str) -> None:
+    r = run(runner_image, ["sh", "-c", "echo hello from $(id -u)"], {})
+    assert (r.code, r.out.strip()) == (0, "hello from 10001")
