@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.pgcluster import APP_PASSWORD, PASSWORD, Cluster
+from tests.result import Result
 
 pytest_plugins = ["tests.s3_fixtures", "tests.docker_fixtures"]
 
@@ -59,17 +60,6 @@ def database(pg: Cluster) -> Iterator[Database]:
     pg.psql(f"CREATE DATABASE {name}")
     yield Database(pg, name)
     pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def lines(self) -> list[str]:
-        return self.err.splitlines()
 
 
 def runner_env(url: str | None, **extra: str) -> dict[str, str]:

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.result import Result
+
 REPO = Path(__file__).resolve().parent.parent
 IMAGE = "migration-runner:test"
 # the test build uses Debian's own client: apt.postgresql.org is unreachable from here
@@ -189,15 +191,7 @@ def image_size(name: str) -> int:
 
 
 # -- containers ----------------------------------------------------------------------------------
-@dataclass
-class ContainerResult:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def lines(self) -> list[str]:
-        return self.err.splitlines()
+ContainerResult = Result
 
 
 @dataclass

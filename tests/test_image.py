@@ -20,6 +20,7 @@ import pytest
 from tests.conftest import REPO, Database, assert_no_secrets
 from tests.docker_harness import (
     RUNNER_USER,
+    Container,
     ContainerResult,
     docker,
     inspect,
@@ -42,6 +43,14 @@ def run(image: str, args: list[str], env: dict[str, str], **options: object) -> 
     r = run_container(image, args, env, **options)
     assert_no_secrets(r.out, r.err)
     return r
+
+
+def stop_timed(box: Container) -> tuple[float, ContainerResult]:
+    """`docker stop` with a long grace period: how long it took, and what the runner left."""
+    t0 = time.monotonic()
+    box.stop(grace=20)
+    took = time.monotonic() - t0
+    return took, box.wait(timeout=60)
 
 
 def summary(r: ContainerResult) -> dict:
@@ -175,10 +184,7 @@ def test_sigterm_during_slow_migration_rolls_back(runner_image: str, database: D
             assert box.proc.poll() is None, box.wait().err
             assert time.monotonic() < deadline, "the slow revision never started"
             time.sleep(0.2)
-        t0 = time.monotonic()
-        box.stop(grace=20)
-        took = time.monotonic() - t0
-        r = box.wait(timeout=60)
+        took, r = stop_timed(box)
     finally:
         box.kill()
     assert_no_secrets(r.out, r.err)
@@ -196,10 +202,7 @@ def test_sigterm_during_startup_exits_143_at_once(runner_image: str, database: D
     box = start_container(runner_image, ["upgrade"], env, volumes=[f"{SLOWPOKE}:/scenario:ro"])
     try:
         box.wait_running()
-        t0 = time.monotonic()
-        box.stop(grace=20)
-        took = time.monotonic() - t0
-        r = box.wait(timeout=60)
+        took, r = stop_timed(box)
     finally:
         box.kill()
     assert r.code == 143, r.err

@@ -38,6 +38,13 @@ def blocker(db: Database, sql: str, isolation: int | None = None) -> psycopg2.ex
     return conn
 
 
+def wait_until_runner_waits_on_a_lock(db: Database) -> None:
+    """Start the blocker's clock only once the migration really waits (startup is slow under load)."""
+    wait_for(lambda: db.sql("SELECT count(*) FROM pg_stat_activity WHERE "
+                            "application_name LIKE 'migration-runner/migrate/%' AND wait_event_type = "
+                            "'Lock'") != "0", timeout=20, every=0.05)
+
+
 class Reader(threading.Thread):
     """The application: reads the table in a loop and records how long each read took."""
 
@@ -70,9 +77,7 @@ def test_blocked_migration_never_freezes_reads_and_retries(at) -> None:
     reader = Reader(db)
     reader.start()
     proc = start_runner(["upgrade", "--to", "l002"], lab_env(db, LOCK_RETRY_ATTEMPTS="30"))
-    wait_for(lambda: db.sql("SELECT count(*) FROM pg_stat_activity WHERE "
-                            "application_name LIKE 'migration-runner/migrate/%' AND wait_event_type = "
-                            "'Lock'") != "0", timeout=20, every=0.05)
+    wait_until_runner_waits_on_a_lock(db)
     time.sleep(3 * LOCK_TIMEOUT)  # several attempts time out while the blocker holds on
     hold.commit()
     hold.close()
@@ -109,7 +114,8 @@ def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:
     repeatable = psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ
     hold = blocker(db, "SELECT count(*) FROM items", isolation=repeatable)
     proc = start_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="30"))
-    time.sleep(3 * LOCK_TIMEOUT)
+    wait_until_runner_waits_on_a_lock(db)
+    time.sleep(3 * LOCK_TIMEOUT)  # longer than lock_timeout: at least one attempt times out
     hold.commit()
     hold.close()
     r = finish(proc)
