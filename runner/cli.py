@@ -24,31 +24,44 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{message}: see 'python -m runner --help'")
 
 
+def _global_flags() -> argparse.ArgumentParser:
+    """Flags that override a variable; accepted before or after the command (SUPPRESS: unset
+    means "not given", so the subcommand's parse never clobbers a value given before it)."""
+    g = _Parser(add_help=False, argument_default=argparse.SUPPRESS)
+    g.add_argument("-c", "--config", dest="ALEMBIC_CONFIG", help="alembic.ini (ALEMBIC_CONFIG)")
+    g.add_argument("--log-format", dest="LOG_FORMAT", help="text|json (LOG_FORMAT)")
+    g.add_argument("--wait-timeout", dest="DB_WAIT_TIMEOUT", help="DB_WAIT_TIMEOUT, e.g. 60s")
+    g.add_argument("--lock-wait-timeout", dest="LOCK_WAIT_TIMEOUT", help="LOCK_WAIT_TIMEOUT")
+    g.add_argument("--run-deadline", dest="RUN_DEADLINE", help="RUN_DEADLINE, e.g. 10m")
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m runner", description="Apply Alembic migrations once, safely.")
-    p.add_argument("-c", "--config", dest="ALEMBIC_CONFIG", help="alembic.ini (ALEMBIC_CONFIG)")
-    p.add_argument("--log-format", dest="LOG_FORMAT", choices=None, help="text|json (LOG_FORMAT)")
-    p.add_argument("--wait-timeout", dest="DB_WAIT_TIMEOUT", help="DB_WAIT_TIMEOUT, e.g. 60s")
-    p.add_argument("--lock-wait-timeout", dest="LOCK_WAIT_TIMEOUT", help="LOCK_WAIT_TIMEOUT")
-    p.add_argument("--run-deadline", dest="RUN_DEADLINE", help="RUN_DEADLINE, e.g. 10m")
+    flags = _global_flags()
+    p = _Parser(prog="python -m runner", description="Apply Alembic migrations once, safely.",
+                parents=[flags])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    up = sub.add_parser("upgrade", help="apply pending migrations (default: to head)")
+
+    def command(name: str, what: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=what, parents=[flags])
+
+    up = command("upgrade", "apply pending migrations (default: to head)")
     up.add_argument("--to", default="head", help="target revision (default head)")
-    down = sub.add_parser("downgrade", help="roll back to a revision (-1, an id, or base)")
+    down = command("downgrade", "roll back to a revision (-1, an id, or base)")
     down.add_argument("--to", required=True, help="revision id, -N, or base")
     down.add_argument("--yes", action="store_true", help="confirm a downgrade to base")
     down.add_argument("--confirm", metavar="REV", help="when given, must repeat --to exactly "
                       "(the Kubernetes rollback Job passes it: no confirmation, no downgrade)")
-    st = sub.add_parser("status", help="show current, head and pending revisions")
+    st = command("status", "show current, head and pending revisions")
     st.add_argument("--check", action="store_true", help="exit 10 when not at head")
-    wt = sub.add_parser("wait", help="only wait until the database is ready")
+    wt = command("wait", "only wait until the database is ready")
     wt.add_argument("--until-head", action="store_true", help="then poll until it is at this "
                     "image's head (init containers; never migrates; HEAD_WAIT_TIMEOUT, exit 10)")
-    pl = sub.add_parser("plan", help="print the SQL upgrade would run")
+    pl = command("plan", "print the SQL upgrade would run")
     pl.add_argument("--to", default="head")
-    sub.add_parser("backup", help="back the database up to BACKUP_S3_URI (under the lock)")
-    sub.add_parser("backups", help="list this database's backups, newest first")
-    rs = sub.add_parser("restore", help="restore a backup into the database (under the lock)")
+    command("backup", "back the database up to BACKUP_S3_URI (under the lock)")
+    command("backups", "list this database's backups, newest first")
+    rs = command("restore", "restore a backup into the database (under the lock)")
     rs.add_argument("--backup", required=True, help="backup key (from 'backups') or 'latest'")
     rs.add_argument("--yes", action="store_true", help="confirm: replaces the database's contents")
     return p

@@ -24,7 +24,8 @@ class EventLog:
             line = json.dumps({"ts": ts, "level": level, "event": event, "msg": msg, **fields},
                               default=str, ensure_ascii=False)
         else:
-            kv = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None)
+            # None and {} say nothing in text (e.g. no durations yet); JSON keeps them for parsers
+            kv = " ".join(f"{k}={_text(v)}" for k, v in fields.items() if v is not None and v != {})
             line = f"{ts} {level.upper():5} {event:<16} {msg}" + (f" [{kv}]" if kv else "")
         with self._lock:
             self.stream.write(redact(line) + "\n")

@@ -42,6 +42,8 @@ def _cases(url: str, tmp: str) -> list[tuple[str, list[str], dict[str, str], int
          "MIGRATION_STATEMENT_TIMEOUT"),
         ("bad log format", ["upgrade"], {"LOG_FORMAT": "xml"}, 2, "LOG_FORMAT"),
         ("bad flag value", ["--wait-timeout", "x", "upgrade"], {}, 2, "DB_WAIT_TIMEOUT"),
+        ("bad flag value after command", ["status", "--lock-wait-timeout", "soon"], {}, 2,
+         "LOCK_WAIT_TIMEOUT"),
         ("base without yes", ["downgrade", "--to", "base"], {}, 2, "--yes"),
         ("unknown target", ["upgrade", "--to", "nope"], {}, 7, "not in the migration scripts"),
     ]

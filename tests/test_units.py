@@ -9,6 +9,7 @@ import re
 import pytest
 
 from runner import config
+from runner.cli import build_parser
 from runner.errors import ConfigError
 from runner.exitcodes import DESCRIPTIONS, ExitCode, markdown_table, non_retriable
 from runner.log import EventLog
@@ -45,6 +46,20 @@ def test_flags_override_environment() -> None:
     s = config.load({"DATABASE_URL": "postgresql://u@h/d", "ALEMBIC_CONFIG": INI, "DB_WAIT_TIMEOUT": "5"},
                     {"DB_WAIT_TIMEOUT": "7s"})
     assert s.wait_timeout == 7
+
+
+@pytest.mark.parametrize("argv", [
+    ["--wait-timeout", "5s", "-c", "a.ini", "status", "--check"],
+    ["status", "--wait-timeout", "5s", "--check", "-c", "a.ini"],
+    ["-c", "a.ini", "status", "--check", "--wait-timeout", "5s"],
+])
+def test_global_flags_before_or_after_the_command(argv: list[str]) -> None:
+    args = vars(build_parser().parse_args(argv))
+    assert args == {"command": "status", "check": True, "DB_WAIT_TIMEOUT": "5s", "ALEMBIC_CONFIG": "a.ini"}
+
+
+def test_unset_flags_leave_the_environment_alone() -> None:
+    assert vars(build_parser().parse_args(["upgrade"])) == {"command": "upgrade", "to": "head"}
 
 
 def test_database_url_file(tmp_path) -> None:
