@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from typing import IO
 
 from alembic.config import Config
@@ -11,7 +13,7 @@ from alembic.script import ScriptDirectory
 from runner import db, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending, PreflightRefused
-from runner.revisions import DbState
+from runner.revisions import DbState, fmt
 from runner.wait import wait_until_ready
 
 
@@ -39,18 +41,14 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     if target in ("head", "heads"):
         revisions.single_head(script)
     # 1. wait, then the fast path: nothing to do means no lock, no backup
-    with wait_until_ready(run) as conn:
-        state = revisions.read_state(cfg, script, conn)
+    state = _ready_state(run, cfg, script)
     goal = _plan(run, script, state, target, downgrade)
     if set(state.heads) == set(goal):
         return _nothing_to_do(run, state)
     # 2. the lock, then look again: another copy may have migrated meanwhile
-    from runner.lock import migration_lock  # off the no-op fast path, like everything below
-    from runner.migrate import apply_steps
+    from runner.migrate import apply_steps  # off the no-op fast path, like the lock
 
-    with migration_lock(run, state.version_schema or "", state.version_table):
-        with db.connect(run, "inspect") as conn:
-            state = revisions.read_state(cfg, script, conn)
+    with _locked(run, cfg, script, state) as state:
         revisions.check_known(script, state.heads)
         if set(state.heads) == set(goal):
             return _nothing_to_do(run, state)
@@ -66,32 +64,31 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
     if set(after) != set(goal):
-        raise MigrationFailed(f"after migrating the database is at {_fmt(after)}, expected "
-                              f"{_fmt(goal)}: check env.py's run_migrations for skipped revisions")
-    run.summary.update(to=_fmt(after), outcome="migrated")
+        raise MigrationFailed(f"after migrating the database is at {fmt(after)}, expected "
+                              f"{fmt(goal)}: check env.py's run_migrations for skipped revisions")
+    run.summary.update(to=fmt(after), outcome="migrated")
 
 
 def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
     """Print current revision(s), heads and pending revisions; with check, fail when pending."""
     out = out or sys.stdout
     cfg, script = _load(run)
-    with wait_until_ready(run) as conn:
-        state = revisions.read_state(cfg, script, conn)
+    state = _ready_state(run, cfg, script)
     heads = tuple(script.get_heads())
     unknown = [h for h in state.heads if h not in revisions.ancestors(script, heads)]
     pending = [] if unknown else [s.revision for s in reversed(list(
         script.iterate_revisions(heads if len(heads) > 1 else heads[0], state.heads or "base")))]
     print(f"database: {run.settings.safe_target}", file=out)
-    print(f"current:  {_fmt(state.heads)}", file=out)
-    print(f"head:     {_fmt(heads)}", file=out)
+    print(f"current:  {fmt(state.heads)}", file=out)
+    print(f"head:     {fmt(heads)}", file=out)
     print(f"pending:  {', '.join(pending) if pending else 'none'}", file=out)
     if unknown:
         print(f"unknown:  {', '.join(unknown)} (not in these scripts: the image is older than "
               "the database)", file=out)
-    run.summary.update({"from": _fmt(state.heads), "to": _fmt(state.heads), "head": _fmt(heads),
+    run.summary.update({"from": fmt(state.heads), "to": fmt(state.heads), "head": fmt(heads),
                         "pending": pending})
     if check and (pending or unknown or set(state.heads) != set(heads)):
-        raise Pending(f"database is at {_fmt(state.heads)}, not at head {_fmt(heads)}: "
+        raise Pending(f"database is at {fmt(state.heads)}, not at head {fmt(heads)}: "
                       f"{len(pending)} revision(s) pending")
     run.summary["outcome"] = "at head" if set(state.heads) == set(heads) else "behind head"
 
@@ -110,8 +107,7 @@ def wait(run: Run, until_head: bool = False) -> None:
 def plan(run: Run, target: str = "head", out: IO[str] | None = None) -> None:
     """Print the SQL that upgrade would run (Alembic offline mode) for the pending range."""
     cfg, script = _load(run)
-    with wait_until_ready(run) as conn:
-        state = revisions.read_state(cfg, script, conn)
+    state = _ready_state(run, cfg, script)
     goal = _plan(run, script, state, target, downgrade=False)
     if set(state.heads) == set(goal):
         print("-- nothing to do: the database is at the target", file=out or sys.stdout)
@@ -123,17 +119,12 @@ def plan(run: Run, target: str = "head", out: IO[str] | None = None) -> None:
 def backup(run: Run) -> None:
     """Back the database up to BACKUP_S3_URI, under the migration lock (no migration waits on it)."""
     from runner import backup as backups_
-    from runner.lock import migration_lock
 
     cfg, script = _load(run)
-    with wait_until_ready(run) as conn:
-        state = revisions.read_state(cfg, script, conn)
-    with migration_lock(run, state.version_schema or "", state.version_table):
-        with db.connect(run, "inspect") as conn:
-            state = revisions.read_state(cfg, script, conn)
+    with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
         with run.timed("backup"):
             manifest = backups_.take(run, state)
-    run.summary.update(backup=manifest["key"], revision=_fmt(state.heads), outcome="backed up")
+    run.summary.update(backup=manifest["key"], revision=fmt(state.heads), outcome="backed up")
 
 
 def backups(run: Run, out: IO[str] | None = None) -> None:
@@ -146,7 +137,7 @@ def backups(run: Run, out: IO[str] | None = None) -> None:
     print(f"{'key':<60} {'created':<25} {'size':>12} {'revision':<14} database", file=out)
     for m in found:
         print(f"{m['key']:<60} {m['created']:<25} {m['size']:>12} "
-              f"{_fmt(m['alembic_revision']):<14} {m['database']}", file=out)
+              f"{fmt(m['alembic_revision']):<14} {m['database']}", file=out)
     run.summary.update(backups=len(found), outcome="listed")
 
 
@@ -154,19 +145,16 @@ def restore(run: Run, which: str, yes: bool = False) -> None:
     """Replace the database's contents with a verified backup, under the migration lock."""
     from runner import restore as restoring
     from runner import s3
-    from runner.lock import migration_lock
 
     if not yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
                           "add --yes to confirm")
     cfg, script = _load(run)
     client, loc = s3.client(run.settings), s3.Location.parse(run.settings.backup_s3_uri)
-    with wait_until_ready(run) as conn:
-        state = revisions.read_state(cfg, script, conn)
-    with migration_lock(run, state.version_schema or "", state.version_table):
+    with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
         manifest = restoring.resolve(run, client, loc, run.settings.database_url.database or "", which)
         run.log("restore.verify", f"verifying {manifest['key']} against its manifest",
-                size=manifest["size"], revision=_fmt(manifest["alembic_revision"]))
+                size=manifest["size"], revision=fmt(manifest["alembic_revision"]))
         with run.timed("verify"):
             etag = restoring.verify(run, client, manifest)
         run.log("restore.start", f"restoring {manifest['key']} in one transaction",
@@ -175,7 +163,7 @@ def restore(run: Run, which: str, yes: bool = False) -> None:
             restoring.restore(run, client, manifest, etag)
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
-    run.summary.update({"backup": manifest["key"], "from": _fmt(state.heads), "to": _fmt(after),
+    run.summary.update({"backup": manifest["key"], "from": fmt(state.heads), "to": fmt(after),
                         "outcome": "restored"})
 
 
@@ -187,6 +175,24 @@ def _backup_before(run: Run, state: DbState) -> None:
 
     with run.timed("backup"):
         run.summary["backup"] = backups_.take(run, state)["key"]
+
+
+def _ready_state(run: Run, cfg: Config, script: ScriptDirectory) -> DbState:
+    """Wait until the database is ready (exit 3 at the deadline), then read its revisions."""
+    with wait_until_ready(run) as conn:
+        return revisions.read_state(cfg, script, conn)
+
+
+@contextlib.contextmanager
+def _locked(run: Run, cfg: Config, script: ScriptDirectory, seen: DbState) -> Iterator[DbState]:
+    """Hold the migration lock for the version table seen; yield the state read again under it
+    (another copy may have changed the database while we waited)."""
+    from runner.lock import migration_lock  # off the no-op fast path
+
+    with migration_lock(run, seen.version_schema or "", seen.version_table):
+        with db.connect(run, "inspect") as conn:
+            state = revisions.read_state(cfg, script, conn)
+        yield state
 
 
 def _load(run: Run) -> tuple[Config, ScriptDirectory]:
@@ -201,7 +207,7 @@ def _plan(run: Run, script: ScriptDirectory, state: DbState, target: str,
     revisions.check_known(script, state.heads)
     goal = revisions.resolve(script, target, state.heads)
     _check_direction(script, state.heads, goal, downgrade)
-    run.summary.update({"from": _fmt(state.heads), "target": _fmt(goal)})
+    run.summary.update({"from": fmt(state.heads), "target": fmt(goal)})
     return goal
 
 
@@ -211,17 +217,13 @@ def _check_direction(script: ScriptDirectory, current: tuple[str, ...], goal: tu
     if set(goal) == set(current):
         return
     if downgrade and not set(goal) <= below:
-        raise PreflightRefused(f"downgrade target {_fmt(goal)} is not an ancestor of the current "
-                               f"revision {_fmt(current)}: a downgrade can only go back")
+        raise PreflightRefused(f"downgrade target {fmt(goal)} is not an ancestor of the current "
+                               f"revision {fmt(current)}: a downgrade can only go back")
     if not downgrade and goal and set(goal) <= below:
-        raise PreflightRefused(f"upgrade target {_fmt(goal)} is older than the current revision "
-                               f"{_fmt(current)}: use 'downgrade --to {_fmt(goal)}'")
+        raise PreflightRefused(f"upgrade target {fmt(goal)} is older than the current revision "
+                               f"{fmt(current)}: use 'downgrade --to {fmt(goal)}'")
 
 
 def _nothing_to_do(run: Run, state: DbState) -> None:
-    run.log("migrate.noop", f"database already at {_fmt(state.heads)}: nothing to do")
-    run.summary.update(to=_fmt(state.heads), outcome="nothing to do", applied=[])
-
-
-def _fmt(revs: tuple[str, ...] | list[str]) -> str:
-    return ",".join(revs) if revs else "base"
+    run.log("migrate.noop", f"database already at {fmt(state.heads)}: nothing to do")
+    run.summary.update(to=fmt(state.heads), outcome="nothing to do", applied=[])

@@ -39,6 +39,12 @@ class Run:
             return max(0.0, left), True
         return timeout, False
 
+    def stop_if_deadline(self, capped: bool) -> None:
+        """A phase timed out: when its limit was the run deadline, stop as the deadline (exit 9)."""
+        if capped:
+            self.cancel.trigger("deadline")
+            self.cancel.check()
+
     def app_name(self, purpose: str) -> str:
         """Return the application_name for a runner connection (unique per run, so we can cancel it)."""
         return f"{self.settings.application_name}/{purpose}/{self.run_id}"

@@ -48,11 +48,11 @@ def client_major(path: str) -> tuple[int, str]:
 def check_client(run: Run, binary: str, setting: str) -> str:
     """Refuse a client older than the server's major version (it cannot dump / restore it)."""
     path = shutil.which(binary)
+    server = run.server_version // 10000
     if not path:
         raise BackupFailed(f"{setting}={binary} not found: install the PostgreSQL client tools "
-                           f"(major {run.server_version // 10000} or newer) or point {setting} at them")
+                           f"(major {server} or newer) or point {setting} at them")
     major, text = client_major(path)
-    server = run.server_version // 10000
     if major < server:
         raise BackupFailed(f"{setting} is {text}, older than the server (PostgreSQL {server}): "
                            f"use an image with a PostgreSQL {server} (or newer) client, or point "
@@ -123,10 +123,10 @@ class DumpStream(io.RawIOBase):
         self.run.cancel.check()  # SIGTERM or deadline: say so, not "pg_dump failed"
         for name, code, err in zip(self.names, codes, self.stderr_files, strict=True):
             if code != 0:
-                tail = _tail(err) or "no message"
+                last = tail(err) or "no message"
                 hint = ("; another session holds a conflicting table lock: find it in pg_locks, "
-                        "or raise BACKUP_LOCK_WAIT_TIMEOUT" if "LOCK TABLE" in tail else "")
-                raise BackupFailed(f"{name} exited with {_describe_exit(code)}: {tail}{hint}; "
+                        "or raise BACKUP_LOCK_WAIT_TIMEOUT" if "LOCK TABLE" in last else "")
+                raise BackupFailed(f"{name} exited with {_describe_exit(code)}: {last}{hint}; "
                                    "nothing was migrated")
 
     def elapsed(self) -> float:
@@ -145,32 +145,43 @@ def pipeline(run: Run, dump_args: list[str], filt: list[str] | None) -> Any:
     errs = [tempfile.TemporaryFile() for _ in range(2 if filt else 1)]
     names = [os.path.basename(dump_args[0])] + ([filt[0]] if filt else [])
     try:
-        procs.append(_spawn([*dump_args, "--dbname", conninfo], env, subprocess.DEVNULL, errs[0]))
+        procs.append(spawn([*dump_args, "--dbname", conninfo], env, subprocess.DEVNULL, errs[0],
+                           fix="install it or point PG_DUMP_BIN at it"))
         if filt:
-            procs.append(_spawn(filt, env, procs[0].stdout, errs[1]))
+            procs.append(spawn(filt, env, procs[0].stdout, errs[1],
+                               fix="install it or pick another BACKUP_COMPRESSION"))
             procs[0].stdout.close()  # type: ignore[union-attr] # only the filter reads it now
         stream = DumpStream(run, procs, names, errs)
         with run.cancel.on_cancel(lambda: terminate(procs)):
             run.cancel.check()  # a signal that came before the callback was registered
             yield stream, io.BufferedReader(stream, buffer_size=READ_BUFFER)
     finally:
-        terminate(procs)
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.wait(timeout=10)
-            if p.stdout:
-                p.stdout.close()
-        for f in errs:
-            f.close()
+        reap(procs, errs)
 
 
-def _spawn(args: list[str], env: dict[str, str], stdin: Any, stderr: IO[bytes]) -> subprocess.Popen[bytes]:
+def spawn(args: list[str], env: dict[str, str], stdin: Any, stderr: IO[bytes], fix: str,
+          stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
+    """Start one stage of a pipeline in its own process group, with the runner's signals unblocked."""
     try:
-        return subprocess.Popen(args, stdin=stdin, stdout=subprocess.PIPE, stderr=stderr, env=env,
+        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
                                 preexec_fn=cancellation.unblock_in_child, start_new_session=True)
     except OSError as exc:
-        raise BackupFailed(f"cannot start {args[0]} ({exc.strerror}): install it or pick another "
-                           "BACKUP_COMPRESSION") from None
+        raise BackupFailed(f"cannot start {args[0]} ({exc.strerror}): {fix}") from None
+
+
+def reap(procs: list[subprocess.Popen[bytes]], files: list[IO[bytes]]) -> None:
+    """Stop what still runs, wait for it (bounded), close its output pipes and stderr files.
+
+    Input pipes are left to their writers (restore's feeder thread closes its own).
+    """
+    terminate(procs)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.wait(timeout=10)
+        if p.stdout:
+            p.stdout.close()
+    for f in files:
+        f.close()
 
 
 def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -188,7 +199,8 @@ def _describe_exit(code: int) -> str:
     return f"code {code}"
 
 
-def _tail(f: IO[bytes], limit: int = 400) -> str:
+def tail(f: IO[bytes], limit: int = 400) -> str:
+    """The last lines a tool wrote to its stderr file, on one line."""
     f.seek(0)
     text = f.read().decode("utf-8", "replace").strip()
     lines = [line for line in text.splitlines() if line.strip()]

@@ -18,8 +18,7 @@ from alembic.script import ScriptDirectory
 from runner import db, revisions
 from runner.context import Run
 from runner.errors import Pending
-from runner.redact import redact
-from runner.wait import wait_until_ready
+from runner.wait import reason, wait_until_ready
 
 
 def wait_for_head(run: Run, cfg: Config, script: ScriptDirectory) -> None:
@@ -42,9 +41,7 @@ def wait_for_head(run: Run, cfg: Config, script: ScriptDirectory) -> None:
 
 def _give_up(run: Run, capped: bool, limit: float, head: str, current: tuple[str, ...] | None) -> NoReturn:
     """Raise at the deadline: exit 10 (not at head), or 9 when RUN_DEADLINE came first."""
-    if capped:
-        run.cancel.trigger("deadline")
-        run.cancel.check()
+    run.stop_if_deadline(capped)
     raise Pending(f"database {run.settings.safe_target} is still at {_fmt(current)} after "
                   f"{limit:g}s, not at this image's head {head}: check that the migration Job "
                   "(python -m runner upgrade) ran and succeeded, or raise HEAD_WAIT_TIMEOUT")
@@ -56,8 +53,7 @@ def _look(run: Run, cfg: Config, script: ScriptDirectory) -> tuple[str, ...] | N
         with db.connect(run, "wait") as conn:
             return revisions.read_state(cfg, script, conn).heads
     except sa.exc.DBAPIError as exc:  # a restart or failover mid-wait: keep polling to the deadline
-        reason = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
-        run.log.warning("head.unreachable", f"cannot read the revision: {redact(reason)}")
+        run.log.warning("head.unreachable", f"cannot read the revision: {reason(exc)}")
         return None
 
 
@@ -85,6 +81,4 @@ def _arrived(run: Run, script: ScriptDirectory, head: str, current: tuple[str, .
 
 
 def _fmt(revs: tuple[str, ...] | None) -> str:
-    if revs is None:
-        return "unknown (database unreachable)"
-    return ",".join(revs) if revs else "base"
+    return "unknown (database unreachable)" if revs is None else revisions.fmt(revs)

@@ -85,9 +85,7 @@ def _acquire(run: Run, conn: Connection, key: int) -> None:
     )
     got = retrying(lambda: run.cancel.check() or conn.execute(try_lock, {"key": key}).scalar_one())
     if not got:
-        if capped:
-            run.cancel.trigger("deadline")
-            run.cancel.check()
+        run.stop_if_deadline(capped)
         who = holder(conn, key) or {}
         raise LockNotAcquired(
             f"migration lock not acquired within {limit:g}s; held by pid {who.get('pid')} "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -22,7 +23,6 @@ from typing import IO, Any
 
 import botocore.exceptions
 
-from runner import cancel as cancellation
 from runner import dump, s3
 from runner.context import Run
 from runner.errors import BackupFailed, ConfigError
@@ -103,13 +103,15 @@ def restore(run: Run, client: Any, manifest: dict[str, Any], etag: str) -> None:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         # psql first: it holds the transaction; the others feed it
-        procs.append(_spawn([psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
-                             "-d", conninfo], env, subprocess.PIPE, subprocess.DEVNULL, errs[0]))
+        procs.append(dump.spawn([psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
+                                 "-d", conninfo], env, subprocess.PIPE, errs[0], fix="install it",
+                                stdout=subprocess.DEVNULL))
         restore_in = subprocess.PIPE
         if decompress:
-            procs.append(_spawn(["zstd", "-q", "-d", "-c"], env, subprocess.PIPE, subprocess.PIPE, errs[2]))
+            procs.append(dump.spawn(["zstd", "-q", "-d", "-c"], env, subprocess.PIPE, errs[2],
+                                    fix="install it"))
             restore_in = procs[-1].stdout
-        procs.append(_spawn([restore_bin, "-f", "-"], env, restore_in, subprocess.PIPE, errs[1]))
+        procs.append(dump.spawn([restore_bin, "-f", "-"], env, restore_in, errs[1], fix="install it"))
         if decompress:
             procs[1].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
         feeder = _Feeder(client, manifest, etag, (procs[1] if decompress else procs[-1]).stdin)
@@ -117,12 +119,7 @@ def restore(run: Run, client: Any, manifest: dict[str, Any], etag: str) -> None:
             feeder.start()
             _replay(run, procs, feeder, errs)
     finally:
-        dump.terminate(procs)
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.wait(timeout=10)
-        for f in errs:
-            f.close()
+        dump.reap(procs, errs)
 
 
 def _replay(run: Run, procs: list[subprocess.Popen[bytes]], feeder: _Feeder, errs: list[IO[bytes]]) -> None:
@@ -138,7 +135,7 @@ def _replay(run: Run, procs: list[subprocess.Popen[bytes]], feeder: _Feeder, err
         if feeder.error:
             raise BackupFailed(f"{feeder.error}: the restore was rolled back, the database is unchanged")
         if any(codes):
-            raise BackupFailed(f"pg_restore failed ({dump._tail(errs[1]) or dump._tail(errs[2])}): "
+            raise BackupFailed(f"pg_restore failed ({dump.tail(errs[1]) or dump.tail(errs[2])}): "
                                "the restore was rolled back, the database is unchanged")
         psql.stdin.write(b"COMMIT;\n")  # the only place the restore becomes real
         psql.stdin.close()
@@ -149,7 +146,7 @@ def _replay(run: Run, procs: list[subprocess.Popen[bytes]], feeder: _Feeder, err
             psql.stdin.close()
     if psql.wait() != 0:
         run.cancel.check()
-        raise BackupFailed(f"the restore failed in psql ({dump._tail(errs[0])}): it was rolled back, "
+        raise BackupFailed(f"the restore failed in psql ({dump.tail(errs[0])}): it was rolled back, "
                            "the database is unchanged")
 
 
@@ -182,8 +179,6 @@ class _Feeder(threading.Thread):
 
 
 def _psql_next_to(restore_bin: str) -> str:
-    import shutil
-
     path = shutil.which(restore_bin) or restore_bin
     candidate = os.path.join(os.path.dirname(path), "psql")
     found = candidate if os.access(candidate, os.X_OK) else shutil.which("psql")
@@ -192,11 +187,3 @@ def _psql_next_to(restore_bin: str) -> str:
                            "PostgreSQL client tools")
     return found
 
-
-def _spawn(args: list[str], env: dict[str, str], stdin: Any, stdout: Any,
-           stderr: IO[bytes]) -> subprocess.Popen[bytes]:
-    try:
-        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                                preexec_fn=cancellation.unblock_in_child, start_new_session=True)
-    except OSError as exc:
-        raise BackupFailed(f"cannot start {args[0]} ({exc.strerror}): install it") from None

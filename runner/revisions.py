@@ -141,6 +141,11 @@ def _relative(script: ScriptDirectory, target: str, current: tuple[str, ...]) ->
     return rev
 
 
+def fmt(revs: tuple[str, ...] | list[str]) -> str:
+    """Revisions as the runner prints them: comma-separated, or 'base' for none."""
+    return ",".join(revs) if revs else "base"
+
+
 def ancestors(script: ScriptDirectory, revs: tuple[str, ...]) -> set[str]:
     """Return every revision reachable downwards from revs (inclusive)."""
     seen: set[str] = set()

@@ -21,7 +21,7 @@ def probe(run: Run) -> Connection:
     try:
         conn = db.connect(run, "wait", connect_timeout=max(1.0, timeout))
     except sa.exc.DBAPIError as exc:
-        raise _NotYet(_reason(exc)) from None
+        raise _NotYet(reason(exc)) from None
     try:
         row = conn.execute(sa.text(
             "SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
@@ -29,7 +29,7 @@ def probe(run: Run) -> Connection:
         conn.commit()
     except sa.exc.DBAPIError as exc:
         conn.close()
-        raise _NotYet(_reason(exc)) from None
+        raise _NotYet(reason(exc)) from None
     if row[0]:
         conn.close()
         raise _NotYet("the server is a standby (pg_is_in_recovery() is true)")
@@ -80,16 +80,14 @@ def _retry(run: Run, first: _NotYet) -> tuple[Connection, int]:
                 run.cancel.check()
                 conn = probe(run)
     except _NotYet as exc:
-        if capped:
-            run.cancel.trigger("deadline")
-            run.cancel.check()
+        run.stop_if_deadline(capped)
         raise NotReady(f"database {run.settings.safe_target} not ready after "
                        f"{limit:g}s ({attempts} attempts): {exc}; check that it is running "
                        "and reachable, or raise DB_WAIT_TIMEOUT") from None
     return conn, attempts
 
 
-def _reason(exc: sa.exc.DBAPIError) -> str:
+def reason(exc: sa.exc.DBAPIError) -> str:
     """Return the driver's message as one redacted line."""
     msg = str(exc.orig).strip().splitlines()
     return redact(" ".join(line.strip() for line in msg if line.strip())) or type(exc.orig).__name__
