@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,17 @@ def assert_no_secrets(*texts: str) -> None:
     for text in texts:
         for secret in SECRETS:
             assert secret not in text, "a password was printed"
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 20.0, every: float = 0.1,
+             what: str = "condition not reached in time") -> None:
+    """Poll predicate until it is true; fail with what at the timeout (predicate may assert)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(every)
+    raise AssertionError(what)
 
 
 def run_runner(args: list[str], env: Mapping[str, str], timeout: float = 120,

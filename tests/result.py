@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 
@@ -15,3 +16,9 @@ class Result:
     def lines(self) -> list[str]:
         """The runner logs to stderr, one event per line."""
         return self.err.splitlines()
+
+    def summary(self) -> dict:
+        """The final summary event of a LOG_FORMAT=json run."""
+        found = [line for line in self.lines if '"event": "summary"' in line]
+        assert found, self.err
+        return json.loads(found[-1])

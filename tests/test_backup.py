@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.conftest import Database, finish, run_runner, runner_env, start_runner
+from tests.conftest import Database, finish, run_runner, runner_env, start_runner, wait_for
 from tests.pgcluster import PASSWORD, bindir, free_port
 from tests.s3_fixtures import AuthS3, S3Server
 
@@ -57,10 +57,6 @@ def fill(db: Database, mb: int = 0) -> None:
                f"AS body FROM generate_series(1, {mb * 1000}) g")
 
 
-def summary(err: str) -> dict:
-    return json.loads([line for line in err.splitlines() if '"event": "summary"' in line][-1])
-
-
 @pytest.fixture
 def at_0002(database: Database) -> Database:
     r = run_runner(["upgrade", "--to", "0002"], runner_env(database.url))
@@ -78,7 +74,7 @@ def test_round_trip_backup_migrate_restore(at_0002: Database, s3_server: S3Serve
 
     r = run_runner(["upgrade"], env)
     assert r.code == 0, r.err
-    key = summary(r.err)["backup"]
+    key = r.summary()["backup"]
     assert key.startswith(f"team/app/{db.name}/") and key.endswith(suffix)
     assert s3_server.keys(bucket) == [key, key + ".manifest.json"]
     assert db.version() == "0005" and "billing.customer_totals" in db.tables()
@@ -175,10 +171,8 @@ def test_sigterm_during_backup(at_0002: Database, s3_server: S3Server, bucket: s
         """)
     proc = start_runner(["upgrade"], backup_env(db, s3_server, bucket, PG_DUMP_BIN=dump,
                                                 BACKUP_COMPRESSION="none"))
-    deadline = time.monotonic() + 30
-    while not s3_server.uploads(bucket) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert s3_server.uploads(bucket), "the multipart upload never started"
+    wait_for(lambda: s3_server.uploads(bucket), timeout=30, every=0.2,
+             what="the multipart upload never started")
     dumps = [c for c in cmdlines() if "--lock-wait-timeout" in c]
     assert dumps and all("--format=custom" in c for c in dumps)
     assert not any(PASSWORD in c or quote(PASSWORD, safe="") in c for c in dumps), \

@@ -7,7 +7,6 @@ escalation. They reach the test clusters on 127.0.0.1 through the host network.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, Database, assert_no_secrets
+from tests.conftest import REPO, Database, assert_no_secrets, wait_for
 from tests.docker_harness import (
     RUNNER_USER,
     Container,
@@ -51,12 +50,6 @@ def stop_timed(box: Container) -> tuple[float, ContainerResult]:
     box.stop(grace=20)
     took = time.monotonic() - t0
     return took, box.wait(timeout=60)
-
-
-def summary(r: ContainerResult) -> dict:
-    lines = [line for line in r.err.splitlines() if '"event": "summary"' in line]
-    assert lines, r.err
-    return json.loads(lines[-1])
 
 
 # -- without Docker: the Dockerfile lint, the entrypoint's mapping, the compose file -------------
@@ -166,10 +159,10 @@ def test_upgrade_then_noop(runner_image: str, database: Database) -> None:
     first = run(runner_image, ["upgrade"], env)
     assert first.code == 0, first.err
     assert database.version() == "0005"
-    assert summary(first)["applied"] == ["0001", "0002", "0003", "0004", "0005"]
+    assert first.summary()["applied"] == ["0001", "0002", "0003", "0004", "0005"]
     second = run(runner_image, [], env)  # the default command is upgrade
     assert second.code == 0, second.err
-    assert summary(second)["outcome"] == "nothing to do"
+    assert second.summary()["outcome"] == "nothing to do"
     status = run(runner_image, ["status", "--check"], env)
     assert status.code == 0, status.err
 
@@ -178,12 +171,12 @@ def test_sigterm_during_slow_migration_rolls_back(runner_image: str, database: D
     env = container_env(database, ALEMBIC_CONFIG="/scenario/alembic.ini", SLOWPOKE_SLEEP="120")
     box = start_container(runner_image, ["upgrade"], env, volumes=[f"{SLOWPOKE}:/scenario:ro"])
     try:
-        deadline = time.monotonic() + 60
-        while database.sql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                           "AND query LIKE 'SELECT pg_sleep%'") == "0":
+        def slow_revision_running() -> bool:
             assert box.proc.poll() is None, box.wait().err
-            assert time.monotonic() < deadline, "the slow revision never started"
-            time.sleep(0.2)
+            return database.sql("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                "AND query LIKE 'SELECT pg_sleep%'") != "0"
+
+        wait_for(slow_revision_running, timeout=60, every=0.2, what="the slow revision never started")
         took, r = stop_timed(box)
     finally:
         box.kill()
@@ -263,7 +256,7 @@ def test_backup_to_s3_from_the_container(runner_image: str, database: Database,
                            BACKUP_S3_URI=f"s3://{bucket}/team/app"), **s3_server.env()}
     r = run(runner_image, ["upgrade", "--to", "0002"], env)
     assert r.code == 0, r.err
-    key = summary(r)["backup"]
+    key = r.summary()["backup"]
     assert key.startswith(f"team/app/{database.name}/") and key.endswith(".pgdump.zst")
     assert s3_server.keys(bucket) == [key, key + ".manifest.json"]
     listed = run(runner_image, ["backups"], env)

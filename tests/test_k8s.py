@@ -22,7 +22,16 @@ from kubernetes_validate import utils as kv
 from runner import config
 from runner.cancel import HARD_EXIT_AFTER
 from runner.exitcodes import DESCRIPTIONS, ExitCode, non_retriable
-from tests.conftest import REPO, Database, assert_no_secrets, finish, run_runner, runner_env, start_runner
+from tests.conftest import (
+    REPO,
+    Database,
+    assert_no_secrets,
+    finish,
+    run_runner,
+    runner_env,
+    start_runner,
+    wait_for,
+)
 from tests.k8s_helpers import (
     K8S,
     build,
@@ -497,11 +506,11 @@ def test_init_container_blocks_until_the_job_ran(runner_image: str, k8s_db: Data
     poll = config.parse_duration(init.env["HEAD_POLL_INTERVAL"])
     waiter = start_container(runner_image, init.args, init.env, **init.options)
     try:
-        deadline = time.monotonic() + 60
-        while len(_events(docker("logs", waiter.name, check=False).stderr, '"head.wait"')) < 2:
+        def polled_twice() -> bool:
             assert waiter.proc.poll() is None, waiter.wait(10).err
-            assert time.monotonic() < deadline, "the init container never reported its polls"
-            time.sleep(0.5)
+            return len(_events(docker("logs", waiter.name, check=False).stderr, '"head.wait"')) >= 2
+
+        wait_for(polled_twice, timeout=60, every=0.5, what="the init container never reported its polls")
         assert waiter.running(), "the init container finished while the database was behind"
         assert k8s_db.tables() == set()
         job_pod = find(docs, "Job")["spec"]["template"]["spec"]

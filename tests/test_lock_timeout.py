@@ -8,8 +8,7 @@ import time
 import psycopg2
 import pytest
 
-from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner
-from tests.test_signals import wait_for
+from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
 
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
 LOCK_TIMEOUT = 1.0

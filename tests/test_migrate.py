@@ -10,19 +10,13 @@ SAMPLE_TABLES = {"public.customers", "public.orders", "billing.invoices", "publi
                  "billing.customer_totals"}
 
 
-def summary_of(result) -> dict:
-    env_lines = [line for line in result.err.splitlines() if '"event": "summary"' in line]
-    assert env_lines, result.err
-    return json.loads(env_lines[-1])
-
-
 def test_upgrade_from_empty_then_noop(database: Database) -> None:
     env = runner_env(database.url, LOG_FORMAT="json")
     first = run_runner(["upgrade"], env)
     assert first.code == 0, first.err
     assert database.version() == "0005"
     assert SAMPLE_TABLES <= database.tables()
-    s = summary_of(first)
+    s = first.summary()
     assert s["applied"] == ["0001", "0002", "0003", "0004", "0005"]
     assert s["from"] == "base" and s["to"] == "0005" and s["exit_code"] == 0
     assert {"wait", "lock", "migrate"} <= set(s["durations_s"])
@@ -31,7 +25,7 @@ def test_upgrade_from_empty_then_noop(database: Database) -> None:
                         "'ix_orders_customer_created'::regclass") == "t"
     second = run_runner(["upgrade"], env)
     assert second.code == 0
-    s2 = summary_of(second)
+    s2 = second.summary()
     assert s2["outcome"] == "nothing to do" and s2["applied"] == []
     assert "lock" not in s2["durations_s"], "the fast path must not take the lock"
 

@@ -8,19 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner
+from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
 from tests.pgcluster import Cluster, free_port
 
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
-
-
-def wait_for(predicate, timeout: float = 20.0, every: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(every)
-    raise AssertionError("condition not reached in time")
 
 
 def sleeping(database: Database) -> bool:
