@@ -14,47 +14,37 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.pgcluster import Cluster, bindir, free_port  # noqa: E402 - the tests' throwaway clusters
-from tests.s3_fixtures import S3Server, s3_client  # noqa: E402
-
-
-def start_s3() -> tuple[object, S3Server]:
-    """Start a throwaway S3 server (moto) on 127.0.0.1 with a 'backups' bucket."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no request log in the demo's output
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    s3 = S3Server(f"http://127.0.0.1:{port}", s3_client(f"http://127.0.0.1:{port}"))
-    s3.client.create_bucket(Bucket="backups")
-    return server, s3
+from tests.pgcluster import Cluster, bindir  # noqa: E402 - the tests' throwaway clusters
+from tests.s3_fixtures import S3Server, moto_s3  # noqa: E402
 
 
 def main() -> int:
     cluster = Cluster("18").init().start()
-    server, s3 = start_s3()
     try:
-        cluster.psql("CREATE DATABASE shop")
-        tools = bindir("18")
-        env = dict(os.environ, DATABASE_URL=cluster.url("shop"),
-                   ALEMBIC_CONFIG=str(REPO / "alembic.ini"), BACKUP_MODE="required",
-                   BACKUP_S3_URI="s3://backups/demo", PG_DUMP_BIN=str(tools / "pg_dump"),
-                   PG_RESTORE_BIN=str(tools / "pg_restore"), **s3.env())
-        print(f"== throwaway PostgreSQL 18 on 127.0.0.1:{cluster.port}, database 'shop'; "
-              f"throwaway S3 at {s3.endpoint}, BACKUP_S3_URI=s3://backups/demo", flush=True)
-        code = 0
-        for args in (["upgrade"], ["upgrade"], ["status", "--check"], ["backups"]):
-            print(f"\n== python -m runner {' '.join(args)}", flush=True)
-            code = subprocess.call([sys.executable, "-m", "runner", *args], env=env, cwd=REPO)
-            print(f"== exit code {code}", flush=True)
-            if code:
-                break
-        return code
+        with moto_s3(request_log=logging.ERROR) as s3:
+            s3.client.create_bucket(Bucket="backups")
+            return run_job(cluster, s3)
     finally:
-        server.stop()  # type: ignore[attr-defined]
         cluster.destroy()
 
+
+def run_job(cluster: Cluster, s3: S3Server) -> int:
+    cluster.psql("CREATE DATABASE shop")
+    tools = bindir("18")
+    env = dict(os.environ, DATABASE_URL=cluster.url("shop"),
+               ALEMBIC_CONFIG=str(REPO / "alembic.ini"), BACKUP_MODE="required",
+               BACKUP_S3_URI="s3://backups/demo", PG_DUMP_BIN=str(tools / "pg_dump"),
+               PG_RESTORE_BIN=str(tools / "pg_restore"), **s3.env())
+    print(f"== throwaway PostgreSQL 18 on 127.0.0.1:{cluster.port}, database 'shop'; "
+          f"throwaway S3 at {s3.endpoint}, BACKUP_S3_URI=s3://backups/demo", flush=True)
+    code = 0
+    for args in (["upgrade"], ["upgrade"], ["status", "--check"], ["backups"]):
+        print(f"\n== python -m runner {' '.join(args)}", flush=True)
+        code = subprocess.call([sys.executable, "-m", "runner", *args], env=env, cwd=REPO)
+        print(f"== exit code {code}", flush=True)
+        if code:
+            break
+    return code
 
 if __name__ == "__main__":
     sys.exit(main())

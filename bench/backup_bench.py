@@ -27,8 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.pgcluster import PASSWORD, Cluster, bindir, free_port  # noqa: E402
-from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, s3_client  # noqa: E402
+from tests.pgcluster import PASSWORD, Cluster, bindir  # noqa: E402
+from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, moto_process, s3_client  # noqa: E402
 
 TOOLS = bindir("18")
 RUNNER_ONLY = False
@@ -160,13 +160,8 @@ def main() -> int:
     global RUNNER_ONLY
     RUNNER_ONLY = args.runner_only
     aws = aws_cli()
-    port = free_port()
     # the S3 server runs in its own process so it does not share a GIL with the bench
-    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                               "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        time.sleep(2)
+    with moto_process() as endpoint:
         s3 = s3_client(endpoint)
         print(f"cores: {os.cpu_count()}, PostgreSQL 18 ({TOOLS}), S3: moto at {endpoint}, aws: {aws}")
         rows = [bench_size(float(gb), aws, endpoint, s3, Path(args.workdir)) for gb in args.sizes.split(",")]
@@ -179,9 +174,6 @@ def main() -> int:
             print(f"| {r['db_gb']:.2f} GB | {r['runner']:.1f} s | {r['a']:.1f} s | {r['b']:.1f} s | "
                   f"{r['runner'] / r['a']:.2f} | {r['runner'] / r['b']:.2f} | "
                   f"{r['runner_hwm_mib']:.0f} MiB |")
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
     return 0
 
 

@@ -6,11 +6,16 @@ AWS_ENDPOINT_URL_S3 variable, exactly as it would reach any S3-compatible store.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,12 +59,12 @@ def s3_client(endpoint: str) -> Any:
         aws_secret_access_key=SECRET_KEY, region_name=REGION)
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """A moto S3 server on 127.0.0.1 for the whole session."""
+@contextlib.contextmanager
+def moto_s3(request_log: int = logging.WARNING) -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1, in this process, until the block ends (tests and demo)."""
     from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request drowns reports
+    logging.getLogger("werkzeug").setLevel(request_log)  # one line per request drowns the output
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -68,6 +73,33 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(endpoint, s3_client(endpoint))
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def moto_process(env: dict[str, str] | None = None) -> Iterator[str]:
+    """moto's S3 server in a process of its own on 127.0.0.1; yield its endpoint once it listens."""
+    port = free_port()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
+                             "-p", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """A moto S3 server on 127.0.0.1 for the whole session."""
+    with moto_s3() as server:
+        yield server
 
 
 @pytest.fixture
@@ -89,27 +121,10 @@ class AuthS3:
 @pytest.fixture(scope="session")
 def auth_s3_server() -> Iterator[AuthS3]:
     """A second moto server, in its own process, that enforces signatures after setup."""
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
+    import boto3  # like s3_client: only for the tests that use S3
 
-    import boto3
-
-    port = free_port()
     # the first 4 requests (user, key, policy, bucket) are unauthenticated; then auth is enforced
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1",
-                             "-p", str(port)], env={"INITIAL_NO_AUTH_ACTION_COUNT": "4",
-                                                    "PATH": "/usr/bin:/bin"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.1)
+    with moto_process({"INITIAL_NO_AUTH_ACTION_COUNT": "4", "PATH": "/usr/bin:/bin"}) as endpoint:
 
         def mk(svc: str, key: str = "setup", secret: str = "setup") -> Any:
             return boto3.session.Session().client(svc, endpoint_url=endpoint, region_name=REGION,
@@ -122,6 +137,3 @@ def auth_s3_server() -> Iterator[AuthS3]:
             '{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Action":"*","Resource":"*"}]}'))
         mk("s3").create_bucket(Bucket="auth-backups")
         yield AuthS3(endpoint, key["AccessKeyId"], key["SecretAccessKey"], "auth-backups")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
