@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ IMAGE = "migration-runner:test"
 TEST_BUILD_ARGS = {"PG_APT_SOURCE": "debian", "PG_MAJOR": "15"}
 RUNNER_USER = "10001:10001"
 LABEL = "migration-runner-test"  # on every container the tests start, for the final sweep
+# the label's value: the sweep removes this session's containers, never a parallel session's
+SESSION = uuid.uuid4().hex[:12]
 STANDIN_LABEL = "org.migration-runner.test.standin"
 DEBIAN_MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
@@ -57,12 +60,7 @@ def docker_unavailable() -> str | None:
 def docker(*args: str, timeout: float = 600, env: Mapping[str, str] | None = None,
            check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run one docker CLI command and return it; raise DockerError with its output on failure."""
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout,
-                          env=None if env is None else dict(env), input=input,
-                          stdin=None if input is not None else subprocess.DEVNULL)
-    if check and proc.returncode:
-        raise DockerError(f"docker {args[0]} exited {proc.returncode}:\n{_tail(proc.stdout + proc.stderr)}")
-    return proc
+    return _run(["docker", *args], timeout, env=env, check=check, input=input)
 
 
 def _tail(text: str, lines: int = 40) -> str:
@@ -146,11 +144,16 @@ def build_standin(name: str) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _run(cmd: Sequence[str], timeout: float) -> None:
+def _run(cmd: Sequence[str], timeout: float, env: Mapping[str, str] | None = None,
+         check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run one command; raise DockerError with the tail of its output when it fails and check."""
     proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    if proc.returncode:
-        raise DockerError(f"{cmd[0]} exited {proc.returncode}:\n{_tail(proc.stdout + proc.stderr)}")
+                          env=None if env is None else dict(env), input=input,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+    if check and proc.returncode:
+        what = " ".join(cmd[:2]) if cmd[0] == "docker" else cmd[0]
+        raise DockerError(f"{what} exited {proc.returncode}:\n{_tail(proc.stdout + proc.stderr)}")
+    return proc
 
 
 def is_standin(name: str) -> bool:
@@ -181,8 +184,6 @@ def image_id(name: str) -> str | None:
 
 
 def inspect(name: str) -> dict:
-    import json
-
     return json.loads(docker("image", "inspect", name).stdout)[0]
 
 
@@ -191,9 +192,6 @@ def image_size(name: str) -> int:
 
 
 # -- containers ----------------------------------------------------------------------------------
-ContainerResult = Result
-
-
 @dataclass
 class Container:
     """A container started in the background by start_container()."""
@@ -201,9 +199,9 @@ class Container:
     name: str
     proc: subprocess.Popen = field(repr=False)
 
-    def wait(self, timeout: float = 120) -> ContainerResult:
+    def wait(self, timeout: float = 120) -> Result:
         out, err = self.proc.communicate(timeout=timeout)
-        return ContainerResult(self.proc.returncode, out, err)
+        return Result(self.proc.returncode, out, err)
 
     def stop(self, grace: int = 10) -> None:
         """`docker stop`: SIGTERM to PID 1, SIGKILL after `grace` seconds."""
@@ -240,7 +238,7 @@ def container_command(image: str, args: Sequence[str] = (), env: Mapping[str, st
     from the docker client's environment, so no secret appears in a process list.
     """
     name = name or f"{LABEL}-{uuid.uuid4().hex[:10]}"
-    argv = ["docker", "run", "--name", name, "--label", LABEL, "--network", network]
+    argv = ["docker", "run", "--name", name, "--label", f"{LABEL}={SESSION}", "--network", network]
     argv += ["--rm"] if remove else []
     argv += ["--user", user] if user else []
     argv += ["--read-only"] if read_only else []
@@ -262,7 +260,7 @@ def container_command(image: str, args: Sequence[str] = (), env: Mapping[str, st
 
 
 def run_container(image: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None, *,
-                  timeout: float = 180, **options: object) -> ContainerResult:
+                  timeout: float = 180, **options: object) -> Result:
     """Run a container to completion (options as in container_command) and return its result."""
     argv, client_env, name = container_command(image, args, env, **options)  # type: ignore[arg-type]
     try:
@@ -271,7 +269,7 @@ def run_container(image: str, args: Sequence[str] = (), env: Mapping[str, str] |
     except subprocess.TimeoutExpired:
         docker("rm", "-f", name, check=False)
         raise
-    return ContainerResult(proc.returncode, proc.stdout, proc.stderr)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
 def start_container(image: str, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
@@ -284,7 +282,7 @@ def start_container(image: str, args: Sequence[str] = (), env: Mapping[str, str]
 
 
 def remove_test_containers() -> None:
-    """Remove every container the tests started that is still around."""
-    ids = docker("ps", "-aq", "--filter", f"label={LABEL}", check=False).stdout.split()
+    """Remove every container this test session started that is still around."""
+    ids = docker("ps", "-aq", "--filter", f"label={LABEL}={SESSION}", check=False).stdout.split()
     if ids:
         docker("rm", "-f", *ids, check=False)

@@ -20,12 +20,12 @@ from tests.conftest import REPO, Database, assert_no_secrets, wait_for
 from tests.docker_harness import (
     RUNNER_USER,
     Container,
-    ContainerResult,
     docker,
     inspect,
     run_container,
     start_container,
 )
+from tests.result import Result
 from tests.s3_fixtures import S3Server
 
 SLOWPOKE = REPO / "tests/scenarios/slowpoke"
@@ -37,14 +37,14 @@ def container_env(db: Database, **extra: str) -> dict[str, str]:
     return {"DATABASE_URL": db.url, "BACKUP_MODE": "off", "DB_WAIT_TIMEOUT": "20s", **extra}
 
 
-def run(image: str, args: list[str], env: dict[str, str], **options: object) -> ContainerResult:
+def run(image: str, args: list[str], env: dict[str, str], **options: object) -> Result:
     """Run a hardened container (the harness defaults) and check it printed no password."""
     r = run_container(image, args, env, **options)
     assert_no_secrets(r.out, r.err)
     return r
 
 
-def stop_timed(box: Container) -> tuple[float, ContainerResult]:
+def stop_timed(box: Container) -> tuple[float, Result]:
     """`docker stop` with a long grace period: how long it took, and what the runner left."""
     t0 = time.monotonic()
     box.stop(grace=20)
