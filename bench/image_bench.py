@@ -68,6 +68,9 @@ def main() -> None:
         subprocess.run(argv, env=client_env, check=True, capture_output=True)  # to head
         host_env = dict(os.environ, **env, ALEMBIC_CONFIG=str(REPO / "alembic.ini"),
                         PYTHONPATH=str(REPO))
+        # the image runs from bytecode compiled at build time; the host run must too (as in
+        # noop_bench.py), or a shell with this set times the compiler
+        host_env.pop("PYTHONDONTWRITEBYTECODE", None)
         host = [sys.executable, "-m", "runner", "upgrade"]
         timed(argv, client_env)
         timed(host, host_env)
