@@ -5,7 +5,7 @@ set -Eeuo pipefail
 
 is_runner_command() {
   case "${1-}" in
-    upgrade | downgrade | status | wait | plan | backup | backups | restore | -*) return 0 ;;
+    upgrade | downgrade | status | wait | plan | verify | backup | backups | restore | history | stamp | repair | -*) return 0 ;;
     *) return 1 ;;
   esac
 }

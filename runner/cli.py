@@ -1,4 +1,8 @@
-"""Command line: parse, build settings, run one command, map the outcome to an exit code."""
+"""Command line: parse, build settings, run one command, map the outcome to an exit code.
+
+COMMANDS is the one list of commands: the parser, the dispatcher, entrypoint.sh (a test keeps
+its list equal) and the README's command table follow it.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +10,9 @@ import argparse
 import gc
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from runner import cancel as cancellation
-from runner import config, db
+from runner import cancellation, config
 from runner.context import Run
 from runner.errors import ConfigError, RunnerError
 from runner.exitcodes import ExitCode
@@ -36,60 +39,132 @@ def _global_flags() -> argparse.ArgumentParser:
     return g
 
 
+def _fleet_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--parallel", dest="FLEET_PARALLEL", default=argparse.SUPPRESS,
+                   help="fleet mode: worker processes (FLEET_PARALLEL, default 4)")
+    p.add_argument("--fail-fast", action="store_true", help="fleet mode: stop at the first failed target")
+
+
+def _upgrade(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", default="head", help="target revision (default head)")
+    _fleet_flags(p)
+
+
+def _downgrade(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, help="revision id, -N, or base")
+    p.add_argument("--yes", action="store_true", help="confirm a downgrade to base")
+    p.add_argument("--confirm", metavar="REV", help="when given, must repeat --to exactly "
+                   "(the Kubernetes rollback Job passes it: no confirmation, no downgrade)")
+    _fleet_flags(p)
+
+
+def _status(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--check", action="store_true", help="exit 10 when not at head")
+    _fleet_flags(p)
+
+
+def _wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--until-head", action="store_true", help="then poll until it is at this "
+                   "image's head (init containers; never migrates; HEAD_WAIT_TIMEOUT, exit 10)")
+
+
+def _plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", default="head")
+    p.add_argument("--scratch", action="store_true", help="capture the SQL by migrating a throwaway "
+                   "database on VERIFY_DATABASE_URL (for revisions that inspect the database)")
+
+
+def _verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_rev", metavar="REV", help="start the round trips at REV "
+                   "(default: base)")
+    p.add_argument("--against", nargs="?", const="DATABASE_URL", metavar="VAR",
+                   help="also compare a live database (read-only) with the migrations: the name of "
+                   "the variable holding its URL (default DATABASE_URL)")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="findings as text or JSON")
+
+
+def _backups(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from-database", metavar="NAME", help="list another database's backups")
+    p.add_argument("--all-databases", action="store_true", help="list every database under the prefix")
+
+
+def _restore(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backup", required=True, help="backup key (from 'backups') or 'latest'")
+    p.add_argument("--from-database", metavar="NAME", help="with 'latest': the newest backup of "
+                   "database NAME (default: the target's own name)")
+    p.add_argument("--yes", action="store_true", help="confirm: replaces the database's contents")
+
+
+def _history(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+
+
+def _stamp(p: argparse.ArgumentParser) -> None:
+    p.add_argument("revision", help="revision id, head or base")
+    p.add_argument("--yes", action="store_true", help="confirm: sets the version table, migrates nothing")
+
+
+def _repair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("revisions", nargs="*", metavar="REV", help="revisions to re-record (default: "
+                   "every applied revision whose script changed)")
+
+
+def _nothing(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+# name -> (help, arguments); entrypoint.sh and the README list the same names
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "upgrade": ("apply pending migrations (default: to head)", _upgrade),
+    "downgrade": ("roll back to a revision (-1, an id, or base)", _downgrade),
+    "status": ("show current, head and pending revisions", _status),
+    "wait": ("only wait until the database is ready", _wait),
+    "plan": ("print the SQL upgrade would run", _plan),
+    "verify": ("prove the migration chain safe on a throwaway database (VERIFY_DATABASE_URL)", _verify),
+    "backup": ("back the database up to BACKUP_S3_URI (under the lock)", _nothing),
+    "backups": ("list this database's backups, newest first", _backups),
+    "restore": ("restore a backup into the database (under the lock)", _restore),
+    "history": ("show the ledger: who migrated what, when, newest first", _history),
+    "stamp": ("set the database's revision without migrating (under the lock)", _stamp),
+    "repair": ("re-record the checksums of applied revisions after a reviewed edit", _repair),
+}
+FLEET_COMMANDS = ("upgrade", "downgrade", "status")
+
+
 def build_parser() -> argparse.ArgumentParser:
     flags = _global_flags()
     p = _Parser(prog="python -m runner", description="Apply Alembic migrations once, safely.",
                 parents=[flags])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    def command(name: str, what: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=what, parents=[flags])
-
-    up = command("upgrade", "apply pending migrations (default: to head)")
-    up.add_argument("--to", default="head", help="target revision (default head)")
-    down = command("downgrade", "roll back to a revision (-1, an id, or base)")
-    down.add_argument("--to", required=True, help="revision id, -N, or base")
-    down.add_argument("--yes", action="store_true", help="confirm a downgrade to base")
-    down.add_argument("--confirm", metavar="REV", help="when given, must repeat --to exactly "
-                      "(the Kubernetes rollback Job passes it: no confirmation, no downgrade)")
-    st = command("status", "show current, head and pending revisions")
-    st.add_argument("--check", action="store_true", help="exit 10 when not at head")
-    wt = command("wait", "only wait until the database is ready")
-    wt.add_argument("--until-head", action="store_true", help="then poll until it is at this "
-                    "image's head (init containers; never migrates; HEAD_WAIT_TIMEOUT, exit 10)")
-    pl = command("plan", "print the SQL upgrade would run")
-    pl.add_argument("--to", default="head")
-    command("backup", "back the database up to BACKUP_S3_URI (under the lock)")
-    command("backups", "list this database's backups, newest first")
-    rs = command("restore", "restore a backup into the database (under the lock)")
-    rs.add_argument("--backup", required=True, help="backup key (from 'backups') or 'latest'")
-    rs.add_argument("--yes", action="store_true", help="confirm: replaces the database's contents")
+    for name, (what, arguments) in COMMANDS.items():
+        arguments(sub.add_parser(name, help=what, parents=[flags]))
     return p
 
 
-def _dispatch(run: Run, args: argparse.Namespace) -> None:
-    from runner import commands  # deferred: keeps --help and bad input fast
+def fleet_mode(env: Mapping[str, str], command: str) -> bool:
+    """Fleet mode: TARGETS_FILE or TARGET_SCHEMAS is set and the command runs over a fleet."""
+    return command in FLEET_COMMANDS and bool(env.get("TARGETS_FILE") or env.get("TARGET_SCHEMAS"))
 
+
+def _dispatch(run: Run, args: argparse.Namespace, env: Mapping[str, str]) -> None:
     gc.freeze()  # startup objects live until exit: keep them out of every later collection
     gc.enable()
+    if fleet_mode(env, args.command):
+        from runner import fleet
 
-    match args.command:
-        case "upgrade":
-            commands.upgrade(run, args.to)
-        case "downgrade":
-            commands.downgrade(run, args.to, args.yes, args.confirm)
-        case "status":
-            commands.status(run, args.check)
-        case "wait":
-            commands.wait(run, args.until_head)
-        case "plan":
-            commands.plan(run, args.to)
-        case "backup":
-            commands.backup(run)
-        case "backups":
-            commands.backups(run)
-        case "restore":
-            commands.restore(run, args.backup, args.yes)
+        return fleet.run(run, args)
+    from runner import commands  # deferred: keeps --help and bad input fast
+
+    commands.dispatch(run, args)
+
+
+def _load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> config.Settings:
+    overrides = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
+    fleet = fleet_mode(env, args.command)
+    need_database = not (args.command == "verify" and not args.against) and not (
+        fleet and env.get("TARGETS_FILE"))
+    return config.load(env, overrides, need_database=need_database, command=args.command)
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -99,15 +174,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     run: Run | None = None
     try:
         args = build_parser().parse_args(argv)
-        overrides = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
-        settings = config.load(env, overrides, command=args.command)
+        settings = _load_settings(args, env)
         log = EventLog(settings.log_format)
         run = Run(settings=settings, log=log, command=args.command)
         cancellation.install(run.cancel, log)
         cancellation.start_deadline(run.cancel, settings.run_deadline)
+        from runner import db  # SQLAlchemy: after the configuration is known to be good
+
         db.install_statement_guard(run)
-        log("start", f"{args.command} against {settings.safe_target}", run_id=run.run_id)
-        _dispatch(run, args)
+        log("start", f"{args.command} against {_target(settings, env, args.command)}", run_id=run.run_id)
+        _dispatch(run, args, env)
         code, error = ExitCode.OK, None
     except RunnerError as exc:
         code, error = exc.code, str(exc)
@@ -125,6 +201,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
         report(run, code, error)
     return int(code)
+
+
+def _target(settings: config.Settings, env: Mapping[str, str], command: str) -> str:
+    if fleet_mode(env, command):
+        return "a fleet of targets"
+    if command == "verify":
+        return "a throwaway database on VERIFY_DATABASE_URL"
+    return settings.safe_target
 
 
 if __name__ == "__main__":

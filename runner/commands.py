@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import sys
 from collections.abc import Iterator
@@ -15,6 +16,43 @@ from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending, PreflightRefused
 from runner.revisions import DbState, fmt
 from runner.wait import wait_until_ready
+
+
+def dispatch(run: Run, args: argparse.Namespace) -> None:
+    """Run the command args names (runner.cli.COMMANDS) on one database."""
+    match args.command:
+        case "upgrade":
+            upgrade(run, args.to)
+        case "downgrade":
+            downgrade(run, args.to, args.yes, args.confirm)
+        case "status":
+            status(run, args.check)
+        case "wait":
+            wait(run, args.until_head)
+        case "plan":
+            plan(run, args.to, scratch=args.scratch)
+        case "verify":
+            from runner import verify
+
+            verify.verify(run, from_rev=args.from_rev, against=args.against, fmt=args.format)
+        case "backup":
+            backup(run)
+        case "backups":
+            backups(run, from_database=args.from_database, all_databases=args.all_databases)
+        case "restore":
+            restore(run, args.backup, args.yes, from_database=args.from_database)
+        case "history":
+            from runner import ledger
+
+            ledger.history(run, limit=args.limit, fmt=args.format)
+        case "stamp":
+            from runner import ledger
+
+            ledger.stamp(run, args.revision, args.yes)
+        case "repair":
+            from runner import ledger
+
+            ledger.repair(run, args.revisions)
 
 
 def upgrade(run: Run, target: str = "head") -> None:
@@ -104,8 +142,12 @@ def wait(run: Run, until_head: bool = False) -> None:
     run.summary["outcome"] = "ready"
 
 
-def plan(run: Run, target: str = "head", out: IO[str] | None = None) -> None:
+def plan(run: Run, target: str = "head", out: IO[str] | None = None, scratch: bool = False) -> None:
     """Print the SQL that upgrade would run (Alembic offline mode) for the pending range."""
+    if scratch:
+        from runner import verify
+
+        return verify.plan_scratch(run, target, out or sys.stdout)
     cfg, script = _load(run)
     state = _ready_state(run, cfg, script)
     goal = _plan(run, script, state, target, downgrade=False)
@@ -118,18 +160,19 @@ def plan(run: Run, target: str = "head", out: IO[str] | None = None) -> None:
 
 def backup(run: Run) -> None:
     """Back the database up to BACKUP_S3_URI, under the migration lock (no migration waits on it)."""
-    from runner import backup as backups_
+    from runner.backup.take import take
 
     cfg, script = _load(run)
     with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
         with run.timed("backup"):
-            manifest = backups_.take(run, state)
+            manifest = take(run, state)
     run.summary.update(backup=manifest["key"], revision=fmt(state.heads), outcome="backed up")
 
 
-def backups(run: Run, out: IO[str] | None = None) -> None:
+def backups(run: Run, out: IO[str] | None = None, from_database: str | None = None,
+            all_databases: bool = False) -> None:
     """List this database's committed backups, newest first."""
-    from runner import s3
+    from runner.backup import s3
 
     out = out or sys.stdout
     loc = s3.Location.parse(run.settings.backup_s3_uri)
@@ -141,10 +184,10 @@ def backups(run: Run, out: IO[str] | None = None) -> None:
     run.summary.update(backups=len(found), outcome="listed")
 
 
-def restore(run: Run, which: str, yes: bool = False) -> None:
+def restore(run: Run, which: str, yes: bool = False, from_database: str | None = None) -> None:
     """Replace the database's contents with a verified backup, under the migration lock."""
-    from runner import restore as restoring
-    from runner import s3
+    from runner.backup import restore as restoring
+    from runner.backup import s3
 
     if not yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
@@ -171,10 +214,10 @@ def _backup_before(run: Run, state: DbState) -> None:
     if run.settings.backup_mode == "off":
         run.log.warning("backup.skipped", "BACKUP_MODE=off: migrating without a backup")
         return
-    from runner import backup as backups_  # boto3 loads only when a backup is taken
+    from runner.backup.take import take  # boto3 loads only when a backup is taken
 
     with run.timed("backup"):
-        run.summary["backup"] = backups_.take(run, state)["key"]
+        run.summary["backup"] = take(run, state)["key"]
 
 
 def _ready_state(run: Run, cfg: Config, script: ScriptDirectory) -> DbState:

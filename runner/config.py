@@ -1,6 +1,9 @@
-"""Settings: one immutable object built once from an injectable environment mapping.
+"""Settings: each declared once (variable, default, parser, help) as a field of one immutable object.
 
-Every problem is collected and reported in one go; secrets never appear in repr().
+`load()` builds that object from an injectable environment mapping and reports every problem in
+one go; the README's configuration table is rendered from the same declarations. Secrets never
+appear in repr(). Importing this module does not import SQLAlchemy (the no-op fast path needs it
+to be cheap).
 """
 
 from __future__ import annotations
@@ -8,73 +11,21 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from urllib.parse import quote
+from typing import Any
 
-from sqlalchemy.engine import URL, make_url
-
+from runner import dburl
+from runner.dburl import DbUrl
 from runner.errors import ConfigError
-from runner.redact import register_secret
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-# drivers we accept in DATABASE_URL; the runner's own connections always use psycopg2
-_PG_DRIVERS = {"postgresql", "postgres", "psycopg2", "psycopg", "asyncpg", "pg8000", "psycopg2cffi"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One documented setting: the README table is rendered from these."""
-
-    env: str
-    default: str
-    help: str
-    secret: bool = False
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("DATABASE_URL", "(required)", "SQLAlchemy PostgreSQL URL; any driver "
-            "(postgresql://, +psycopg2, +psycopg, +asyncpg). `DATABASE_URL_FILE` reads it "
-            "from a file. Use a direct connection, not a transaction-mode PgBouncer.", True),
-    Setting("ALEMBIC_CONFIG", "./alembic.ini", "Path to alembic.ini (flag `-c`)."),
-    Setting("DB_WAIT_TIMEOUT", "60s", "How long to wait for the database to be ready."),
-    Setting("LOCK_WAIT_TIMEOUT", "300s", "How long to wait for the migration lock."),
-    Setting("MIGRATION_LOCK_TIMEOUT", "4s", "`lock_timeout` for migration statements: how "
-            "long one DDL may queue behind other sessions' table locks before it is retried."),
-    Setting("MIGRATION_STATEMENT_TIMEOUT", "0 (off)", "`statement_timeout` for migration "
-            "statements; when set it must exceed MIGRATION_LOCK_TIMEOUT."),
-    Setting("LOCK_RETRY_ATTEMPTS", "10", "Attempts per revision when a statement hits "
-            "lock_timeout (SQLSTATE 55P03)."),
-    Setting("LOCK_RETRY_MAX_WAIT", "30s", "Longest backoff between lock_timeout retries."),
-    Setting("INVALID_INDEX_POLICY", "drop", "`drop`: drop an INVALID index left by an "
-            "interrupted CREATE INDEX CONCURRENTLY before retrying; `refuse`: stop (exit 7)."),
-    Setting("RUN_DEADLINE", "0 (off)", "Total budget for the run; waits and retries stop "
-            "in time to exit 9 cleanly. Set it below the Job's activeDeadlineSeconds."),
-    Setting("LOG_FORMAT", "text", "`text` or `json` (one event per line on stderr)."),
-    Setting("APPLICATION_NAME", "migration-runner", "application_name prefix of every "
-            "runner connection, visible in pg_stat_activity."),
-    Setting("TERMINATION_MESSAGE_PATH", "(unset)", "Where to write the JSON run summary "
-            "(Kubernetes: /dev/termination-log)."),
-    Setting("HEAD_WAIT_TIMEOUT", "10m", "`wait --until-head` (init containers): how long to "
-            "wait for the database to reach the image's head before exiting 10."),
-    Setting("HEAD_POLL_INTERVAL", "5s", "`wait --until-head`: how often to read the database's "
-            "revision (one log line per look)."),
-    Setting("BACKUP_MODE", "required", "`required`: upgrade/downgrade back the database up to "
-            "S3 before changing it (exit 5 when that fails); `off`: no backup (local development)."),
-    Setting("BACKUP_S3_URI", "(required for backups)", "`s3://bucket/prefix`: where backups and "
-            "their manifests go. Credentials, region and endpoint come from the AWS chain "
-            "(`AWS_ENDPOINT_URL_S3` for S3-compatible stores, IRSA / Pod Identity in clusters)."),
-    Setting("BACKUP_COMPRESSION", "zstd", "`zstd` (`pg_dump -Fc -Z0` piped through "
-            "`zstd -1 -T0`: fast), `gzip` (pg_dump's own: slow) or `none`."),
-    Setting("BACKUP_CHECKSUM", "when_supported", "boto3 request checksum policy; "
-            "`when_required` for S3-compatible stores that reject boto3's default checksums."),
-    Setting("BACKUP_LOCK_WAIT_TIMEOUT", "60s", "`pg_dump --lock-wait-timeout`: how long the "
-            "dump may wait for a table lock held by another session before failing (exit 5)."),
-    Setting("PG_DUMP_BIN", "pg_dump", "pg_dump to use (at least the server's major version)."),
-    Setting("PG_RESTORE_BIN", "pg_restore", "pg_restore to use; `psql` is taken from the same "
-            "directory (or PATH)."),
-)
+DAY = 86400.0
+WEEK = 7 * DAY
+MAX_PATH = 4096  # PATH_MAX: longer paths fail in the kernel with "File name too long"
+BACKUP_COMMANDS = ("backup", "backups", "restore")
+MIGRATE_COMMANDS = ("upgrade", "downgrade")
 
 
 def parse_duration(value: str) -> float:
@@ -85,142 +36,275 @@ def parse_duration(value: str) -> float:
     return float(m.group(1)) * _UNITS[m.group(2)]
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    database_url: URL = dataclasses.field(repr=False)
-    alembic_config: Path
-    wait_timeout: float = 60.0
-    lock_wait_timeout: float = 300.0
-    migration_lock_timeout: float = 4.0
-    migration_statement_timeout: float = 0.0
-    lock_retry_attempts: int = 10
-    lock_retry_max_wait: float = 30.0
-    invalid_index_policy: str = "drop"
-    run_deadline: float = 0.0
-    log_format: str = "text"
-    application_name: str = "migration-runner"
-    termination_message_path: str | None = None
-    head_wait_timeout: float = 600.0
-    head_poll_interval: float = 5.0
-    backup_mode: str = "required"
-    backup_s3_uri: str = ""
-    backup_compression: str = "zstd"
-    backup_checksum: str = "when_supported"
-    backup_lock_wait_timeout: float = 60.0
-    pg_dump_bin: str = "pg_dump"
-    pg_restore_bin: str = "pg_restore"
+# -- parsers: text -> value, or ValueError whose message completes "NAME='raw' ..." --------------
 
-    @property
-    def sync_url(self) -> URL:
-        """Return the URL the runner's own connections use (psycopg2, whatever the app uses)."""
-        return self.database_url.set(drivername="postgresql+psycopg2")
-
-    @property
-    def safe_target(self) -> str:
-        """Return host:port/database for logs: no user, no password."""
-        u = self.database_url
-        return f"{u.host or 'local socket'}:{u.port or 5432}/{u.database}"
+Parser = Callable[[str], Any]
 
 
-def _read_database_url(env: Mapping[str, str], errors: list[str]) -> URL | None:
-    raw = env.get("DATABASE_URL", "")
-    path = env.get("DATABASE_URL_FILE", "")
-    if path and raw:
-        errors.append("DATABASE_URL and DATABASE_URL_FILE are both set: keep only one")
-        return None
-    if path:
+def duration(maximum: float = DAY, zero: bool = False, pg: bool = False) -> Parser:
+    """A duration up to maximum; zero allowed (meaning off) when zero; pg: whole milliseconds,
+    since PostgreSQL rounds 0.5ms to 0, which turns a timeout off."""
+
+    def parse(raw: str) -> float:
         try:
-            raw = Path(path).read_text().strip()
-        except OSError as exc:
-            errors.append(f"DATABASE_URL_FILE={path} cannot be read ({exc.strerror}): "
-                          "mount the secret file or fix the path")
-            return None
-    if not raw:
-        errors.append("DATABASE_URL is not set: set it to postgresql://USER:PASSWORD@HOST:PORT/DB")
-        return None
-    return _parse_url(raw, errors)
+            value = parse_duration(raw)
+        except ValueError:
+            raise ValueError("is not a duration: use seconds or a unit, e.g. 30s, 500ms, 5m") from None
+        if value == 0 and not zero:
+            raise ValueError("must be greater than zero")
+        if value > maximum:
+            off = " (0 turns it off)" if zero else ""
+            raise ValueError(f"is too long: at most {_human(maximum)}{off}")
+        if pg and value and (value < 0.001 or abs(value * 1000 - round(value * 1000)) > 1e-6):
+            raise ValueError("must be a whole number of milliseconds (PostgreSQL would round it, "
+                             "and 0 turns the timeout off)")
+        return value
+
+    return parse
 
 
-def _parse_url(raw: str, errors: list[str]) -> URL | None:
-    try:
-        url = make_url(raw)
-        if url.password:
-            register_secret(str(url.password))
-            register_secret(quote(str(url.password), safe=""))
-        _ = url.port  # the port is parsed lazily; make a bad one fail here
-    except Exception:  # noqa: BLE001 - any parse failure is the same operator mistake
-        errors.append("DATABASE_URL is not a valid URL: use postgresql://USER:PASSWORD@HOST:PORT/DB "
-                      "(percent-encode special characters in the password)")
-        return None
-    backend, _, driver = url.drivername.partition("+")
-    if backend not in ("postgresql", "postgres") or (driver and driver not in _PG_DRIVERS):
-        errors.append(f"DATABASE_URL uses '{url.drivername}': only PostgreSQL URLs are supported "
-                      "(postgresql://, postgresql+psycopg2://, +psycopg, +asyncpg)")
-        return None
-    if not url.database:
-        errors.append("DATABASE_URL names no database: append /DBNAME to the URL")
-        return None
-    if backend == "postgres":
-        url = url.set(drivername="postgresql" + (f"+{driver}" if driver else ""))
-    return url
+def integer(minimum: int = 1, maximum: int = 1000) -> Parser:
+    def parse(raw: str) -> int:
+        if not raw.strip().isdigit() or not minimum <= int(raw) <= maximum:
+            raise ValueError(f"must be a whole number from {minimum} to {maximum}")
+        return int(raw)
+
+    return parse
 
 
-def _duration(env: Mapping[str, str], name: str, default: float, errors: list[str],
-              allow_zero: bool = False) -> float:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = parse_duration(raw)
-    except ValueError:
-        errors.append(f"{name}={raw!r} is not a duration: use seconds or a unit, e.g. 30s, 500ms, 5m")
-        return default
-    if value <= 0 and not allow_zero:
-        errors.append(f"{name}={raw!r} must be greater than zero")
-    return value
+def choice(*options: str) -> Parser:
+    def parse(raw: str) -> str:
+        if raw not in options:
+            raise ValueError(f"is not one of: {', '.join(options)}")
+        return raw
+
+    return parse
 
 
-def _integer(env: Mapping[str, str], name: str, default: int, errors: list[str]) -> int:
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        errors.append(f"{name}={raw!r} must be a whole number of at least 1")
-        return default
-    return int(raw)
+def text(maximum: int = 200) -> Parser:
+    def parse(raw: str) -> str:
+        if len(raw) > maximum or any(ord(c) < 32 for c in raw):
+            raise ValueError(f"must be at most {maximum} printable characters")
+        return raw
+
+    return parse
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...], errors: list[str]) -> str:
-    raw = env.get(name, "") or choices[0]
-    if raw not in choices:
-        errors.append(f"{name}={raw!r} is not one of: {', '.join(choices)}")
-        return choices[0]
+def path(raw: str) -> Path:
+    if len(raw) > MAX_PATH or any(len(part) > 255 for part in raw.split("/")):
+        raise ValueError("is too long to be a file name: use a shorter path")
+    if "\0" in raw:
+        raise ValueError("contains a NUL byte")
+    return Path(raw)
+
+
+def names(raw: str) -> tuple[str, ...]:
+    """A comma- or space-separated list (revision ids, ...)."""
+    items = tuple(x for x in re.split(r"[,\s]+", raw) if x)
+    if any(not re.fullmatch(r"[\w.\-]{1,128}", x) for x in items):
+        raise ValueError("must be a comma-separated list of revision ids")
+    return items
+
+
+def identifier_or_off(raw: str) -> str:
+    if raw != "off" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", raw):
+        raise ValueError("must be a table name (letters, digits, _; at most 63) or 'off'")
     return raw
 
 
-def _backup_settings(env: Mapping[str, str], command: str, errors: list[str]) -> dict[str, object]:
-    """Read the BACKUP_* settings; the S3 URI is required only where a backup is needed."""
-    mode = _choice(env, "BACKUP_MODE", ("required", "off"), errors)
-    uri = env.get("BACKUP_S3_URI", "").strip()
-    if uri and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?$", uri):
-        errors.append(f"BACKUP_S3_URI={uri!r} is not an S3 URI: use s3://BUCKET/PREFIX")
-    needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode == "required")
-    if needs_uri and not uri:
-        errors.append("BACKUP_S3_URI is not set: set it to s3://BUCKET/PREFIX" + (
-            "" if command in BACKUP_COMMANDS else
-            ", or BACKUP_MODE=off to migrate without a backup (local development only)"))
-    return dict(
-        backup_mode=mode, backup_s3_uri=uri,
-        backup_compression=_choice(env, "BACKUP_COMPRESSION", ("zstd", "gzip", "none"), errors),
-        backup_checksum=_choice(env, "BACKUP_CHECKSUM", ("when_supported", "when_required"), errors),
-        backup_lock_wait_timeout=_duration(env, "BACKUP_LOCK_WAIT_TIMEOUT", 60.0, errors),
-        pg_dump_bin=env.get("PG_DUMP_BIN") or "pg_dump",
-        pg_restore_bin=env.get("PG_RESTORE_BIN") or "pg_restore",
-    )
+def s3_uri(raw: str) -> str:
+    if raw and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f]*)?$", raw):
+        raise ValueError("is not an S3 URI: use s3://BUCKET/PREFIX")
+    return raw
 
 
-BACKUP_COMMANDS = ("backup", "backups", "restore")
-MIGRATE_COMMANDS = ("upgrade", "downgrade")
+def optional_index(raw: str) -> int | None:
+    if not raw.strip().isdigit():
+        raise ValueError("must be a whole number (Kubernetes sets it for Indexed Jobs)")
+    return int(raw)
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", DAY), ("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+# -- declarations ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One documented setting: the Settings field, load() and the README table come from it."""
+
+    env: str
+    default: str  # as documented; parsed for the field's default unless shown is given
+    help: str
+    parse: Parser = str
+    secret: bool = False
+    shown: str | None = None  # the README's default column when it is not a parsable value
+    group: str = "core"
+
+
+_UNSET: Any = object()
+
+
+def setting(env: str, default: str, help: str, parse: Parser = str, *, secret: bool = False,
+            shown: str | None = None, value: Any = _UNSET, group: str = "core") -> Any:
+    """Declare a Settings field: its variable, documented default, parser and help.
+
+    The field's default is parse(default), or value when given (unset means None, (), ...).
+    """
+    spec = Setting(env, default, help, parse, secret, shown, group)
+    initial = value if value is not _UNSET else parse(default) if default else ""
+    return dataclasses.field(default=initial, repr=not secret, metadata={"setting": spec})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: DbUrl = setting(
+        "DATABASE_URL", "", "SQLAlchemy PostgreSQL URL; any driver (postgresql://, +psycopg2, "
+        "+psycopg, +asyncpg). `DATABASE_URL_FILE` reads it from a file. Percent-encode `@ : / ? #` "
+        "in the user and password. Use a direct connection, not a transaction-mode PgBouncer.",
+        secret=True, shown="(required)", value=DbUrl("postgresql"))
+    alembic_config: Path = setting("ALEMBIC_CONFIG", "alembic.ini", "Path to alembic.ini (flag `-c`).",
+                                   path, shown="./alembic.ini")
+    wait_timeout: float = setting("DB_WAIT_TIMEOUT", "60s", "How long to wait for the database to "
+                                  "be ready.", duration())
+    auth_timeout: float = setting(
+        "DB_AUTH_TIMEOUT", "30s", "How long authentication failures (wrong password, unknown role, "
+        "missing database) are retried, within DB_WAIT_TIMEOUT: roles and secrets provisioned by an "
+        "operator can arrive late. Then exit 12.", duration())
+    lock_wait_timeout: float = setting("LOCK_WAIT_TIMEOUT", "300s", "How long to wait for the "
+                                       "migration lock.", duration())
+    migration_lock_timeout: float = setting(
+        "MIGRATION_LOCK_TIMEOUT", "4s", "`lock_timeout` for migration statements: how long one DDL "
+        "may queue behind other sessions' table locks before it is retried.", duration(pg=True))
+    migration_statement_timeout: float = setting(
+        "MIGRATION_STATEMENT_TIMEOUT", "0", "`statement_timeout` for migration statements; when "
+        "set it must exceed MIGRATION_LOCK_TIMEOUT.", duration(WEEK, zero=True, pg=True),
+        shown="0 (off)")
+    lock_retry_attempts: int = setting("LOCK_RETRY_ATTEMPTS", "10", "Attempts per revision when a "
+                                       "statement hits lock_timeout (SQLSTATE 55P03).", integer(1, 1000))
+    lock_retry_max_wait: float = setting("LOCK_RETRY_MAX_WAIT", "30s", "Longest backoff between "
+                                         "lock_timeout retries.", duration(3600.0))
+    invalid_index_policy: str = setting(
+        "INVALID_INDEX_POLICY", "drop", "`drop`: when a revision is about to build an index that an "
+        "interrupted CREATE INDEX CONCURRENTLY of that same revision left INVALID, drop it first; "
+        "`refuse`: stop (exit 7). Other INVALID indexes are reported, never touched.",
+        choice("drop", "refuse"))
+    run_deadline: float = setting("RUN_DEADLINE", "0", "Total budget for the run; waits and retries "
+                                  "stop in time to exit 9 cleanly. Set it below the Job's "
+                                  "activeDeadlineSeconds.", duration(WEEK, zero=True), shown="0 (off)")
+    log_format: str = setting("LOG_FORMAT", "text", "`text` or `json` (one event per line on stderr).",
+                              choice("text", "json"))
+    application_name: str = setting("APPLICATION_NAME", "migration-runner", "application_name prefix "
+                                    "of every runner connection, visible in pg_stat_activity.", text(40))
+    termination_message_path: str | None = setting(
+        "TERMINATION_MESSAGE_PATH", "", "Where to write the JSON run summary (Kubernetes: "
+        "/dev/termination-log).", lambda raw: str(path(raw)), shown="(unset)", value=None)
+    head_wait_timeout: float = setting("HEAD_WAIT_TIMEOUT", "10m", "`wait --until-head` (init "
+                                       "containers): how long to wait for the database to reach the "
+                                       "image's head before exiting 10.", duration(WEEK))
+    head_poll_interval: float = setting("HEAD_POLL_INTERVAL", "5s", "`wait --until-head`: how often "
+                                        "to read the database's revision (one log line per look).",
+                                        duration(3600.0))
+    fast_path: str = setting("FAST_PATH", "on", "`on`: answer a no-op `upgrade` / `wait --until-head` "
+                             "from the facts recorded in the image with one query, when they match "
+                             "the scripts present; `off`: always run env.py.", choice("on", "off"))
+    # -- backups ---------------------------------------------------------------------------------
+    backup_mode: str = setting("BACKUP_MODE", "required", "`required`: upgrade/downgrade back the "
+                               "database up to S3 before changing it (exit 5 when that fails); "
+                               "`off`: no backup (local development).", choice("required", "off"),
+                               group="backup")
+    backup_s3_uri: str = setting(
+        "BACKUP_S3_URI", "", "`s3://bucket/prefix`: where backups and their manifests go. "
+        "Credentials, region and endpoint come from the AWS chain (`AWS_ENDPOINT_URL_S3` for "
+        "S3-compatible stores, IRSA / Pod Identity in clusters).", s3_uri,
+        shown="(required for backups)", group="backup")
+    backup_compression: str = setting("BACKUP_COMPRESSION", "zstd", "`zstd` (`pg_dump -Fc -Z0` piped "
+                                      "through `zstd -1 -T0`: fast), `gzip` (pg_dump's own: slow) or "
+                                      "`none`.", choice("zstd", "gzip", "none"), group="backup")
+    backup_checksum: str = setting("BACKUP_CHECKSUM", "when_supported", "boto3 request checksum "
+                                   "policy; `when_required` for S3-compatible stores that reject "
+                                   "boto3's default checksums.",
+                                   choice("when_supported", "when_required"), group="backup")
+    backup_lock_wait_timeout: float = setting(
+        "BACKUP_LOCK_WAIT_TIMEOUT", "60s", "`pg_dump --lock-wait-timeout`: how long the dump may wait "
+        "for a table lock held by another session before failing (exit 5).", duration(pg=True),
+        group="backup")
+    s3_timeout: float = setting("S3_TIMEOUT", "30s", "Longest wait for one S3 request (connect and "
+                                "each read) before it is retried or fails (exit 5); a hung endpoint "
+                                "is logged while the runner waits.", duration(3600.0), group="backup")
+    pg_dump_bin: str = setting("PG_DUMP_BIN", "pg_dump", "pg_dump to use (at least the server's major "
+                               "version).", text(MAX_PATH), group="backup")
+    pg_restore_bin: str = setting("PG_RESTORE_BIN", "pg_restore", "pg_restore to use; `psql` is taken "
+                                  "from the same directory (or PATH).", text(MAX_PATH), group="backup")
+    # -- history -----------------------------------------------------------------------------------
+    history_table: str = setting("HISTORY_TABLE", "runner_history", "The ledger table (in the version "
+                                 "table's schema): one row per run that changed something or failed; "
+                                 "`off` disables it.", identifier_or_off, group="history")
+    allow_edited_revisions: tuple[str, ...] = setting(
+        "ALLOW_EDITED_REVISIONS", "", "Applied revisions whose script may differ from the checksum "
+        "recorded when they ran (comma-separated ids); others are refused (exit 7).", names,
+        shown="(none)", value=(), group="history")
+    image_version: str = setting("RUNNER_IMAGE_VERSION", "", "Set by the image (build arg VERSION); "
+                                 "recorded in the ledger.", text(), shown="(from the image)",
+                                 group="history")
+    image_revision: str = setting("RUNNER_IMAGE_REVISION", "", "Set by the image (build arg "
+                                  "REVISION); recorded in the ledger.", text(), shown="(from the image)",
+                                  group="history")
+    pod_name: str = setting("POD_NAME", "", "Recorded in the ledger (Kubernetes downward API "
+                            "`metadata.name`; the host name otherwise).", text(253),
+                            shown="(host name)", group="history")
+    job_name: str = setting("JOB_NAME", "", "Recorded in the ledger (downward API, label "
+                            "`batch.kubernetes.io/job-name`).", text(253), shown="(unset)",
+                            group="history")
+    # -- verify ------------------------------------------------------------------------------------
+    verify_database_url: DbUrl | None = setting(
+        "VERIFY_DATABASE_URL", "", "`verify`: a server where the runner may create and drop a "
+        "throwaway database (never the target). `VERIFY_DATABASE_URL_FILE` reads it from a file.",
+        secret=True, shown="(required for verify)", value=None, group="verify")
+    verify_lint: str = setting("VERIFY_LINT", "error", "`verify`: lint findings are `error` (exit 13), "
+                               "`warn` (reported only) or `off`.", choice("error", "warn", "off"),
+                               group="verify")
+    # -- fleets ------------------------------------------------------------------------------------
+    targets_file: Path | None = setting(
+        "TARGETS_FILE", "", "Fleet mode: one target per line (a full URL, or a name substituted into "
+        "DATABASE_URL_TEMPLATE); `#` comments.", path, shown="(unset)", value=None, group="fleet")
+    database_url_template: str = setting(
+        "DATABASE_URL_TEMPLATE", "", "Fleet mode: a URL with `{name}`, e.g. "
+        "`postgresql://app@db/{name}`. `DATABASE_URL_TEMPLATE_FILE` reads it from a file.",
+        secret=True, shown="(unset)", group="fleet")
+    target_schemas: tuple[str, ...] = setting(
+        "TARGET_SCHEMAS", "", "Fleet mode, schema per tenant on DATABASE_URL: comma-separated schemas, "
+        "each passed to env.py as `-x tenant=SCHEMA` and `config.attributes['tenant']`.",
+        lambda raw: tuple(x.strip() for x in raw.split(",") if x.strip()), shown="(unset)",
+        value=(), group="fleet")
+    fleet_parallel: int = setting("FLEET_PARALLEL", "4", "Fleet mode: worker processes (flag "
+                                  "`--parallel`).", integer(1, 64), group="fleet")
+    job_completion_index: int | None = setting(
+        "JOB_COMPLETION_INDEX", "", "Set by Kubernetes in Indexed Jobs: with JOB_COMPLETIONS, this "
+        "pod takes only its shard of the targets.", optional_index, shown="(unset)", value=None,
+        group="fleet")
+    job_completions: int | None = setting("JOB_COMPLETIONS", "", "The Indexed Job's `completions` "
+                                          "(set it from the manifest).", optional_index,
+                                          shown="(unset)", value=None, group="fleet")
+
+    @property
+    def sync_url(self) -> Any:
+        """The SQLAlchemy URL the runner's own connections use (psycopg2, whatever the app uses)."""
+        return self.database_url.set(drivername="postgresql+psycopg2").to_sqlalchemy()
+
+    @property
+    def safe_target(self) -> str:
+        """host:port/database for logs: no user, no password."""
+        return self.database_url.safe_target
+
+
+SETTINGS: tuple[Setting, ...] = tuple(f.metadata["setting"] for f in dataclasses.fields(Settings))
+_FIELDS = {f.metadata["setting"].env: f.name for f in dataclasses.fields(Settings)}
+_URL_SETTINGS = ("DATABASE_URL", "VERIFY_DATABASE_URL", "DATABASE_URL_TEMPLATE")
 
 
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None,
@@ -228,45 +312,96 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] 
     """Build Settings from the environment (flags in overrides win).
 
     command decides whether BACKUP_S3_URI is required (backup commands; upgrade and downgrade
-    unless BACKUP_MODE=off).
-
-    Raise ConfigError listing every problem at once.
+    unless BACKUP_MODE=off). Raise ConfigError listing every problem at once.
     """
     env = dict(os.environ if environ is None else environ)
     env.update({k: v for k, v in (overrides or {}).items() if v is not None})
     errors: list[str] = []
-    url = _read_database_url(env, errors) if need_database else None
-    alembic_config = Path(env.get("ALEMBIC_CONFIG") or "alembic.ini")
-    if not alembic_config.is_file():
-        errors.append(f"ALEMBIC_CONFIG={alembic_config} is not a readable file: "
-                      "point ALEMBIC_CONFIG (or -c) at your alembic.ini")
-    elif not os.access(alembic_config, os.R_OK):
-        errors.append(f"ALEMBIC_CONFIG={alembic_config} is not readable: fix its permissions")
-    settings = dict(
-        wait_timeout=_duration(env, "DB_WAIT_TIMEOUT", 60.0, errors),
-        lock_wait_timeout=_duration(env, "LOCK_WAIT_TIMEOUT", 300.0, errors),
-        migration_lock_timeout=_duration(env, "MIGRATION_LOCK_TIMEOUT", 4.0, errors),
-        migration_statement_timeout=_duration(env, "MIGRATION_STATEMENT_TIMEOUT", 0.0, errors,
-                                              allow_zero=True),
-        lock_retry_attempts=_integer(env, "LOCK_RETRY_ATTEMPTS", 10, errors),
-        lock_retry_max_wait=_duration(env, "LOCK_RETRY_MAX_WAIT", 30.0, errors),
-        invalid_index_policy=_choice(env, "INVALID_INDEX_POLICY", ("drop", "refuse"), errors),
-        run_deadline=_duration(env, "RUN_DEADLINE", 0.0, errors, allow_zero=True),
-        log_format=_choice(env, "LOG_FORMAT", ("text", "json"), errors),
-        application_name=env.get("APPLICATION_NAME") or "migration-runner",
-        termination_message_path=env.get("TERMINATION_MESSAGE_PATH") or None,
-        head_wait_timeout=_duration(env, "HEAD_WAIT_TIMEOUT", 600.0, errors),
-        head_poll_interval=_duration(env, "HEAD_POLL_INTERVAL", 5.0, errors),
-    )
-    settings.update(_backup_settings(env, command, errors))
-    st, lt = settings["migration_statement_timeout"], settings["migration_lock_timeout"]
+    values: dict[str, Any] = {}
+    for spec in SETTINGS:
+        if spec.env in _URL_SETTINGS:
+            continue
+        raw = env.get(spec.env, "")
+        if raw == "":
+            continue
+        try:
+            values[_FIELDS[spec.env]] = spec.parse(raw)
+        except ValueError as exc:
+            shown = "(hidden)" if spec.secret else repr(raw if len(raw) <= 80 else raw[:77] + "...")
+            errors.append(f"{spec.env}={shown} {exc}")
+    for name in _URL_SETTINGS:
+        text_value = _read_secret(env, name, errors)
+        if name == "DATABASE_URL_TEMPLATE":
+            if text_value:
+                values["database_url_template"] = text_value
+            continue
+        if not text_value:
+            continue
+        try:
+            values[_FIELDS[name]] = dburl.parse(text_value)
+        except dburl.UrlError as exc:
+            errors.append(str(exc).replace("DATABASE_URL", name, 1))
+    if need_database and "database_url" not in values and not _mentioned(errors, "DATABASE_URL"):
+        errors.append(f"DATABASE_URL is not set: set it to {dburl.PLACEHOLDER}")
+    _check_alembic_config(values.get("alembic_config", Path("alembic.ini")), errors)
+    _check_combinations(values, command, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return Settings(**values)
+
+
+def _mentioned(errors: list[str], name: str) -> bool:
+    return any(e.startswith((name + " ", name + "=", name + "_FILE")) for e in errors)
+
+
+def _read_secret(env: Mapping[str, str], name: str, errors: list[str]) -> str:
+    """Return NAME, or the content of the file NAME_FILE points at (mounted secrets)."""
+    raw, file = env.get(name, ""), env.get(f"{name}_FILE", "")
+    if raw and file:
+        errors.append(f"{name} and {name}_FILE are both set: keep only one")
+        return ""
+    if not file:
+        return raw
+    try:
+        return path(file).read_text().strip()
+    except ValueError as exc:
+        errors.append(f"{name}_FILE {exc}")
+    except OSError as exc:
+        errors.append(f"{name}_FILE={file} cannot be read ({exc.strerror}): mount the secret file "
+                      "or fix the path")
+    return ""
+
+
+def _check_alembic_config(cfg: Path, errors: list[str]) -> None:
+    try:
+        if not cfg.is_file():
+            errors.append(f"ALEMBIC_CONFIG={cfg} is not a readable file: point ALEMBIC_CONFIG (or -c) "
+                          "at your alembic.ini")
+        elif not os.access(cfg, os.R_OK):
+            errors.append(f"ALEMBIC_CONFIG={cfg} is not readable: fix its permissions")
+    except OSError as exc:
+        errors.append(f"ALEMBIC_CONFIG cannot be used ({exc.strerror}): point it at your alembic.ini")
+
+
+def _check_combinations(values: dict[str, Any], command: str, errors: list[str]) -> None:
+    defaults = Settings()
+    st = values.get("migration_statement_timeout", defaults.migration_statement_timeout)
+    lt = values.get("migration_lock_timeout", defaults.migration_lock_timeout)
     if st and st <= lt:
         errors.append(f"MIGRATION_STATEMENT_TIMEOUT ({st:g}s) must be greater than "
                       f"MIGRATION_LOCK_TIMEOUT ({lt:g}s): raise it or set it to 0 (off)")
-    if len(settings["application_name"]) > 40:
-        errors.append("APPLICATION_NAME is longer than 40 characters: shorten it "
-                      "(PostgreSQL keeps 63 and the runner appends a suffix)")
-    if errors:
-        raise ConfigError("; ".join(errors))
-    return Settings(database_url=url or URL.create("postgresql"), alembic_config=alembic_config,
-                    **settings)  # type: ignore[arg-type]
+    mode = values.get("backup_mode", defaults.backup_mode)
+    needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode == "required")
+    if needs_uri and not values.get("backup_s3_uri") and not _mentioned(errors, "BACKUP_S3_URI"):
+        errors.append("BACKUP_S3_URI is not set: set it to s3://BUCKET/PREFIX" + (
+            "" if command in BACKUP_COMMANDS else
+            ", or BACKUP_MODE=off to migrate without a backup (local development only)"))
+
+
+def markdown_table(group: str | None = None) -> str:
+    """Render the settings (of one group, or all) as the README's configuration table."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for s in SETTINGS:
+        if group is None or s.group == group:
+            rows.append(f"| `{s.env}` | {s.shown if s.shown is not None else s.default} | {s.help} |")
+    return "\n".join(rows)

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from runner.cancel import Cancel
+from runner.cancellation import Cancel
 from runner.config import Settings
 from runner.log import EventLog
 

@@ -47,6 +47,22 @@ class Pending(RunnerError):
     code = ExitCode.PENDING
 
 
+class ConnectionLost(RunnerError):
+    code = ExitCode.CONNECTION_LOST
+
+
+class AuthFailed(RunnerError):
+    code = ExitCode.AUTH_FAILED
+
+
+class VerifyFailed(RunnerError):
+    code = ExitCode.VERIFY_FAILED
+
+
+class TargetsFailed(RunnerError):
+    code = ExitCode.TARGETS_FAILED
+
+
 class Interrupted(RunnerError):
     def __init__(self, signame: str) -> None:
         super().__init__(f"interrupted by {signame}")

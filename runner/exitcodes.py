@@ -21,6 +21,10 @@ class ExitCode(enum.IntEnum):
     LOCK_RETRIES_EXHAUSTED = 8
     RUN_DEADLINE = 9
     PENDING = 10
+    CONNECTION_LOST = 11
+    AUTH_FAILED = 12
+    VERIFY_FAILED = 13
+    TARGETS_FAILED = 14
     SIGINT = 130
     SIGTERM = 143
 
@@ -45,6 +49,21 @@ DESCRIPTIONS: dict[ExitCode, tuple[str, bool]] = {
     ),
     ExitCode.RUN_DEADLINE: ("run deadline reached; stopped cleanly", True),
     ExitCode.PENDING: ("status --check: migrations are pending", False),
+    ExitCode.CONNECTION_LOST: (
+        "the connection to the database was lost mid-run (restart, failover); the running "
+        "revision rolled back, the database is at the last good revision",
+        True,
+    ),
+    ExitCode.AUTH_FAILED: (
+        "authentication failed, or the role or database does not exist: fix DATABASE_URL or the "
+        "role; nothing was changed",
+        False,
+    ),
+    ExitCode.VERIFY_FAILED: ("verify found problems in the migrations (see the findings)", False),
+    ExitCode.TARGETS_FAILED: (
+        "fleet: some targets failed (each with its own code in the summary); the others succeeded",
+        True,
+    ),
     ExitCode.SIGINT: ("interrupted by SIGINT; the running migration was cancelled", True),
     ExitCode.SIGTERM: ("interrupted by SIGTERM; the running migration was cancelled", True),
 }

@@ -12,10 +12,9 @@ import hashlib
 from collections.abc import Iterator
 
 import sqlalchemy as sa
-import tenacity
 from sqlalchemy.engine import Connection
 
-from runner import backoff, db
+from runner import db, retry
 from runner.context import Run
 from runner.errors import LockNotAcquired
 
@@ -66,31 +65,36 @@ def migration_lock(run: Run, version_schema: str, version_table: str) -> Iterato
         conn.close()
 
 
+class _Held(Exception):
+    """pg_try_advisory_lock returned false: another session holds the lock."""
+
+
 def _acquire(run: Run, conn: Connection, key: int) -> None:
     limit, capped = run.limit(run.settings.lock_wait_timeout)
     try_lock = sa.text("SELECT pg_try_advisory_lock(:key)")
+    t0 = run.clock()
 
-    def before_sleep(state: tenacity.RetryCallState) -> None:
+    def attempt() -> None:
+        run.cancel.check()
+        if not conn.execute(try_lock, {"key": key}).scalar_one():
+            raise _Held
+
+    def on_retry(exc: BaseException, attempt: int, pause: float) -> None:
         who = holder(conn, key) or {}
         run.log("lock.waiting", "another session holds the migration lock; waiting",
                 holder_pid=who.get("pid"), holder_application_name=who.get("application_name"),
-                holder_since=who.get("since"), waited_s=round(state.seconds_since_start, 1))
+                holder_since=who.get("since"), waited_s=round(run.clock() - t0, 1))
 
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_result(lambda got: not got),
-        **backoff.until(limit, initial=0.2, maximum=2.0, jitter=0.3),  # type: ignore[arg-type]
-        sleep=run.cancel.sleep,
-        before_sleep=before_sleep,
-        retry_error_callback=lambda state: False,
-    )
-    got = retrying(lambda: run.cancel.check() or conn.execute(try_lock, {"key": key}).scalar_one())
-    if not got:
+    try:
+        retry.call(run, attempt, retry_on=(_Held,), limit=limit, initial=0.2, maximum=2.0,
+                   jitter=0.3, on_retry=on_retry)
+    except _Held:
         run.stop_if_deadline(capped)
         who = holder(conn, key) or {}
         raise LockNotAcquired(
             f"migration lock not acquired within {limit:g}s; held by pid {who.get('pid')} "
             f"({who.get('application_name') or 'no application_name'}) since {who.get('since')}: "
-            "wait for that run to finish, or raise LOCK_WAIT_TIMEOUT")
+            "wait for that run to finish, or raise LOCK_WAIT_TIMEOUT") from None
 
 
 def _release(run: Run, conn: Connection, key: int) -> None:

@@ -7,10 +7,9 @@ import threading
 from typing import Any
 
 import sqlalchemy as sa
-import tenacity
 from alembic.config import Config
 
-from runner import db, revisions
+from runner import db, retry, revisions
 from runner.context import Run
 from runner.errors import LockRetriesExhausted, MigrationFailed, PreflightRefused
 from runner.redact import redact
@@ -78,24 +77,15 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
 def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool) -> None:
     s = run.settings
 
-    def before_sleep(state: tenacity.RetryCallState) -> None:
+    def on_retry(exc: BaseException, attempt: int, pause: float) -> None:
         run.log.warning("migrate.retry", f"{revision} hit lock_timeout "
-                     f"({s.migration_lock_timeout:g}s); rolled back, retrying",
-                     attempt=state.attempt_number, of=s.lock_retry_attempts,
-                     retry_in=round(state.upcoming_sleep, 2))
+                        f"({s.migration_lock_timeout:g}s); rolled back, retrying",
+                        attempt=attempt, of=s.lock_retry_attempts, retry_in=round(pause, 2))
 
-    left = run.remaining()
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(_LockTimeout),
-        wait=tenacity.wait_exponential_jitter(initial=0.5, max=s.lock_retry_max_wait, jitter=1.0),
-        stop=tenacity.stop_after_attempt(s.lock_retry_attempts)
-        | tenacity.stop_before_delay(left if left is not None else float("inf")),
-        sleep=run.cancel.sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
     try:
-        retrying(_step_once, run, cfg, revision, dest, downgrade)
+        retry.call(run, lambda: _step_once(run, cfg, revision, dest, downgrade),
+                   retry_on=(_LockTimeout,), attempts=s.lock_retry_attempts, limit=run.remaining(),
+                   initial=0.5, maximum=s.lock_retry_max_wait, jitter=1.0, on_retry=on_retry)
     except _LockTimeout as exc:
         run.cancel.check()
         raise LockRetriesExhausted(

@@ -43,8 +43,8 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
                           "point it at your project's alembic.ini")
     app_url = settings.database_url
     if "+" not in app_url.drivername:  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
-        app_url = settings.sync_url  # the image ships psycopg2
-    url = app_url.render_as_string(hide_password=False)
+        app_url = app_url.set(drivername="postgresql+psycopg2")  # the image ships psycopg2
+    url = app_url.to_sqlalchemy().render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
     return cfg

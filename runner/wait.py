@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from runner import backoff, db
+from runner import db, retry
 from runner.context import Run
 from runner.errors import NotReady
 from runner.redact import redact
@@ -42,49 +42,30 @@ def probe(run: Run) -> Connection:
 
 def wait_until_ready(run: Run) -> Connection:
     """Probe until ready or the deadline (exit 3); return an open connection."""
+    limit, capped = run.limit(run.settings.wait_timeout)
+    attempts = 0
+
+    def attempt() -> Connection:
+        nonlocal attempts
+        attempts += 1
+        run.cancel.check()
+        return probe(run)
+
+    def on_retry(exc: BaseException, attempt: int, pause: float) -> None:
+        run.log.warning("db.not_ready", str(exc), attempt=attempt, retry_in=round(pause, 2))
+
     with run.timed("wait"):
         try:
-            conn, attempts = probe(run), 1  # the common case: ready at once, no retry machinery
-        except _NotYet as first:
-            conn, attempts = _retry(run, first)
+            conn = retry.call(run, attempt, retry_on=(_NotYet,), limit=limit, initial=0.25,
+                              maximum=5.0, jitter=0.5, on_retry=on_retry)
+        except _NotYet as exc:
+            run.stop_if_deadline(capped)
+            raise NotReady(f"database {run.settings.safe_target} not ready after "
+                           f"{limit:g}s ({attempts} attempts): {exc}; check that it is running "
+                           "and reachable, or raise DB_WAIT_TIMEOUT") from None
     run.log("db.ready", f"database {run.settings.safe_target} is ready",
             server_version=run.server_version, attempts=attempts)
     return conn
-
-
-def _retry(run: Run, first: _NotYet) -> tuple[Connection, int]:
-    """Retry with exponential backoff and jitter, one log line per failed attempt."""
-    import tenacity  # only needed when the database was not ready at the first probe
-
-    limit, capped = run.limit(run.settings.wait_timeout)
-    attempts = 1
-
-    def before_sleep(state: tenacity.RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        run.log.warning("db.not_ready", str(exc), attempt=state.attempt_number + 1,
-                        retry_in=round(state.upcoming_sleep, 2))
-
-    retrying = tenacity.Retrying(
-        retry=tenacity.retry_if_exception_type(_NotYet),
-        **backoff.until(limit, initial=0.25, maximum=5.0, jitter=0.5),  # type: ignore[arg-type]
-        sleep=run.cancel.sleep,
-        before_sleep=before_sleep,
-        reraise=True,
-    )
-    run.log.warning("db.not_ready", str(first), attempt=1, retry_in=0.25)
-    run.cancel.sleep(0.25)
-    try:
-        for attempt in retrying:
-            with attempt:
-                attempts += 1
-                run.cancel.check()
-                conn = probe(run)
-    except _NotYet as exc:
-        run.stop_if_deadline(capped)
-        raise NotReady(f"database {run.settings.safe_target} not ready after "
-                       f"{limit:g}s ({attempts} attempts): {exc}; check that it is running "
-                       "and reachable, or raise DB_WAIT_TIMEOUT") from None
-    return conn, attempts
 
 
 def reason(exc: sa.exc.DBAPIError) -> str:

@@ -20,15 +20,56 @@ pytest_plugins = ["tests.s3_fixtures", "tests.docker_fixtures"]
 
 REPO = Path(__file__).resolve().parent.parent
 MAJORS = os.environ.get("TEST_PG_MAJORS", "15,18").split(",")
+NEWEST = MAJORS[-1]
 SECRETS = (PASSWORD, APP_PASSWORD)
 
 
-@pytest.fixture(scope="session", params=MAJORS, ids=lambda m: f"pg{m}")
-def pg(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    """A running cluster per major, shared by the tests of that major."""
-    cluster = Cluster(request.param).init().start()
-    yield cluster
-    cluster.destroy()
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "every_major: run on every PostgreSQL major in TEST_PG_MAJORS "
+                            "(behaviour differs between them: backup/restore, CONCURRENTLY, "
+                            "lock_timeout, signals)")
+    config.addinivalue_line("markers", "pg(*majors): run only on these majors")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Database tests run on the newest major, on every major when marked every_major, or on
+    the majors a pg(...) mark names."""
+    if "pg_major" not in metafunc.fixturenames:
+        return
+    marked = metafunc.definition.get_closest_marker("pg")
+    if marked:
+        majors = [m for m in marked.args if m in MAJORS] or list(marked.args[:1])
+    elif metafunc.definition.get_closest_marker("every_major"):
+        majors = MAJORS
+    else:
+        majors = [NEWEST]
+    metafunc.parametrize("pg_major", majors, ids=[f"pg{m}" for m in majors], scope="session")
+
+
+class _Clusters:
+    """Started on first use, one per major, shared by the whole session."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, Cluster] = {}
+
+    def get(self, major: str) -> Cluster:
+        if major not in self.started:
+            self.started[major] = Cluster(major).init().start()
+        return self.started[major]
+
+
+@pytest.fixture(scope="session")
+def clusters() -> Iterator[_Clusters]:
+    pool = _Clusters()
+    yield pool
+    for cluster in pool.started.values():
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def pg(clusters: _Clusters, pg_major: str) -> Cluster:
+    """A running cluster of the test's major, shared by the tests of that major."""
+    return clusters.get(pg_major)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from tests.pgcluster import PASSWORD, bindir, free_port
 from tests.s3_fixtures import AuthS3, S3Server
 
 MiB = 1 << 20
+pytestmark = pytest.mark.every_major
 
 
 def backup_env(db: Database, s3: S3Server, bucket: str, **extra: str) -> dict[str, str]:
@@ -218,10 +219,9 @@ def test_s3_failures_fail_closed(at_0002: Database, s3_server: S3Server, auth_s3
         assert ok.code == 0, ok.err
 
 
+@pytest.mark.pg("18")  # a server newer than the oldest client (PG 15 pg_dump, PG 18 server)
 def test_old_pg_dump_refused(at_0002: Database, s3_server: S3Server, bucket: str) -> None:
     db = at_0002
-    if db.cluster.major != "18":
-        pytest.skip("needs a server newer than the oldest client (PG 15 pg_dump, PG 18 server)")
     r = run_runner(["upgrade"], backup_env(db, s3_server, bucket,
                                            PG_DUMP_BIN=str(bindir("15") / "pg_dump")))
     assert r.code == 5, r.err
@@ -314,7 +314,7 @@ def test_pg_dump_does_not_wait_behind_table_locks(at_0002: Database, s3_server: 
 # -- pure logic and S3 helpers -------------------------------------------------------------------
 
 def test_part_size_keeps_under_the_part_limit() -> None:
-    from runner.backup import GROWTH, MAX_PART, MIN_PART, TARGET_PARTS, part_size
+    from runner.backup.take import GROWTH, MAX_PART, MIN_PART, TARGET_PARTS, part_size
 
     assert part_size(0) == part_size(1 << 30) == MIN_PART
     for size in (20 << 30, 1 << 40, 7 << 40):
@@ -324,7 +324,7 @@ def test_part_size_keeps_under_the_part_limit() -> None:
 
 
 def test_location_and_key_layout() -> None:
-    from runner.s3 import Location
+    from runner.backup.s3 import Location
 
     loc = Location.parse("s3://my-bucket/team/app/")
     assert (loc.bucket, loc.prefix) == ("my-bucket", "team/app")
@@ -362,8 +362,8 @@ def test_sweep_aborts_only_stale_uploads_under_the_prefix(s3_server: S3Server, b
     import datetime as dt
     import io
 
+    from runner.backup.s3 import Location, sweep_stale_uploads
     from runner.log import EventLog
-    from runner.s3 import Location, sweep_stale_uploads
 
     c = s3_server.client
     mine = c.create_multipart_upload(Bucket=bucket, Key="team/app/shop/old.pgdump.zst")["UploadId"]

@@ -248,10 +248,9 @@ def test_derived_image_with_own_migrations(runner_image: str, database: Database
         docker("rmi", tag, check=False)
 
 
+@pytest.mark.pg("15")  # the test image carries Debian's pg_dump 15; it rightly refuses newer servers
 def test_backup_to_s3_from_the_container(runner_image: str, database: Database,
                                          s3_server: S3Server, bucket: str) -> None:
-    if database.cluster.major != "15":
-        pytest.skip("the test image carries Debian's pg_dump 15; it rightly refuses newer servers")
     env = {**container_env(database, LOG_FORMAT="json", BACKUP_MODE="required",
                            BACKUP_S3_URI=f"s3://{bucket}/team/app"), **s3_server.env()}
     r = run(runner_image, ["upgrade", "--to", "0002"], env)

@@ -20,7 +20,7 @@ import pytest
 from kubernetes_validate import utils as kv
 
 from runner import config
-from runner.cancel import HARD_EXIT_AFTER
+from runner.cancellation import HARD_EXIT_AFTER
 from runner.exitcodes import DESCRIPTIONS, ExitCode, non_retriable
 from tests.conftest import (
     REPO,
@@ -422,9 +422,9 @@ def test_downgrade_confirmation_must_repeat_the_target(database: Database) -> No
 # -- execution: the built manifests' containers, run with Docker as the kubelet would ------------
 @pytest.fixture
 def k8s_db(database: Database) -> Database:
-    if database.cluster.major != "15":
-        pytest.skip("the test image carries Debian's pg_dump 15, which rightly refuses newer servers "
-                    "(the Job backs up before migrating)")
+    """The test image carries Debian's pg_dump 15, which rightly refuses newer servers (the Job
+    backs up before migrating): the execution tests run on PostgreSQL 15 (pg("15") marks)."""
+    assert database.cluster.major == "15"
     return database
 
 
@@ -448,6 +448,7 @@ def run_as_kubelet(image: str, docs: list[dict[str, Any]], spec: dict[str, Any],
     return r, json.loads(message)
 
 
+@pytest.mark.pg("15")  # k8s_db: the test image pg_dump is 15
 def test_job_runs_as_the_kubelet_would(runner_image: str, k8s_db: Database, s3_server: S3Server,
                                        bucket: str, tmp_path: Path) -> None:
     docs = build("base")
@@ -468,6 +469,7 @@ def test_job_runs_as_the_kubelet_would(runner_image: str, k8s_db: Database, s3_s
     assert (r.code, summary["outcome"]) == (0, "nothing to do"), r.err
 
 
+@pytest.mark.pg("15")  # k8s_db: the test image pg_dump is 15
 def test_rollback_job_runs_as_the_kubelet_would(runner_image: str, k8s_db: Database,
                                                 s3_server: S3Server, bucket: str,
                                                 tmp_path: Path) -> None:
@@ -494,6 +496,7 @@ def test_rollback_job_runs_as_the_kubelet_would(runner_image: str, k8s_db: Datab
     assert summary["backup"] in s3_server.keys(bucket)
 
 
+@pytest.mark.pg("15")  # k8s_db: the test image pg_dump is 15
 def test_init_container_blocks_until_the_job_ran(runner_image: str, k8s_db: Database,
                                                  s3_server: S3Server, bucket: str,
                                                  tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
 
+pytestmark = pytest.mark.every_major  # lock and cancel behaviour differs between majors
+
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
 LOCK_TIMEOUT = 1.0
 

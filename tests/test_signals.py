@@ -11,6 +11,8 @@ import pytest
 from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
 from tests.pgcluster import Cluster, free_port
 
+pytestmark = pytest.mark.every_major  # lock and cancel behaviour differs between majors
+
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
 
 

@@ -11,7 +11,7 @@ import pytest
 from runner import config
 from runner.cli import build_parser
 from runner.errors import ConfigError
-from runner.exitcodes import DESCRIPTIONS, ExitCode, markdown_table, non_retriable
+from runner.exitcodes import DESCRIPTIONS, ExitCode, non_retriable
 from runner.log import EventLog
 from runner.migrate import scrub_query
 from runner.redact import redact, register_secret
@@ -55,11 +55,13 @@ def test_flags_override_environment() -> None:
 ])
 def test_global_flags_before_or_after_the_command(argv: list[str]) -> None:
     args = vars(build_parser().parse_args(argv))
-    assert args == {"command": "status", "check": True, "DB_WAIT_TIMEOUT": "5s", "ALEMBIC_CONFIG": "a.ini"}
+    assert args == {"command": "status", "check": True, "DB_WAIT_TIMEOUT": "5s", "ALEMBIC_CONFIG": "a.ini",
+                    "fail_fast": False}
 
 
 def test_unset_flags_leave_the_environment_alone() -> None:
-    assert vars(build_parser().parse_args(["upgrade"])) == {"command": "upgrade", "to": "head"}
+    assert vars(build_parser().parse_args(["upgrade"])) == {"command": "upgrade", "to": "head",
+                                                             "fail_fast": False}
 
 
 def test_database_url_file(tmp_path) -> None:
@@ -107,8 +109,53 @@ def test_exit_codes_are_below_126_except_signals() -> None:
     assert ExitCode.CONFIG in non_retriable() and ExitCode.LOCK_TIMEOUT not in non_retriable()
 
 
-def test_readme_mirrors_exit_codes_and_settings() -> None:
+def test_generated_docs_are_current() -> None:
+    from tests import docs
+
+    for path in docs.documents():
+        if path.exists():
+            text = path.read_text()
+            assert docs.render(text) == text, f"{path.name} is stale: run python -m tests.docs"
     readme = (REPO / "README.md").read_text()
-    assert markdown_table() in readme, "README's exit-code table is stale: paste markdown_table()"
-    for s in config.SETTINGS:
-        assert f"`{s.env}`" in readme, f"{s.env} is missing from the README's configuration table"
+    assert "<!-- generated:exit-codes -->" in readme and "<!-- generated:settings -->" in readme
+
+
+def test_entrypoint_knows_every_command() -> None:
+    from runner.cli import COMMANDS
+
+    case = re.search(r"case \"\$\{1-\}\" in\s*\n\s*(.*?)\)", (REPO / "entrypoint.sh").read_text())
+    assert case, "entrypoint.sh lost its command list"
+    listed = {w.strip() for w in case.group(1).split("|")} - {"-*"}
+    assert listed == set(COMMANDS), "entrypoint.sh and runner.cli.COMMANDS disagree"
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:p%40ss@db:6432/app", "postgres+asyncpg://u@h/d?ssl=require",
+    "postgresql+psycopg2://u:pw@[::1]:5433/d", "postgresql://u@/d?host=/var/run/postgresql",
+    "postgresql://u:p/ss@h/d", "postgresql://h/d?sslmode=require&host=a&host=b",
+    "postgresql://u:pa%3Ass@h:5432/d%20b?application_name=x", "postgresql:///d",
+])
+def test_dburl_parses_like_sqlalchemy(url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    from runner import dburl
+
+    ours, theirs = dburl.parse(url), make_url(url)
+    expected = theirs.set(drivername=theirs.drivername.replace("postgres+", "postgresql+"))
+    assert ours.to_sqlalchemy() == expected
+    assert make_url(ours.render(hide_password=False)) == ours.to_sqlalchemy()
+
+
+@pytest.mark.parametrize("url,needle", [
+    ("postgresql://u:Secr3t@tailpart@127.0.0.1:5432/d", "%40"),
+    ("postgresql://u@x:Secr3t@127.0.0.1/d", "%40"),
+    ("postgresql://u:p@127.0.0.1:99999/d", "port"),
+    ("postgresql://u:p@127.0.0.1/d?sslmode=bogus", "sslmode"),
+])
+def test_dburl_refuses_ambiguous_or_invalid(url: str, needle: str) -> None:
+    from runner import dburl
+
+    with pytest.raises(dburl.UrlError) as e:
+        dburl.parse(url)
+    assert needle in str(e.value)
+    assert "Secr3t" not in str(e.value) and "tailpart" not in str(e.value)

@@ -23,7 +23,8 @@ from typing import IO, Any
 
 import botocore.exceptions
 
-from runner import dump, s3
+from runner import procs
+from runner.backup import s3
 from runner.context import Run
 from runner.errors import BackupFailed, ConfigError
 
@@ -95,47 +96,47 @@ def verify(run: Run, client: Any, manifest: dict[str, Any]) -> str:
 def restore(run: Run, client: Any, manifest: dict[str, Any], etag: str) -> None:
     """Replay the verified backup into the database in one transaction (see module docstring)."""
     restore_bin = run.settings.pg_restore_bin
-    dump.check_client(run, restore_bin, "PG_RESTORE_BIN")
+    procs.check_client(run, restore_bin, "PG_RESTORE_BIN")
     psql = _psql_next_to(restore_bin)
-    env, conninfo = dump.libpq_env(run, "restore")
+    env, conninfo = procs.libpq_env(run, "restore")
     errs = [tempfile.TemporaryFile() for _ in range(3)]
     decompress = manifest["compression"] == "zstd"
-    procs: list[subprocess.Popen[bytes]] = []
+    stages: list[subprocess.Popen[bytes]] = []
     try:
         # psql first: it holds the transaction; the others feed it
-        procs.append(dump.spawn([psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
+        stages.append(procs.spawn([psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
                                  "-d", conninfo], env, subprocess.PIPE, errs[0], fix="install it",
                                 stdout=subprocess.DEVNULL))
         restore_in = subprocess.PIPE
         if decompress:
-            procs.append(dump.spawn(["zstd", "-q", "-d", "-c"], env, subprocess.PIPE, errs[2],
+            stages.append(procs.spawn(["zstd", "-q", "-d", "-c"], env, subprocess.PIPE, errs[2],
                                     fix="install it"))
-            restore_in = procs[-1].stdout
-        procs.append(dump.spawn([restore_bin, "-f", "-"], env, restore_in, errs[1], fix="install it"))
+            restore_in = stages[-1].stdout
+        stages.append(procs.spawn([restore_bin, "-f", "-"], env, restore_in, errs[1], fix="install it"))
         if decompress:
-            procs[1].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
-        feeder = _Feeder(client, manifest, etag, (procs[1] if decompress else procs[-1]).stdin)
-        with run.cancel.on_cancel(lambda: dump.terminate(procs)):
+            stages[1].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
+        feeder = _Feeder(client, manifest, etag, (stages[1] if decompress else stages[-1]).stdin)
+        with run.cancel.on_cancel(lambda: procs.terminate(stages)):
             feeder.start()
-            _replay(run, procs, feeder, errs)
+            _replay(run, stages, feeder, errs)
     finally:
-        dump.reap(procs, errs)
+        procs.reap(stages, errs)
 
 
-def _replay(run: Run, procs: list[subprocess.Popen[bytes]], feeder: _Feeder, errs: list[IO[bytes]]) -> None:
-    psql, pg_restore = procs[0], procs[-1]
+def _replay(run: Run, stages: list[subprocess.Popen[bytes]], feeder: _Feeder, errs: list[IO[bytes]]) -> None:
+    psql, pg_restore = stages[0], stages[-1]
     assert psql.stdin and pg_restore.stdout
     try:
         psql.stdin.write(RESET_SQL.encode())
         while chunk := pg_restore.stdout.read(CHUNK):
             psql.stdin.write(chunk)
         feeder.join()
-        codes = [p.wait() for p in procs[1:]]
+        codes = [p.wait() for p in stages[1:]]
         run.cancel.check()
         if feeder.error:
             raise BackupFailed(f"{feeder.error}: the restore was rolled back, the database is unchanged")
         if any(codes):
-            raise BackupFailed(f"pg_restore failed ({dump.tail(errs[1]) or dump.tail(errs[2])}): "
+            raise BackupFailed(f"pg_restore failed ({procs.tail(errs[1]) or procs.tail(errs[2])}): "
                                "the restore was rolled back, the database is unchanged")
         psql.stdin.write(b"COMMIT;\n")  # the only place the restore becomes real
         psql.stdin.close()
@@ -146,7 +147,7 @@ def _replay(run: Run, procs: list[subprocess.Popen[bytes]], feeder: _Feeder, err
             psql.stdin.close()
     if psql.wait() != 0:
         run.cancel.check()
-        raise BackupFailed(f"the restore failed in psql ({dump.tail(errs[0])}): it was rolled back, "
+        raise BackupFailed(f"the restore failed in psql ({procs.tail(errs[0])}): it was rolled back, "
                            "the database is unchanged")
 
 

@@ -17,9 +17,11 @@ import botocore.exceptions
 import sqlalchemy as sa
 from s3transfer.manager import TransferConfig, TransferManager
 
-from runner import db, dump, s3
+from runner import db
+from runner.backup import dump, s3
 from runner.context import Run
 from runner.errors import BackupFailed, RunnerError
+from runner.procs import check_client
 from runner.revisions import DbState
 
 MiB = 1 << 20
@@ -42,7 +44,7 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
     """Dump the database to S3 and write its manifest; return the manifest. Raise BackupFailed."""
     settings = run.settings
     loc = s3.Location.parse(settings.backup_s3_uri)
-    pg_dump = dump.check_client(run, settings.pg_dump_bin, "PG_DUMP_BIN")
+    pg_dump = check_client(run, settings.pg_dump_bin, "PG_DUMP_BIN")
     with db.connect(run, "backup-info") as conn:
         database, size, server = conn.execute(sa.text(
             "SELECT current_database(), pg_database_size(current_database()), "

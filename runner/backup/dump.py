@@ -11,18 +11,15 @@ import fcntl
 import hashlib
 import io
 import os
-import re
-import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Callable
 from typing import IO, Any
 
-from runner import cancel as cancellation
 from runner.context import Run
 from runner.errors import BackupFailed
+from runner.procs import describe_exit, libpq_env, reap, spawn, tail, terminate
 
 PROGRESS_EVERY = 5.0  # seconds between backup.progress events
 READ_BUFFER = 1 << 20  # the BufferedReader's buffer: s3transfer's read(part) then fills a whole part
@@ -33,51 +30,6 @@ COMPRESSION: dict[str, tuple[list[str], list[str] | None, str]] = {
     "gzip": ([], None, ".pgdump"),
     "none": (["-Z0"], None, ".pgdump"),
 }
-
-
-def client_major(path: str) -> tuple[int, str]:
-    """Return (major, version text) of a PostgreSQL client tool."""
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
-                         preexec_fn=cancellation.unblock_in_child).stdout.strip()
-    m = re.search(r"\b(\d+)(?:\.\d+)?", out)
-    if not m:
-        raise BackupFailed(f"cannot read the version of {path} ({out!r})")
-    return int(m.group(1)), out
-
-
-def check_client(run: Run, binary: str, setting: str) -> str:
-    """Refuse a client older than the server's major version (it cannot dump / restore it)."""
-    path = shutil.which(binary)
-    server = run.server_version // 10000
-    if not path:
-        raise BackupFailed(f"{setting}={binary} not found: install the PostgreSQL client tools "
-                           f"(major {server} or newer) or point {setting} at them")
-    major, text = client_major(path)
-    if major < server:
-        raise BackupFailed(f"{setting} is {text}, older than the server (PostgreSQL {server}): "
-                           f"use an image with a PostgreSQL {server} (or newer) client, or point "
-                           f"{setting} at one")
-    return text
-
-
-def libpq_env(run: Run, purpose: str) -> tuple[dict[str, str], str]:
-    """Return (environment, conninfo without password) for a client tool on the run's database.
-
-    The password goes through PGPASSWORD, never argv (argv is visible in the process list).
-    """
-    u = run.settings.sync_url
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    if u.password:
-        env["PGPASSWORD"] = str(u.password)
-    env["PGAPPNAME"] = run.app_name(purpose)
-    parts = {"host": u.host, "port": u.port, "user": u.username, "dbname": u.database}
-    parts.update({k: v if isinstance(v, str) else v[-1] for k, v in u.query.items()})
-    conninfo = " ".join(f"{k}={_quote(str(v))}" for k, v in parts.items() if v is not None)
-    return env, conninfo
-
-
-def _quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 class DumpStream(io.RawIOBase):
@@ -126,7 +78,7 @@ class DumpStream(io.RawIOBase):
                 last = tail(err) or "no message"
                 hint = ("; another session holds a conflicting table lock: find it in pg_locks, "
                         "or raise BACKUP_LOCK_WAIT_TIMEOUT" if "LOCK TABLE" in last else "")
-                raise BackupFailed(f"{name} exited with {_describe_exit(code)}: {last}{hint}; "
+                raise BackupFailed(f"{name} exited with {describe_exit(code)}: {last}{hint}; "
                                    "nothing was migrated")
 
     def elapsed(self) -> float:
@@ -159,49 +111,3 @@ def pipeline(run: Run, dump_args: list[str], filt: list[str] | None) -> Any:
         reap(procs, errs)
 
 
-def spawn(args: list[str], env: dict[str, str], stdin: Any, stderr: IO[bytes], fix: str,
-          stdout: Any = subprocess.PIPE) -> subprocess.Popen[bytes]:
-    """Start one stage of a pipeline in its own process group, with the runner's signals unblocked."""
-    try:
-        return subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                                preexec_fn=cancellation.unblock_in_child, start_new_session=True)
-    except OSError as exc:
-        raise BackupFailed(f"cannot start {args[0]} ({exc.strerror}): {fix}") from None
-
-
-def reap(procs: list[subprocess.Popen[bytes]], files: list[IO[bytes]]) -> None:
-    """Stop what still runs, wait for it (bounded), close its output pipes and stderr files.
-
-    Input pipes are left to their writers (restore's feeder thread closes its own).
-    """
-    terminate(procs)
-    for p in procs:
-        with contextlib.suppress(Exception):
-            p.wait(timeout=10)
-        if p.stdout:
-            p.stdout.close()
-    for f in files:
-        f.close()
-
-
-def terminate(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM the process groups of the still-running processes (idempotent)."""
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGTERM)
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        with contextlib.suppress(ValueError):
-            return f"signal {signal.Signals(-code).name}"
-    return f"code {code}"
-
-
-def tail(f: IO[bytes], limit: int = 400) -> str:
-    """The last lines a tool wrote to its stderr file, on one line."""
-    f.seek(0)
-    text = f.read().decode("utf-8", "replace").strip()
-    lines = [line for line in text.splitlines() if line.strip()]
-    return " / ".join(lines[-3:])[-limit:]

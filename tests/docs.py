@@ -1,0 +1,73 @@
+"""Generated parts of the docs: tables rendered from the code, between marker comments.
+
+    python -m tests.docs        rewrite them in place (after changing a setting, an exit code...)
+
+A test fails when a generated part is stale, so the docs never disagree with the code.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from runner import config, exitcodes
+from runner.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _commands() -> str:
+    rows = ["| command | what it does |", "| --- | --- |"]
+    rows += [f"| `{name}` | {what} |" for name, (what, _) in COMMANDS.items()]
+    return "\n".join(rows)
+
+
+def _retriable() -> str:
+    codes = [int(c) for c, (_, retry) in exitcodes.DESCRIPTIONS.items() if retry and c]
+    return ", ".join(map(str, codes))
+
+
+def _non_retriable() -> str:
+    return ", ".join(map(str, exitcodes.non_retriable()))
+
+
+GENERATED: dict[str, Callable[[], str]] = {
+    "exit-codes": exitcodes.markdown_table,
+    "settings": config.markdown_table,
+    "commands": _commands,
+    "retriable-codes": _retriable,
+    "non-retriable-codes": _non_retriable,
+}
+_BLOCK = re.compile(r"(<!-- generated:(?P<name>[\w-]+) -->)(?P<body>.*?)(<!-- /generated -->)", re.S)
+
+
+def render(text: str) -> str:
+    """Return text with every generated block brought up to date."""
+
+    def fill(m: re.Match[str]) -> str:
+        body = GENERATED[m.group("name")]()
+        sep = "\n" if "\n" in body or "\n" in m.group("body") else ""
+        return f"{m.group(1)}{sep}{body}{sep}{m.group(4)}"
+
+    return _BLOCK.sub(fill, text)
+
+
+def documents() -> list[Path]:
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "k8s" / "README.md"]
+
+
+def main() -> int:
+    for path in documents():
+        if path.exists():
+            text = path.read_text()
+            new = render(text)
+            if new != text:
+                path.write_text(new)
+                print(f"updated {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
