@@ -97,6 +97,8 @@ COPY entrypoint.sh /usr/local/bin/entrypoint.sh
 
 # the PostgreSQL client directory first: pg_dump/pg_restore/psql of PG_MAJOR, not Debian's wrapper
 ENV PATH="/opt/venv/bin:/usr/lib/postgresql/${PG_MAJOR}/bin:${PATH}" \
+    RUNNER_IMAGE_VERSION="${VERSION}" \
+    RUNNER_IMAGE_REVISION="${REVISION}" \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1

@@ -25,6 +25,12 @@ class Run:
     server_version: int = 0
     summary: dict[str, Any] = dataclasses.field(default_factory=dict)
     durations: dict[str, float] = dataclasses.field(default_factory=dict)
+    # each revision step the run attempted: {"revision", "seconds", "outcome"} (the ledger keeps them)
+    steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # called by report() with (exit code, error) once the outcome is known (the ledger records it);
+    # a finisher that raises only logs a warning: it never changes the exit code
+    finishers: list[Callable[[int, str | None], None]] = dataclasses.field(default_factory=list)
+    started_at: float = dataclasses.field(default_factory=time.time)  # wall clock, for records
 
     def remaining(self) -> float | None:
         """Return seconds left before RUN_DEADLINE, or None without a deadline."""

@@ -70,7 +70,14 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
         for revision, dest in plan:
             run.log("migrate.step", f"{'downgrading' if downgrade else 'upgrading'} {revision}",
                     revision=revision, to=dest)
-            _with_lock_retries(run, cfg, revision, dest, downgrade)
+            step = {"revision": revision, "to": dest, "seconds": 0.0, "outcome": "failed"}
+            run.steps.append(step)
+            t0 = run.clock()
+            try:
+                _with_lock_retries(run, cfg, revision, dest, downgrade)
+                step["outcome"] = "downgraded" if downgrade else "applied"
+            finally:
+                step["seconds"] = round(run.clock() - t0, 3)
             applied.append(revision)
 
 

@@ -24,6 +24,12 @@ def summary(run: Run, code: ExitCode, error: str | None) -> dict[str, object]:
 
 def report(run: Run, code: ExitCode, error: str | None) -> None:
     """Log the summary and write the termination message (best effort: never masks the exit code)."""
+    for finish in run.finishers:
+        try:
+            finish(int(code), error)
+        except Exception as exc:  # noqa: BLE001 - a record-keeping failure never changes the outcome
+            run.log.warning("summary", f"could not record the run ({type(exc).__name__}: "
+                            f"{redact(str(exc).splitlines()[0] if str(exc) else '')})")
     data = summary(run, code, error)
     if code == ExitCode.OK:
         run.log("summary", f"{run.command}: {data['outcome']} (exit 0)", **data)
