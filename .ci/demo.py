@@ -24,6 +24,9 @@ def main() -> int:
         with moto_s3(request_log=logging.ERROR) as s3:
             s3.client.create_bucket(Bucket="backups")
             return run_job(cluster, s3)
+    except KeyboardInterrupt:  # Ctrl-C: the runner already stopped (exit 130); clean up quietly
+        print("\n== interrupted: removing the throwaway database and S3 server", flush=True)
+        return 130
     finally:
         cluster.destroy()
 
@@ -40,11 +43,20 @@ def run_job(cluster: Cluster, s3: S3Server) -> int:
     code = 0
     for args in (["upgrade"], ["upgrade"], ["status", "--check"], ["backups"]):
         print(f"\n== python -m runner {' '.join(args)}", flush=True)
-        code = subprocess.call([sys.executable, "-m", "runner", *args], env=env, cwd=REPO)
+        code = _call([sys.executable, "-m", "runner", *args], env)
         print(f"== exit code {code}", flush=True)
         if code:
             break
     return code
+
+def _call(args: list[str], env: dict[str, str]) -> int:
+    proc = subprocess.Popen(args, env=env, cwd=REPO)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.wait(timeout=30)  # it got the same SIGINT: let it cancel, roll back and exit 130
+        raise
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ Accepts a connection from the caller (config.attributes['connection'], as the ru
 and falls back to its own engine from sqlalchemy.url, so plain `alembic` works too.
 """
 
+import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -15,8 +16,17 @@ config = context.config
 if config.config_file_name and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name)
 
+# the migration runner's ledger lives next to alembic_version; it is not one of our models
+LEDGER = os.environ.get("HISTORY_TABLE", "runner_history")
+
+
+def include_name(name: str | None, type_: str, parent_names: dict) -> bool:
+    return not (type_ == "table" and name in (LEDGER, f"{LEDGER}_revisions"))
+
+
 OPTIONS = dict(
     target_metadata=metadata,
+    include_name=include_name,  # autogenerate / `alembic check` leave the ledger alone
     # one transaction per revision: a failure leaves the database at the last good revision,
     # and autocommit_block() (CREATE INDEX CONCURRENTLY) needs it
     transaction_per_migration=True,

@@ -114,20 +114,32 @@ def _nothing(p: argparse.ArgumentParser) -> None:
     pass
 
 
-# name -> (help, arguments); entrypoint.sh and the README list the same names
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
-    "upgrade": ("apply pending migrations (default: to head)", _upgrade),
-    "downgrade": ("roll back to a revision (-1, an id, or base)", _downgrade),
-    "status": ("show current, head and pending revisions", _status),
-    "wait": ("only wait until the database is ready", _wait),
-    "plan": ("print the SQL upgrade would run", _plan),
-    "verify": ("prove the migration chain safe on a throwaway database (VERIFY_DATABASE_URL)", _verify),
-    "backup": ("back the database up to BACKUP_S3_URI (under the lock)", _nothing),
-    "backups": ("list this database's backups, newest first", _backups),
-    "restore": ("restore a backup into the database (under the lock)", _restore),
-    "history": ("show the ledger: who migrated what, when, newest first", _history),
-    "stamp": ("set the database's revision without migrating (under the lock)", _stamp),
-    "repair": ("re-record the checksums of applied revisions after a reviewed edit", _repair),
+# name -> (synopsis, what it does, arguments): the parser, the dispatcher, entrypoint.sh and the
+# README's command table all follow this one list
+COMMANDS: dict[str, tuple[str, str, Callable[[argparse.ArgumentParser], None]]] = {
+    "upgrade": ("[--to REV]", "wait, lock, back up, apply pending revisions (default: to head), "
+                "verify; a no-op takes no lock", _upgrade),
+    "downgrade": ("--to REV [--confirm REV] [--yes]", "roll back to a revision id, -N, or base "
+                  "(needs --yes); --confirm must repeat --to when given", _downgrade),
+    "status": ("[--check]", "current, head and pending revisions and the last run; --check exits "
+               "10 when not at head", _status),
+    "wait": ("[--until-head]", "wait until the database is ready; --until-head then until it is at "
+             "this image's head (init containers: read-only)", _wait),
+    "plan": ("[--to REV] [--scratch]", "print the SQL upgrade would run (offline, or captured on a "
+             "throwaway database with --scratch)", _plan),
+    "verify": ("[--from REV] [--against [VAR]] [--format json]", "prove the chain safe on a "
+               "throwaway database: round trips, lint, models, drift", _verify),
+    "backup": ("", "back the database up to BACKUP_S3_URI now (under the lock)", _nothing),
+    "backups": ("[--from-database NAME] [--all-databases]", "list committed backups, newest first",
+                _backups),
+    "restore": ("--backup KEY|latest [--from-database NAME] --yes", "replace the database's "
+                "contents with a verified backup, in one transaction (under the lock)", _restore),
+    "history": ("[--limit N] [--format json]", "the ledger: who migrated what, when, from which "
+                "image, newest first", _history),
+    "stamp": ("REV --yes", "set the database's revision without migrating (under the lock; "
+              "recorded as a stamp)", _stamp),
+    "repair": ("[REV ...]", "re-record the checksums of applied revisions after a reviewed edit",
+               _repair),
 }
 FLEET_COMMANDS = ("upgrade", "downgrade", "status")
 
@@ -137,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m runner", description="Apply Alembic migrations once, safely.",
                 parents=[flags])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name, (what, arguments) in COMMANDS.items():
+    for name, (_, what, arguments) in COMMANDS.items():
         arguments(sub.add_parser(name, help=what, parents=[flags]))
     return p
 
@@ -162,7 +174,8 @@ def _dispatch(run: Run, args: argparse.Namespace, env: Mapping[str, str]) -> Non
 def _load_settings(args: argparse.Namespace, env: Mapping[str, str]) -> config.Settings:
     overrides = {k: v for k, v in vars(args).items() if k.isupper() and v is not None}
     fleet = fleet_mode(env, args.command)
-    need_database = not (args.command == "verify" and not args.against) and not (
+    # verify needs DATABASE_URL only to compare it (--against DATABASE_URL, the default name)
+    need_database = not (args.command == "verify" and args.against != "DATABASE_URL") and not (
         fleet and env.get("TARGETS_FILE"))
     return config.load(env, overrides, need_database=need_database, command=args.command)
 
@@ -179,11 +192,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         run = Run(settings=settings, log=log, command=args.command)
         cancellation.install(run.cancel, log)
         cancellation.start_deadline(run.cancel, settings.run_deadline)
-        from runner import db  # SQLAlchemy: after the configuration is known to be good
+        from runner import fastpath  # a no-op answered from the image's recorded facts: no SQLAlchemy
 
-        db.install_statement_guard(run)
-        log("start", f"{args.command} against {_target(settings, env, args.command)}", run_id=run.run_id)
-        _dispatch(run, args, env)
+        if not fastpath.answer(run, args):
+            from runner import db  # SQLAlchemy: after the configuration is known to be good
+
+            db.install_statement_guard(run)
+            log("start", f"{args.command} against {_target(settings, env, args.command)}", run_id=run.run_id)
+            _dispatch(run, args, env)
         code, error = ExitCode.OK, None
     except RunnerError as exc:
         code, error = exc.code, str(exc)
@@ -191,9 +207,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if run is not None and run.cancel.is_set:
             err = run.cancel.error()
             code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
+        elif run is not None and (lost := _lost_connection(exc)) is not None:  # restart, failover
+            code, error = lost.code, str(lost)
         else:
             first = (str(exc).strip().splitlines() or [""])[0]
             code, error = ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {first}"
+    if run is not None and code == ExitCode.OK and run.cancel.reason in ("SIGTERM", "SIGINT"):
+        err = run.cancel.error()  # a signal arrived where nothing waited for it: still stop as told
+        code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
     if run is None:
         log.error("config", redact(error or ""), exit_code=int(code))
     else:
@@ -201,6 +222,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
         report(run, code, error)
     return int(code)
+
+
+def _lost_connection(exc: Exception) -> RunnerError | None:
+    from runner import db
+
+    return db.lost_connection_error(exc)
 
 
 def _target(settings: config.Settings, env: Mapping[str, str], command: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 from collections.abc import Iterator
 from typing import IO
@@ -11,7 +12,7 @@ from typing import IO
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from runner import db, revisions
+from runner import db, ledger, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending, PreflightRefused
 from runner.revisions import DbState, fmt
@@ -86,7 +87,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     # 2. the lock, then look again: another copy may have migrated meanwhile
     from runner.migrate import apply_steps  # off the no-op fast path, like the lock
 
-    with _locked(run, cfg, script, state) as state:
+    with _locked(run, cfg, script, state, goal) as state:
         revisions.check_known(script, state.heads)
         if set(state.heads) == set(goal):
             return _nothing_to_do(run, state)
@@ -94,6 +95,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         # 3. migrate, one transaction per revision
         plan = revisions.steps(script, state.heads, goal, downgrade)
         run.summary["pending"] = [rev for rev, _ in plan]
+        ledger.preflight(run, downgrade)  # an edited applied revision: exit 7; the ledger row starts
         if plan:  # 3a. backup first: fail closed, nothing is migrated without one
             _backup_before(run, state)
         with run.timed("migrate"):
@@ -104,7 +106,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     if set(after) != set(goal):
         raise MigrationFailed(f"after migrating the database is at {fmt(after)}, expected "
                               f"{fmt(goal)}: check env.py's run_migrations for skipped revisions")
-    run.summary.update(to=fmt(after), outcome="migrated")
+    run.summary.update(to=fmt(after), outcome="downgraded" if downgrade else "migrated")
 
 
 def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
@@ -123,6 +125,7 @@ def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
     if unknown:
         print(f"unknown:  {', '.join(unknown)} (not in these scripts: the image is older than "
               "the database)", file=out)
+    ledger.print_last_run(run, state, out)  # "last run: ..." from the ledger, when there is one
     run.summary.update({"from": fmt(state.heads), "to": fmt(state.heads), "head": fmt(heads),
                         "pending": pending})
     if check and (pending or unknown or set(state.heads) != set(heads)):
@@ -171,39 +174,47 @@ def backup(run: Run) -> None:
 
 def backups(run: Run, out: IO[str] | None = None, from_database: str | None = None,
             all_databases: bool = False) -> None:
-    """List this database's committed backups, newest first."""
+    """List committed backups, newest first: this database's, another's (from_database) or those
+    of every database under the prefix (all_databases)."""
     from runner.backup import s3
+    from runner.backup.manifest import newest
 
+    if all_databases and from_database:
+        raise ConfigError("--all-databases and --from-database exclude each other: pick one")
     out = out or sys.stdout
-    loc = s3.Location.parse(run.settings.backup_s3_uri)
-    found = s3.manifests(s3.client(run.settings), loc, run.settings.database_url.database or "")
-    print(f"{'key':<60} {'created':<25} {'size':>12} {'revision':<14} database", file=out)
+    loc, client = s3.Location.parse(run.settings.backup_s3_uri), s3.client(run.settings, run.cancel)
+    names = (s3.databases(run, client, loc) if all_databases
+             else [from_database or run.settings.database_url.database or ""])
+    found = newest([m for name in names for m in s3.backups(run, client, loc, name)])
+    print(f"{'key':<60} {'created':<25} {'size':>12} {'revision':<14} {'database':<20} server", file=out)
     for m in found:
-        print(f"{m['key']:<60} {m['created']:<25} {m['size']:>12} "
-              f"{fmt(m['alembic_revision']):<14} {m['database']}", file=out)
+        print(f"{m['key']:<60} {m['created']:<25} {m['size']:>12} {fmt(m['alembic_revision']):<14} "
+              f"{m['database']:<20} {m.get('system_identifier') or '-'}", file=out)
     run.summary.update(backups=len(found), outcome="listed")
 
 
 def restore(run: Run, which: str, yes: bool = False, from_database: str | None = None) -> None:
-    """Replace the database's contents with a verified backup, under the migration lock."""
+    """Replace the database's contents with a backup in one transaction, under the migration lock:
+    KEY, or the newest backup of this database (or of from_database) for 'latest'."""
     from runner.backup import restore as restoring
     from runner.backup import s3
 
     if not yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
                           "add --yes to confirm")
+    if from_database and which != "latest":
+        raise ConfigError("--from-database goes with --backup latest: a KEY names its database already")
     cfg, script = _load(run)
-    client, loc = s3.client(run.settings), s3.Location.parse(run.settings.backup_s3_uri)
+    client, loc = s3.client(run.settings, run.cancel), s3.Location.parse(run.settings.backup_s3_uri)
     with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
-        manifest = restoring.resolve(run, client, loc, run.settings.database_url.database or "", which)
-        run.log("restore.verify", f"verifying {manifest['key']} against its manifest",
-                size=manifest["size"], revision=fmt(manifest["alembic_revision"]))
-        with run.timed("verify"):
-            etag = restoring.verify(run, client, manifest)
-        run.log("restore.start", f"restoring {manifest['key']} in one transaction",
-                database=run.settings.safe_target)
+        target = restoring.inspect(run)
+        manifest = restoring.resolve(run, client, loc, target, which, from_database)
+        tools = restoring.check(run, client, loc, manifest, target)
+        run.log("restore.begin", f"restoring {manifest['key']} in one transaction",
+                source=manifest["database"], server_version=manifest["server_version"],
+                revision=fmt(manifest["alembic_revision"]), size=manifest["size"])
         with run.timed("restore"):
-            restoring.restore(run, client, manifest, etag)
+            restoring.restore(run, client, loc, manifest, target, tools)
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
     run.summary.update({"backup": manifest["key"], "from": fmt(state.heads), "to": fmt(after),
@@ -227,19 +238,33 @@ def _ready_state(run: Run, cfg: Config, script: ScriptDirectory) -> DbState:
 
 
 @contextlib.contextmanager
-def _locked(run: Run, cfg: Config, script: ScriptDirectory, seen: DbState) -> Iterator[DbState]:
+def _locked(run: Run, cfg: Config, script: ScriptDirectory, seen: DbState,
+            goal: tuple[str, ...] | None = None) -> Iterator[DbState]:
     """Hold the migration lock for the version table seen; yield the state read again under it
-    (another copy may have changed the database while we waited)."""
+    (another copy may have changed the database while we waited).
+
+    With goal, a waiter reads the version table on every poll and stops waiting once the database
+    is there: it yields that state without taking the lock (read-only; nothing left to do).
+    """
     from runner.lock import migration_lock  # off the no-op fast path
 
-    with migration_lock(run, seen.version_schema or "", seen.version_table):
+    ledger.track(run, seen)  # the ledger records this run, a lock timeout too
+    there = None if goal is None else lambda conn: set(revisions.stamped(conn, seen)) == set(goal)
+    with migration_lock(run, seen.version_schema or "", seen.version_table, there) as lock:
+        if lock is None:  # another copy reached the goal while we waited
+            yield dataclasses.replace(seen, heads=goal or ())
+            return
         with db.connect(run, "inspect") as conn:
             state = revisions.read_state(cfg, script, conn)
-        yield state
+        with ledger.locked(run, script, state):  # tables, baseline; checksums of what was applied
+            yield state
 
 
 def _load(run: Run) -> tuple[Config, ScriptDirectory]:
     cfg = revisions.alembic_config(run.settings)
+    if run.tenant is not None:  # fleet schema mode, as Alembic's cookbook: `alembic -x tenant=...`
+        cfg.cmd_opts = argparse.Namespace(x=[f"tenant={run.tenant}"])
+        cfg.attributes["tenant"] = run.tenant
     revisions.route_logging(run.log)
     return cfg, revisions.load_scripts(cfg)
 
@@ -262,9 +287,10 @@ def _check_direction(script: ScriptDirectory, current: tuple[str, ...], goal: tu
     if downgrade and not set(goal) <= below:
         raise PreflightRefused(f"downgrade target {fmt(goal)} is not an ancestor of the current "
                                f"revision {fmt(current)}: a downgrade can only go back")
-    if not downgrade and goal and set(goal) <= below:
+    if not downgrade and set(goal) <= below:  # base (no revisions) included
         raise PreflightRefused(f"upgrade target {fmt(goal)} is older than the current revision "
-                               f"{fmt(current)}: use 'downgrade --to {fmt(goal)}'")
+                               f"{fmt(current)}: use 'downgrade --to {fmt(goal)}"
+                               + (" --yes'" if not goal else "'"))
 
 
 def _nothing_to_do(run: Run, state: DbState) -> None:

@@ -174,7 +174,7 @@ class Settings:
     auth_timeout: float = setting(
         "DB_AUTH_TIMEOUT", "30s", "How long authentication failures (wrong password, unknown role, "
         "missing database) are retried, within DB_WAIT_TIMEOUT: roles and secrets provisioned by an "
-        "operator can arrive late. Then exit 12.", duration())
+        "operator can arrive late. Then exit 12; 0 fails at the first one.", duration(zero=True))
     lock_wait_timeout: float = setting("LOCK_WAIT_TIMEOUT", "300s", "How long to wait for the "
                                        "migration lock.", duration())
     migration_lock_timeout: float = setting(
@@ -398,10 +398,12 @@ def _check_combinations(values: dict[str, Any], command: str, errors: list[str])
             ", or BACKUP_MODE=off to migrate without a backup (local development only)"))
 
 
-def markdown_table(group: str | None = None) -> str:
-    """Render the settings (of one group, or all) as the README's configuration table."""
+def markdown_table(groups: tuple[str, ...] = (), brief: bool = False) -> str:
+    """Render the settings (of some groups, or all) as a configuration table; brief keeps the
+    first sentence of each help text."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
-        if group is None or s.group == group:
-            rows.append(f"| `{s.env}` | {s.shown if s.shown is not None else s.default} | {s.help} |")
+        if not groups or s.group in groups:
+            text = s.help.split(". ")[0].split("; ")[0].rstrip(".") + "." if brief else s.help
+            rows.append(f"| `{s.env}` | {s.shown if s.shown is not None else s.default} | {text} |")
     return "\n".join(rows)

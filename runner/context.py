@@ -31,6 +31,11 @@ class Run:
     # a finisher that raises only logs a warning: it never changes the exit code
     finishers: list[Callable[[int, str | None], None]] = dataclasses.field(default_factory=list)
     started_at: float = dataclasses.field(default_factory=time.time)  # wall clock, for records
+    # fleet schema mode: the tenant schema env.py migrates (`-x tenant=...`, attributes["tenant"])
+    tenant: str | None = None
+    # engines by purpose and options (runner.db): each new Engine re-runs SQLAlchemy's dialect
+    # initialisation (several round trips) on its first connection; a run opens ~20 connections
+    engines: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, repr=False)
 
     def remaining(self) -> float | None:
         """Return seconds left before RUN_DEADLINE, or None without a deadline."""

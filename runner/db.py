@@ -10,12 +10,17 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from runner.context import Run
+from runner.errors import ConnectionLost
+from runner.log import one_line
+from runner.redact import redact
 
 # TCP keepalives so a backend whose runner vanished without closing its socket goes away
 _KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
                "keepalives_count": 3}
 CHECK_INTERVAL = "2s"  # client_connection_check_interval: a killed runner's query stops this fast
 IDLE_IN_TX_TIMEOUT = "10min"
+# admin_shutdown, crash_shutdown, cannot_connect_now: the server is going down or starting up
+_LOST_SQLSTATES = ("57P01", "57P02", "57P03")
 
 
 def _ms(seconds: float) -> str:
@@ -27,6 +32,9 @@ def session_options(run: Run, migrating: bool) -> str:
     opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT}
     if run.server_version >= 140000:
         opts["client_connection_check_interval"] = CHECK_INTERVAL
+        # the lock session idles for the whole migration: a server-wide idle_session_timeout
+        # would end it and hand the migration lock to another copy mid-migration
+        opts["idle_session_timeout"] = "0"
     if migrating:
         s = run.settings
         opts["lock_timeout"] = _ms(s.migration_lock_timeout)
@@ -36,22 +44,61 @@ def session_options(run: Run, migrating: bool) -> str:
 
 def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool = False,
            connect_timeout: float = 10.0) -> Engine:
-    """Create a pool-less engine for one purpose (wait, lock, migrate, cancel, ...)."""
+    """Return the pool-less engine for one purpose (wait, lock, migrate, cancel, ...).
+
+    Pool-less: every connect() is a new server session with the settings below. The engine
+    itself is kept for the run, so SQLAlchemy initialises its dialect once, not per connection.
+    """
+    key = (purpose, autocommit, migrating, int(connect_timeout), run.server_version,
+           run.settings.database_url.render(hide_password=False))
+    cached = run.engines.get(key)
+    if cached is not None:
+        return cached
     args: dict[str, Any] = dict(_KEEPALIVES, application_name=run.app_name(purpose),
                                 connect_timeout=max(1, int(connect_timeout)))
     if run.server_version:  # unknown before the first successful connection
-        args["options"] = session_options(run, migrating)
+        own = run.settings.database_url.libpq_params().get("options")
+        # the URL's own options (e.g. -c search_path=app) come first; ours win on a clash
+        args["options"] = " ".join(filter(None, (own, session_options(run, migrating))))
     kw: dict[str, Any] = {"poolclass": NullPool, "connect_args": args}
     if autocommit:
         kw["isolation_level"] = "AUTOCOMMIT"
     eng = sa.create_engine(run.settings.sync_url, **kw)
     if not migrating:
         eng = eng.execution_options(runner_control=True)
+    run.engines[key] = eng
     return eng
 
 
 def connect(run: Run, purpose: str, **kw: Any) -> Connection:
     return engine(run, purpose, **kw).connect()
+
+
+def connection_lost(exc: BaseException | None) -> bool:
+    """Return True when exc (or what caused it) says the server connection is gone: a restart,
+    a failover, a killed backend. Such a run is worth retrying; nothing half-done was kept."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return True
+        orig = getattr(exc, "orig", exc)
+        code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+        if isinstance(code, str) and (code.startswith("08") or code in _LOST_SQLSTATES):
+            return True
+        if isinstance(exc, sa.exc.OperationalError) and not code:
+            return True  # libpq reports every server error with a SQLSTATE: this is the connection
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def lost_connection_error(exc: BaseException) -> ConnectionLost | None:
+    """Return the error for a connection lost outside the steps that say so themselves, or None."""
+    if not connection_lost(exc):
+        return None
+    message = redact(one_line(str(getattr(exc, "orig", exc)))) or type(exc).__name__
+    return ConnectionLost(f"lost the connection to the database ({message}): a restart or failover; "
+                          "run again once the server is back")
 
 
 def libpq_environment(run: Run) -> dict[str, str]:

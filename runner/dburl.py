@@ -160,3 +160,22 @@ def _check_query(query: Mapping[str, str | tuple[str, ...]]) -> None:
     timeout = _first(query.get("connect_timeout"))
     if timeout is not None and not timeout.isdigit():
         raise UrlError("DATABASE_URL has a connect_timeout that is not a whole number of seconds")
+    unknown = [key for key in query if not _libpq_knows(key)]
+    if unknown:
+        shown = ", ".join(repr(k[:40]) for k in unknown[:3])
+        raise UrlError(f"DATABASE_URL has query parameter(s) {shown} that libpq does not know: the "
+                       "runner connects with libpq (psycopg2) whatever the driver; use libpq's "
+                       "connection parameters (e.g. sslmode=require, not ssl=true)")
+
+
+def _libpq_knows(key: str) -> bool:
+    """Ask libpq's own conninfo parser: its keywords depend on its version."""
+    import psycopg2.extensions  # only for URLs with a query string
+
+    if not key.isidentifier():  # never hand the parser syntax of its own
+        return False
+    try:
+        psycopg2.extensions.parse_dsn(f"{key}=''")
+    except psycopg2.ProgrammingError:
+        return False
+    return True

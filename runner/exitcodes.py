@@ -42,7 +42,11 @@ DESCRIPTIONS: dict[ExitCode, tuple[str, bool]] = {
         "the database is at the last good revision",
         False,
     ),
-    ExitCode.PREFLIGHT_REFUSED: ("preflight refused (heads, unknown revision, bad target)", False),
+    ExitCode.PREFLIGHT_REFUSED: (
+        "preflight refused (heads, unknown revision, bad target, a leftover INVALID index with "
+        "INVALID_INDEX_POLICY=refuse)",
+        False,
+    ),
     ExitCode.LOCK_RETRIES_EXHAUSTED: (
         "table-lock (lock_timeout) retries exhausted; the database is at the last good revision",
         True,

@@ -9,9 +9,9 @@ from typing import Any
 import sqlalchemy as sa
 from alembic.config import Config
 
-from runner import db, retry, revisions
+from runner import db, indexes, retry, revisions
 from runner.context import Run
-from runner.errors import LockRetriesExhausted, MigrationFailed, PreflightRefused
+from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, PreflightRefused
 from runner.redact import redact
 
 LOCK_NOT_AVAILABLE = "55P03"
@@ -25,15 +25,6 @@ FROM pg_stat_activity w
 CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid)
 JOIN pg_stat_activity b ON b.pid = bp.pid
 WHERE w.application_name = :app
-""")
-
-INVALID_INDEXES_SQL = sa.text("""
-SELECT format('%I.%I', n.nspname, c.relname) AS name
-FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE NOT i.indisvalid
-  AND i.indexrelid NOT IN (SELECT index_relid FROM pg_stat_progress_create_index
-                           WHERE index_relid IS NOT NULL)
-ORDER BY 1
 """)
 
 _LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|(?<![\w$])\d+(?:\.\d+)?\b", re.S)
@@ -66,12 +57,13 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
     """Apply each step in its own transaction; the summary lists what was applied."""
     applied: list[str] = run.summary.setdefault("applied", [])
     db.apply_libpq_environment(run)
-    with run.cancel.on_cancel(lambda: db.cancel_own_statements(run)):
+    with run.cancel.on_cancel(lambda: db.cancel_own_statements(run)), indexes.guarded(run) as guard:
         for revision, dest in plan:
             run.log("migrate.step", f"{'downgrading' if downgrade else 'upgrading'} {revision}",
                     revision=revision, to=dest)
             step = {"revision": revision, "to": dest, "seconds": 0.0, "outcome": "failed"}
             run.steps.append(step)
+            guard.revision = revision
             t0 = run.clock()
             try:
                 _with_lock_retries(run, cfg, revision, dest, downgrade)
@@ -79,6 +71,7 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
             finally:
                 step["seconds"] = round(run.clock() - t0, 3)
             applied.append(revision)
+    indexes.report_invalid(run)
 
 
 def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool) -> None:
@@ -107,14 +100,16 @@ def _step_once(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool)
     monitor = _BlockerMonitor(run)
     monitor.start()
     try:
-        # before every attempt: a CONCURRENTLY build that timed out leaves an INVALID index
-        handle_invalid_indexes(run)
         with db.connect(run, "migrate", migrating=True) as conn:
             revisions.run_step(cfg, dest, downgrade, conn)
     except PreflightRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
         run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
+        if db.connection_lost(exc):  # a restart or failover: a rerun will likely succeed
+            raise ConnectionLost(f"lost the connection to the database while revision {revision} ran "
+                                 f"({db_message(exc)}); its transaction rolled back, the database is "
+                                 "at the last good revision: run again once the server is back") from None
         code = sqlstate(exc)
         if code == LOCK_NOT_AVAILABLE:
             blockers = monitor.last or []
@@ -165,20 +160,3 @@ class _BlockerMonitor(threading.Thread):
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=2)
-
-
-def handle_invalid_indexes(run: Run) -> None:
-    """Drop (or refuse on) INVALID indexes left by an interrupted CREATE INDEX CONCURRENTLY."""
-    with db.connect(run, "maintain", autocommit=True, migrating=True) as conn:
-        names = list(conn.execute(INVALID_INDEXES_SQL).scalars())
-        if not names:
-            return
-        if run.settings.invalid_index_policy == "refuse":
-            raise PreflightRefused(
-                f"INVALID index(es) {', '.join(names)} left by an interrupted CREATE INDEX "
-                f"CONCURRENTLY: run DROP INDEX CONCURRENTLY {names[0]}; (for each) and retry, "
-                "or set INVALID_INDEX_POLICY=drop")
-        for name in names:
-            run.log.warning("index.invalid", f"dropping INVALID index {name} left by an "
-                         "interrupted CREATE INDEX CONCURRENTLY; the migration rebuilds it")
-            conn.execute(sa.text(f"DROP INDEX CONCURRENTLY IF EXISTS {name}"))

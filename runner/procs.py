@@ -15,17 +15,26 @@ from typing import IO, Any
 from runner import cancellation
 from runner.context import Run
 from runner.dburl import DbUrl
-from runner.errors import BackupFailed
+from runner.errors import BackupFailed, ConfigError
+
+# what a child inherits from the runner's environment (see child_env)
+_INHERITED = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH")
+
+
+def client_version(path: str) -> tuple[tuple[int, int], str]:
+    """Return ((major, minor), version text) of a PostgreSQL client tool."""
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                         env=child_env(), preexec_fn=cancellation.unblock_in_child).stdout.strip()
+    m = re.search(r"\b(\d+)(?:\.(\d+))?", out)
+    if not m:
+        raise BackupFailed(f"cannot read the version of {path} ({out!r})")
+    return (int(m.group(1)), int(m.group(2) or 0)), out
 
 
 def client_major(path: str) -> tuple[int, str]:
     """Return (major, version text) of a PostgreSQL client tool."""
-    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
-                         preexec_fn=cancellation.unblock_in_child).stdout.strip()
-    m = re.search(r"\b(\d+)(?:\.\d+)?", out)
-    if not m:
-        raise BackupFailed(f"cannot read the version of {path} ({out!r})")
-    return int(m.group(1)), out
+    (major, _), text = client_version(path)
+    return major, text
 
 
 def check_client(run: Run, binary: str, setting: str) -> str:
@@ -43,22 +52,32 @@ def check_client(run: Run, binary: str, setting: str) -> str:
     return text
 
 
+def child_env(**extra: str) -> dict[str, str]:
+    """Return the environment for a child tool: the runner's, without anything secret-bearing.
+
+    The runner's own environment holds DATABASE_URL (with its password), AWS keys and libpq
+    variables meant for env.py; a child gets only what locates and localises programs, plus
+    extra (a libpq tool's PGPASSWORD: environ is readable only by the same user, argv by all).
+    """
+    env = {k: v for k, v in os.environ.items() if k in _INHERITED or k.startswith(("LC_", "ZSTD_"))}
+    env.update(extra)
+    return env
+
+
 def libpq_env(run: Run, purpose: str, url: DbUrl | None = None) -> tuple[dict[str, str], str]:
-    """Return (environment, conninfo without secrets) for a client tool on the run's database.
+    """Return (environment, conninfo without secrets) for a libpq tool on the run's database.
 
     Passwords (in the URL's user part or its query string) go through PGPASSWORD, never argv:
     argv is visible to every user of the machine in the process list.
     """
     params = (url or run.settings.database_url).libpq_params()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    password = params.pop("password", None)
-    if password:
-        env["PGPASSWORD"] = password
     if params.pop("sslpassword", None):
-        raise BackupFailed("DATABASE_URL has sslpassword: the client tools (pg_dump, pg_restore, "
-                           "psql) cannot receive it without exposing it; use an unencrypted key "
-                           "file readable only by the runner")
-    env["PGAPPNAME"] = run.app_name(purpose)
+        raise ConfigError("DATABASE_URL has sslpassword: libpq has no environment variable for it, "
+                          "so pg_dump and psql could only get it on their command line, which every "
+                          "user of the machine can read; use an unencrypted key file readable only "
+                          "by the runner")
+    password = params.pop("password", None)
+    env = child_env(PGAPPNAME=run.app_name(purpose), **({"PGPASSWORD": password} if password else {}))
     params.pop("application_name", None)
     conninfo = " ".join(f"{k}={_quote(v)}" for k, v in params.items())
     return env, conninfo

@@ -6,20 +6,24 @@ also sets sqlalchemy.url, for env.py files that build their own engine.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import itertools
 import logging
+import os
 import sys
+from collections.abc import Iterator
 from typing import IO, Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from runner.config import Settings
 from runner.errors import ConfigError, PreflightRefused, RunnerError
@@ -73,9 +77,8 @@ def read_state(cfg: Config, script: ScriptDirectory, conn: Connection | None) ->
                     schema=context.version_table_schema)
         return []
 
-    cfg.attributes["connection"] = conn
     try:
-        with EnvironmentContext(cfg, script, fn=capture, dont_mutate=True):
+        with _lent(cfg, conn), EnvironmentContext(cfg, script, fn=capture, dont_mutate=True):
             script.run_env()
     except (RunnerError, DBAPIError):
         raise
@@ -83,7 +86,6 @@ def read_state(cfg: Config, script: ScriptDirectory, conn: Connection | None) ->
         raise ConfigError(f"env.py failed ({type(exc).__name__}: {redact(str(exc))}): fix the "
                           "migration environment (imports, settings) and rebuild the image") from None
     finally:
-        cfg.attributes.pop("connection", None)
         if conn is not None and conn.in_transaction():
             conn.commit()
     if "heads" not in seen:
@@ -127,14 +129,23 @@ def resolve(script: ScriptDirectory, target: str, current: tuple[str, ...]) -> t
 
 
 def _relative(script: ScriptDirectory, target: str, current: tuple[str, ...]) -> str:
+    """Walk N revisions up (+N) or down (-N) from the current one; from base, +N starts at the
+    first revision, as Alembic does."""
+    n = int(target)
+    if not current and n > 0:
+        bases = script.get_bases()
+        if len(bases) != 1:
+            raise PreflightRefused(f"relative target {target} from base is ambiguous: the scripts have "
+                                   f"{len(bases)} base revisions; use a revision id")
+        current, n = (bases[0],), n - 1
     if len(current) != 1:
         raise PreflightRefused(f"relative target {target} needs exactly one current revision, "
                                f"the database has {len(current) or 'none'}: use a revision id")
-    n, rev = int(target), current[0]
+    rev = current[0]
     for _ in range(abs(n)):
         nxt = _parents(script, rev) if n < 0 else list(_lookup(script, rev).nextrev)  # type: ignore[union-attr]
         if len(nxt) != 1:
-            what = "base" if n < 0 and not nxt else "a branch point"
+            what = "base" if n < 0 and not nxt else "head" if not nxt else "a branch point"
             raise PreflightRefused(f"relative target {target} goes past {what}: use a revision id "
                                    "(or 'base --yes')")
         rev = nxt[0]
@@ -184,20 +195,96 @@ def steps(script: ScriptDirectory, current: tuple[str, ...], target: tuple[str, 
 
 def run_step(cfg: Config, dest: str, downgrade: bool, conn: Connection | None) -> None:
     """Apply one step through env.py, on conn when env.py accepts a connection."""
+    with _lent(cfg, conn):
+        (command.downgrade if downgrade else command.upgrade)(cfg, dest)
+
+
+def stamped(conn: Connection, state: DbState) -> tuple[str, ...]:
+    """Read the revisions stamped in the version table env.py reported, with one query (no env.py)."""
+    quote = conn.dialect.identifier_preparer
+    table = quote.quote(state.version_table)
+    if state.version_schema:
+        table = f"{quote.quote_schema(state.version_schema)}.{table}"
+    try:
+        return tuple(conn.execute(sa.text(f"SELECT version_num FROM {table}")).scalars())
+    except ProgrammingError as exc:
+        if getattr(exc.orig, "pgcode", None) == "42P01":  # no version table yet: at base
+            return ()
+        raise
+
+
+class _Branchable(Connection):
+    """The runner's connection as env.py sees it. SQLAlchemy 1.x let env.py "branch" a Connection
+    with connect(), and Alembic's older cookbook relies on it (`connectable = config.attributes
+    .get("connection") or engine_from_config(...)`, then `with connectable.connect() as
+    connection:`). A branch is the same connection, with the runner's settings; closing a branch
+    leaves it open for the runner."""
+
+    _branches = 0
+
+    def connect(self) -> _Branchable:
+        self._branches += 1
+        return self
+
+    def close(self) -> None:
+        if self._branches:
+            self._branches -= 1
+            return
+        super().close()
+
+
+@contextlib.contextmanager
+def _lent(cfg: Config, conn: Connection | None) -> Iterator[None]:
+    """Hand conn to env.py through config.attributes['connection'] for the block."""
+    if conn is not None and type(conn) is Connection:
+        conn.__class__ = _Branchable  # a subclass adding connect(): same object, same state
     cfg.attributes["connection"] = conn
     try:
-        (command.downgrade if downgrade else command.upgrade)(cfg, dest)
+        yield
     finally:
         cfg.attributes.pop("connection", None)
+        if conn is not None and type(conn) is _Branchable:
+            conn.__class__ = Connection
+            conn.__dict__.pop("_branches", None)
 
 
 def offline_sql(cfg: Config, current: tuple[str, ...], target: str) -> str:
-    """Return the SQL Alembic would run from current to target (offline mode)."""
+    """Return the SQL Alembic would run from current to target (offline mode).
+
+    A revision that inspects or queries the database cannot be rendered without one (e.g.
+    NoInspectionAvailable on Alembic's MockConnection): refuse naming it (exit 7).
+    """
     buf = io.StringIO()
     cfg.output_buffer = buf
     start = ":".join(current) if len(current) == 1 else None
-    command.upgrade(cfg, f"{start}:{target}" if start else target, sql=True)
+    try:
+        command.upgrade(cfg, f"{start}:{target}" if start else target, sql=True)
+    except RunnerError:
+        raise
+    except Exception as exc:
+        failed = _failing_revision(exc)
+        if failed is None:
+            raise
+        rev, path = failed
+        raise PreflightRefused(
+            f"revision {rev} ({path}) cannot be rendered offline ({type(exc).__name__}: "
+            f"{redact((str(exc).strip().splitlines() or [''])[0])[:160]}): it needs a database; "
+            "use 'plan --scratch', which captures the SQL on a throwaway database "
+            "(VERIFY_DATABASE_URL)") from None
     return buf.getvalue()
+
+
+def _failing_revision(exc: BaseException) -> tuple[str, str] | None:
+    """The revision module whose code raised exc (innermost frame of a revision file)."""
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        g = tb.tb_frame.f_globals
+        if isinstance(g.get("revision"), str) and "down_revision" in g and g.get("__file__"):
+            rel = os.path.relpath(g["__file__"])
+            found = (g["revision"], g["__file__"] if rel.startswith("..") else rel)
+        tb = tb.tb_next
+    return found
 
 
 def _lookup(script: ScriptDirectory, rev: str) -> Script | None:

@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def _commands() -> str:
     rows = ["| command | what it does |", "| --- | --- |"]
-    rows += [f"| `{name}` | {what} |" for name, (what, _) in COMMANDS.items()]
+    for name, (synopsis, what, _) in COMMANDS.items():
+        usage = f"{name} {synopsis}".strip().replace("|", "\\|")
+        rows.append(f"| `{usage}` | {what} |")
     return "\n".join(rows)
 
 
@@ -36,6 +38,8 @@ def _non_retriable() -> str:
 GENERATED: dict[str, Callable[[], str]] = {
     "exit-codes": exitcodes.markdown_table,
     "settings": config.markdown_table,
+    "settings-brief": lambda: config.markdown_table(("core", "backup"), brief=True),
+    "settings-fleet": lambda: config.markdown_table(("fleet",)),
     "commands": _commands,
     "retriable-codes": _retriable,
     "non-retriable-codes": _non_retriable,

@@ -265,6 +265,9 @@ def resolve_env(container: Mapping[str, Any], docs: list[dict[str, Any]]) -> dic
             env[item["name"]] = expand(item["value"], env)
             continue
         source = item["valueFrom"]
+        if "fieldRef" in source:  # the downward API
+            env[item["name"]] = _pod_field(container, docs, source["fieldRef"]["fieldPath"])
+            continue
         kind, ref = ("ConfigMap", source["configMapKeyRef"]) if "configMapKeyRef" in source else \
             ("Secret", source["secretKeyRef"])
         data = _data(docs, kind, ref["name"]) or {}
@@ -273,6 +276,21 @@ def resolve_env(container: Mapping[str, Any], docs: list[dict[str, Any]]) -> dic
         else:
             assert ref.get("optional"), f"{kind} {ref['name']} has no key {ref['key']}"
     return env
+
+
+def _pod_field(container: Mapping[str, Any], docs: list[dict[str, Any]], path: str) -> str:
+    """A pod field as the Job controller and the kubelet fill it: a Job's pods are named
+    <job>-<5 characters> and labelled batch.kubernetes.io/job-name=<job>."""
+    owner = next(d for d in docs for _, spec in pod_specs([d])
+                 if any(c is container for c in containers(spec)))
+    name = owner["metadata"]["name"]
+    labels = dict((owner.get("spec", {}).get("template", {}).get("metadata") or {}).get("labels") or {})
+    if owner["kind"] == "Job":
+        labels["batch.kubernetes.io/job-name"] = name
+    fields = {"metadata.name": f"{name}-x7k2p", "metadata.namespace": "default",
+              **{f"metadata.labels['{k}']": v for k, v in labels.items()}}
+    assert path in fields or path.startswith("metadata.labels["), f"fieldRef {path} is not emulated"
+    return fields.get(path, "")  # a label the pod lacks reads as ""
 
 
 def set_data(docs: list[dict[str, Any]], kind: str, name: str, **values: str) -> None:
@@ -325,7 +343,11 @@ def kubelet_run(spec: Mapping[str, Any], container_name: str, docs: list[dict[st
     tmpfs, binds = [], []
     for mount in c.get("volumeMounts", []):
         vol = volumes[mount["name"]]
-        assert "emptyDir" in vol, f"only emptyDir volumes are emulated, not {vol}"
+        if "configMap" in vol:  # the kubelet projects each key as a file, read-only
+            files = _config_map_files(vol["configMap"], docs, workdir / f"volume-{mount['name']}")
+            binds.append(f"{files}:{mount['mountPath']}:ro")
+            continue
+        assert "emptyDir" in vol, f"only emptyDir and configMap volumes are emulated, not {vol}"
         size = (vol["emptyDir"] or {}).get("sizeLimit")
         tmpfs.append(f"{mount['mountPath']}:rw,exec,nosuid,nodev,mode=1777"
                      + (f",size={_size(size)}" if size else ""))
@@ -354,6 +376,20 @@ def kubelet_run(spec: Mapping[str, Any], container_name: str, docs: list[dict[st
     if c.get("command"):  # command replaces the image's ENTRYPOINT, args its CMD
         options["entrypoint"] = [expand(a, env) for a in c["command"]]
     return KubeletRun(args, env, options, log_path, int(spec.get("terminationGracePeriodSeconds", 30)))
+
+
+def _config_map_files(source: Mapping[str, Any], docs: list[dict[str, Any]], directory: Path) -> Path:
+    """Write a configMap volume's files (every key, or the listed items) into directory."""
+    data = _data(docs, "ConfigMap", source["name"])
+    assert data is not None or source.get("optional"), f"ConfigMap {source['name']} is not in the manifests"
+    directory.mkdir(parents=True, exist_ok=True)
+    for item in source.get("items") or [{"key": k, "path": k} for k in data or {}]:
+        path = directory / item["path"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text((data or {})[item["key"]])
+        path.chmod(0o644)
+    directory.chmod(0o755)
+    return directory
 
 
 def pod_failure_action(job: Mapping[str, Any], container: str, exit_code: int) -> str:

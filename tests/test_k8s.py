@@ -73,7 +73,7 @@ def runner_containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict, dict]
 
 def test_every_tree_is_found() -> None:
     assert {"base", "overlays/rollback", "overlays/helm-hooks", "overlays/argocd",
-            "overlays/example-app"} <= set(DIRS)
+            "overlays/example-app", "overlays/fleet"} <= set(DIRS)
 
 
 @pytest.mark.parametrize("directory", DIRS)
@@ -172,22 +172,25 @@ def test_pod_failure_policy_mirrors_the_exit_code_table(directory: str) -> None:
         pod = spec["template"]["spec"]
         assert pod["restartPolicy"] == "Never"  # podFailurePolicy requires it
         rules = spec["podFailurePolicy"]["rules"]
-        fail = [r for r in rules if r["action"] == "FailJob"]
-        assert len(fail) == 1
+        # an Indexed Job with per-index retries (the fleet) fails only the index: the others go on
+        per_index = spec.get("completionMode") == "Indexed" and "backoffLimitPerIndex" in spec
+        final = "FailIndex" if per_index else "FailJob"
+        fail = [r for r in rules if r["action"] in ("FailJob", "FailIndex")]
+        assert len(fail) == 1 and fail[0]["action"] == final
         on = fail[0]["onExitCodes"]
         assert on["operator"] == "In"
         assert on["containerName"] in {c["name"] for c in pod["containers"]}
         assert sorted(on["values"]) == sorted(non_retriable()), "podFailurePolicy drifted from " \
-            "runner/exitcodes.py: FailJob must list exactly the non-retriable codes"
+            "runner/exitcodes.py: FailJob/FailIndex must list exactly the non-retriable codes"
         retriable = {int(c) for c, (_, retry) in DESCRIPTIONS.items() if retry}
         assert not retriable & set(on["values"]) and int(ExitCode.OK) not in on["values"]
         assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} \
             in rules
-        assert 0 <= spec["backoffLimit"] <= 3
+        assert 0 <= spec["backoffLimitPerIndex" if per_index else "backoffLimit"] <= 3
         container = on["containerName"]
         for code, (_, retry) in DESCRIPTIONS.items():
             if code != ExitCode.OK:
-                assert pod_failure_action(job, container, int(code)) == ("Count" if retry else "FailJob")
+                assert pod_failure_action(job, container, int(code)) == ("Count" if retry else final)
 
 
 @pytest.mark.parametrize("directory", DIRS)
@@ -530,3 +533,93 @@ def test_init_container_blocks_until_the_job_ran(runner_image: str, k8s_db: Data
     summary = json.loads(init.termination_message())
     assert (summary["command"], summary["outcome"], summary["current"], summary["exit_code"]) == \
         ("wait", "at head", HEAD, 0)
+
+
+# -- the fleet overlay: an Indexed Job, each pod taking its shard of the targets ------------------
+def test_fleet_overlay_is_an_indexed_job_over_a_mounted_target_list(tmp_path: Path) -> None:
+    from runner.fleet import shard, targets
+
+    docs = build("overlays/fleet")
+    (job,) = jobs(docs)
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = resolve_env(c, docs)
+    assert job["metadata"]["name"] == "migration-runner-fleet"
+    assert spec["completionMode"] == "Indexed"
+    assert spec["completions"] == spec["parallelism"] == int(env["JOB_COMPLETIONS"]), \
+        "JOB_COMPLETIONS must equal completions: every pod computes its shard from it"
+    assert "JOB_COMPLETION_INDEX" not in env, "Kubernetes sets it in each pod"
+    assert "backoffLimit" not in spec and spec["backoffLimitPerIndex"] >= 1, \
+        "a Job-wide backoffLimit lets one failing shard use up every shard's retries"
+    assert 1 <= spec["maxFailedIndexes"] < spec["completions"]
+    # TARGETS_FILE is a key of the mounted ConfigMap, and the example list is valid as it stands
+    path = Path(env["TARGETS_FILE"])
+    mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    listing = tmp_path / "targets.txt"
+    listing.write_text(find(docs, "ConfigMap", volume["configMap"]["name"])["data"][path.name])
+    names = [t.name for t in targets.from_file(listing, env["DATABASE_URL_TEMPLATE"])]
+    assert len(names) >= 2
+    shards = [shard.mine(names, names, i, spec["completions"]) for i in range(spec["completions"])]
+    assert sorted(n for part in shards for n in part) == sorted(names)
+    settings = config.load({**env, "ALEMBIC_CONFIG": str(REPO / "alembic.ini"), "JOB_COMPLETION_INDEX": "0"},
+                           need_database=False, command="upgrade")
+    assert shard.position(settings) == (0, spec["completions"]) and settings.fleet_parallel >= 1
+
+
+def _spread_names(stem: str, count: int) -> list[str]:
+    """count database names starting with stem, of which each of two indexes gets some."""
+    from runner.fleet import shard
+
+    names, i = [f"{stem}_{n}" for n in range(count)], count
+    while len({shard.owner(n, 2) for n in names}) < 2:
+        names[-1], i = f"{stem}_{i}", i + 1
+    return names
+
+
+@pytest.mark.pg("15")  # k8s_db: the test image pg_dump is 15
+def test_fleet_job_runs_two_indexes_as_the_kubelet_would(runner_image: str, k8s_db: Database,
+                                                          s3_server: S3Server, bucket: str,
+                                                          tmp_path: Path) -> None:
+    from runner.fleet import shard
+    from tests.docker_harness import start_container
+
+    cluster = k8s_db.cluster
+    fleet = [Database(cluster, name) for name in _spread_names(k8s_db.name, 4)]
+    for db in fleet:
+        cluster.psql(f"CREATE DATABASE {db.name}")
+    try:
+        docs = build("overlays/fleet")
+        operator_values(docs, k8s_db, s3_server, bucket)
+        (job,) = jobs(docs)
+        pod = job["spec"]["template"]["spec"]
+        # two indexes, edited as the overlay says: completions, parallelism, JOB_COMPLETIONS
+        job["spec"]["completions"] = job["spec"]["parallelism"] = 2
+        next(e for e in pod["containers"][0]["env"] if e["name"] == "JOB_COMPLETIONS")["value"] = "2"
+        set_data(docs, "Secret", "migration-runner-database", DATABASE_URL_TEMPLATE=cluster.url("{name}"))
+        volume = next(v for v in pod["volumes"] if "configMap" in v)
+        set_data(docs, "ConfigMap", volume["configMap"]["name"],
+                 **{"targets.txt": "# tenants\n" + "\n".join(db.name for db in fleet) + "\n"})
+        pods = []
+        for index in (0, 1):  # both at once, as the Job controller starts them
+            kr = kubelet_run(pod, "migrate", docs, tmp_path / f"index-{index}")
+            kr.env["JOB_COMPLETION_INDEX"] = str(index)  # what the Job controller sets per pod
+            pods.append((kr, start_container(runner_image, kr.args, kr.env, **kr.options)))
+        names = [db.name for db in fleet]
+        for index, (kr, container) in enumerate(pods):
+            r = container.wait(timeout=180)
+            assert_no_secrets(r.out, r.err)
+            assert r.code == 0, r.err
+            summary = json.loads(kr.termination_message())
+            mine = shard.mine(names, names, index, 2)
+            assert summary["shard"] == {"index": index, "completions": 2, "fleet": 4}
+            assert (summary["targets"], summary["outcomes"]) == (len(mine), {"migrated": len(mine)})
+            reported = {json.loads(line)["target"] for line in r.err.splitlines() if '"fleet.target"' in line}
+            assert reported == set(mine), "each pod migrates exactly its shard"
+        keys = s3_server.keys(bucket)
+        for db in fleet:
+            assert db.version() == HEAD and {"public.customers", "billing.invoices"} <= db.tables()
+            assert any(k.startswith(f"k8s/{db.name}/") for k in keys), "a backup under its own prefix"
+    finally:
+        for db in fleet:
+            cluster.psql(f"DROP DATABASE IF EXISTS {db.name} WITH (FORCE)", check=False)

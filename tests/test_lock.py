@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import sys
 import time
 
 import psycopg2
@@ -15,7 +18,7 @@ LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
 
 def test_ten_runners_exactly_one_applies(database: Database) -> None:
     # a slow revision keeps the holder busy long enough for every waiter to see it
-    env = runner_env(database.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="3",
+    env = runner_env(database.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="2",
                      LOG_FORMAT="text")
     procs = [start_runner(["upgrade"], env) for _ in range(10)]
     results = [finish(p) for p in procs]
@@ -31,8 +34,33 @@ def test_ten_runners_exactly_one_applies(database: Database) -> None:
         line = next(line for line in w.lines if "lock.waiting" in line)
         assert "holder_pid=" in line and "holder_application_name=migration-runner/lock/" in line
         assert "holder_since=" in line
+        # a waiter reads the revision on each poll and stops once it is there: no lock taken
+        assert "lock.not_needed" in w.err and "lock.acquired" not in w.err, w.err
     assert database.version() == "l003"
     assert database.sql("SELECT count(*) FROM l002_done") == "0"
+
+
+def test_storm_with_recorded_facts_waits_at_the_gate(database: Database, tmp_path) -> None:
+    """With the no-op facts recorded (as the image does), copies that find another copy migrating
+    wait for it without running env.py (runner.gate), then find nothing to do."""
+    shutil.copytree(REPO / "tests/scenarios/lab", tmp_path / "lab",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    ini = str(tmp_path / "lab/alembic.ini")
+    env = runner_env(database.url, ALEMBIC_CONFIG=ini, LAB_MODE="sleep", LAB_SLEEP="2")
+    assert run_runner(["upgrade", "--to", "l001"], env).code == 0
+    recorded = subprocess.run([sys.executable, "-m", "runner.fastpath", "record", "--strict", "-c", ini],
+                              env=env, cwd=REPO, capture_output=True, text=True)
+    assert recorded.returncode == 0, recorded.stderr
+    results = [finish(p) for p in [start_runner(["upgrade"], env) for _ in range(5)]]
+    assert [r.code for r in results] == [0] * 5, [r.err for r in results if r.code]
+    assert sum("outcome=migrated" in r.err for r in results) == 1
+    gated = [r for r in results if "another copy of this upgrade is migrating" in r.err]
+    assert len(gated) >= 3, [r.err for r in results]
+    for r in gated:
+        assert "lock.not_needed" in r.err and "lock.acquired" not in r.err and "alembic" not in r.err
+        assert 'outcome="nothing to do"' in r.err
+    assert database.version() == "l003"
+    assert database.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
 
 
 def test_foreign_holder_times_out_with_exit_4(database: Database) -> None:

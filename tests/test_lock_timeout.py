@@ -9,6 +9,7 @@ import psycopg2
 import pytest
 
 from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from tests.pgcluster import APP_PASSWORD
 
 pytestmark = pytest.mark.every_major  # lock and cancel behaviour differs between majors
 
@@ -111,17 +112,20 @@ def test_blocker_never_leaves_exit_8_unchanged(at) -> None:
 
 def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:
     db = at("l002")
-    # an old snapshot makes CREATE INDEX CONCURRENTLY wait; its wait obeys lock_timeout
+    # an old snapshot makes CREATE INDEX CONCURRENTLY wait; its wait obeys lock_timeout, and each
+    # timed-out attempt leaves its index INVALID: this run's own leftover, dropped before the
+    # retry even with INVALID_INDEX_POLICY=refuse (which is about leftovers of other runs)
     repeatable = psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ
     hold = blocker(db, "SELECT count(*) FROM items", isolation=repeatable)
-    proc = start_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="30"))
+    proc = start_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="30", INVALID_INDEX_POLICY="refuse"))
     wait_until_runner_waits_on_a_lock(db)
     time.sleep(3 * LOCK_TIMEOUT)  # longer than lock_timeout: at least one attempt times out
     hold.commit()
     hold.close()
     r = finish(proc)
     assert r.code == 0, r.err
-    assert "migrate.retry" in r.err and "index.invalid" in r.err
+    assert "migrate.retry" in r.err
+    assert "dropping INVALID index public.ix_items_note, left by an interrupted build" in r.err
     assert db.version() == "l003"
     assert db.sql("SELECT string_agg(indisvalid::text, ',') FROM pg_index WHERE indexrelid = "
                   "'ix_items_note'::regclass") == "true"
@@ -134,15 +138,45 @@ def _leave_invalid_index(db: Database) -> None:
     assert db.sql("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_items_note'::regclass") == "f"
 
 
-def test_invalid_index_from_earlier_attempt_is_dropped_and_rebuilt(at) -> None:
-    db = at("l002")
-    _leave_invalid_index(db)
-    r = run_runner(["upgrade"], lab_env(db))
+def _someone_elses_invalid_index(db: Database, owner: str) -> None:
+    """app.users_email_uq: another team's failed CREATE UNIQUE INDEX CONCURRENTLY, owned by owner."""
+    db.sql(f"CREATE ROLE {owner}; CREATE SCHEMA app AUTHORIZATION {owner}; "
+           "CREATE TABLE app.users (email text); INSERT INTO app.users VALUES ('a'), ('a'); "
+           f"ALTER TABLE app.users OWNER TO {owner}")
+    db.sql("CREATE UNIQUE INDEX CONCURRENTLY users_email_uq ON app.users (email)", check=False)
+
+
+def test_killed_build_leftover_dropped_someone_elses_left_alone(database: Database) -> None:
+    """kill -9 during CREATE INDEX CONCURRENTLY leaves the index INVALID: the next run drops and
+    rebuilds it. app.users_email_uq, INVALID and owned by another role, is reported and untouched
+    (the runner's role could not even drop it)."""
+    db, role = database, f"mig_{database.name}"
+    db.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{APP_PASSWORD}'; ALTER DATABASE {db.name} OWNER TO {role}")
+    env = runner_env(db.cluster.url(db.name, user=role, password=APP_PASSWORD), ALEMBIC_CONFIG=LAB,
+                     MIGRATION_LOCK_TIMEOUT="60s")
+    assert run_runner(["upgrade", "--to", "l002"], env).code == 0
+    _someone_elses_invalid_index(db, f"team_{db.name}")
+    hold = blocker(db, "SELECT count(*) FROM items",
+                   isolation=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+    proc = start_runner(["upgrade"], env)
+    wait_until_runner_waits_on_a_lock(db)  # the build waits for the old snapshot
+    proc.kill()
+    proc.communicate(timeout=10)
+    wait_for(lambda: db.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                            "'migration-runner/%'") == "0", what="the killed runner's sessions stayed")
+    hold.commit()
+    hold.close()
+    invalid = ("SELECT string_agg(indexrelid::regclass::text, ',' ORDER BY 1) FROM pg_index "
+               "WHERE NOT indisvalid")
+    assert db.sql(invalid) == "app.users_email_uq,ix_items_note"
+    r = run_runner(["upgrade"], env)
     assert r.code == 0, r.err
-    assert "dropping INVALID index public.ix_items_note" in r.err
-    assert db.sql("SELECT indisvalid::text || ' ' || pg_get_indexdef(indexrelid) FROM pg_index "
-                  "WHERE indexrelid = 'ix_items_note'::regclass") == \
-        "true CREATE INDEX ix_items_note ON public.items USING btree (note)"
+    assert "dropping INVALID index public.ix_items_note, left by an interrupted build" in r.err
+    assert "INVALID index app.users_email_uq (owner team_" in r.err and "left alone" in r.err
+    assert db.sql(invalid) == "app.users_email_uq", "someone else's index must stay as it was"
+    assert db.version() == "l003"
+    assert db.sql("SELECT pg_get_indexdef('ix_items_note'::regclass)") == \
+        "CREATE INDEX ix_items_note ON public.items USING btree (note)"
 
 
 def test_invalid_index_refused_when_policy_refuse(at) -> None:

@@ -41,15 +41,17 @@ def test_data_migration_backfills(database: Database) -> None:
 
 
 def test_upgrade_to_and_downgrade_round_trip(database: Database) -> None:
-    env = runner_env(database.url)
-    assert run_runner(["upgrade", "--to", "0002"], env).code == 0
-    assert database.version() == "0002"
+    env = runner_env(database.url, LOG_FORMAT="json")
+    first = run_runner(["upgrade", "--to", "+2"], env)  # relative from base, as Alembic counts
+    assert first.code == 0, first.err
+    assert database.version() == "0002" and first.summary()["applied"] == ["0001", "0002"]
     assert "billing.invoices" in database.tables()
     assert run_runner(["upgrade"], env).code == 0
     assert database.version() == "0005"
     r = run_runner(["downgrade", "--to", "-1"], env)
     assert r.code == 0, r.err
     assert database.version() == "0004"
+    assert r.summary()["outcome"] == "downgraded" and r.summary()["applied"] == ["0005"]
     assert run_runner(["downgrade", "--to", "0002"], env).code == 0
     assert database.version() == "0002"
     assert "billing.customer_totals" not in database.tables()
@@ -59,7 +61,9 @@ def test_upgrade_to_and_downgrade_round_trip(database: Database) -> None:
     assert database.version() == "0002"
     assert run_runner(["downgrade", "--to", "base", "--yes"], env).code == 0
     assert database.version() == ""
-    assert database.tables() <= {"public.alembic_version"}
+    # the ledger (runner_history*) outlives the migrations: it records them
+    assert database.tables() <= {"public.alembic_version", "public.runner_history",
+                                 "public.runner_history_revisions"}
     assert run_runner(["upgrade"], env).code == 0
     assert database.version() == "0005"
 
@@ -116,6 +120,20 @@ def test_foreign_env_builds_its_own_engine(database: Database) -> None:
     assert again.code == 0 and "current:  f002" in again.out
     assert run_runner(["downgrade", "--to", "f001"], env).code == 0
     assert database.sql("SELECT version_num FROM meta.foreign_version") == "f001"
+
+
+def test_old_cookbook_env_gets_the_runners_connection(database: Database) -> None:
+    """env.py from Alembic's older cookbook: `config.attributes.get("connection") or
+    engine_from_config(...)`, then `with connectable.connect() as connection:`."""
+    env = runner_env(database.url, ALEMBIC_CONFIG=str(REPO / "tests/scenarios/cookbook/alembic.ini"),
+                     MIGRATION_LOCK_TIMEOUT="3s")
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    assert database.version() == "c001"
+    app, lock_timeout = database.sql("SELECT app || ' ' || lock_timeout FROM cookbook_seen").split()
+    assert app.startswith("migration-runner/migrate/") and lock_timeout == "3s"
+    again = run_runner(["status", "--check"], env)
+    assert again.code == 0 and "current:  c001" in again.out
 
 
 def test_models_match_database_alembic_check(database: Database, tmp_path) -> None:

@@ -52,6 +52,8 @@ def test_upgrade_target_older_than_database_refused(database: Database) -> None:
     assert run_runner(["upgrade"], env).code == 0
     r = run_runner(["upgrade", "--to", "0002"], env)
     assert r.code == 7 and "use 'downgrade --to 0002'" in r.err
+    base = run_runner(["upgrade", "--to", "base"], env)
+    assert base.code == 7 and "use 'downgrade --to base --yes'" in _one_line_error(base.err)
     assert database.version() == "0005"
 
 

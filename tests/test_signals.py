@@ -1,19 +1,36 @@
-"""SIGTERM/SIGINT, SIGKILL, the run deadline and a crashed server, during a slow migration."""
+"""SIGTERM/SIGINT in every phase, SIGKILL and the run deadline, during a slow migration and before.
+
+(A restarted or crashed server is in test_faults.py.)"""
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
-from tests.pgcluster import Cluster, free_port
+from tests.conftest import NEWEST, REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from tests.pgcluster import free_port
 
 pytestmark = pytest.mark.every_major  # lock and cancel behaviour differs between majors
 
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
+
+
+COOKBOOK = str(REPO / "tests/scenarios/cookbook/alembic.ini")
+
+
+def read_until(proc: subprocess.Popen, needle: str) -> str:
+    """Read the runner's stderr until a line contains needle (or it exits); return what was read."""
+    seen = ""
+    while needle not in seen:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen += line
+    assert needle in seen, seen
+    return seen
 
 
 def sleeping(database: Database) -> bool:
@@ -96,52 +113,30 @@ def test_sigkill_runner_backend_goes_away(at_l001: Database) -> None:
     assert run_runner(["upgrade"], runner_env(db.url, ALEMBIC_CONFIG=LAB)).code == 0
 
 
-@pytest.fixture
-def own_cluster(pg: Cluster) -> Iterator[Cluster]:
-    """A cluster of the same major that this test may stop, start and crash."""
-    c = Cluster(pg.major).init().start()
-    c.psql("CREATE DATABASE app")
-    yield c
-    c.destroy()
+@pytest.mark.pg(NEWEST)  # the same on every major: no statement runs
+@pytest.mark.parametrize("command,sig,code", [(["status"], signal.SIGINT, 130),
+                                              (["upgrade"], signal.SIGTERM, 143)])
+def test_signal_during_startup_stops_a_noop(database: Database, command: list[str], sig: int,
+                                           code: int) -> None:
+    """A signal while a command that would change nothing is still starting (here: an env.py that
+    takes 1 s to load) ends it with the signal's code, not 0."""
+    env = runner_env(database.url, ALEMBIC_CONFIG=COOKBOOK, FAST_PATH="off")
+    assert run_runner(["upgrade"], env).code == 0  # so that upgrade is a no-op
+    proc = start_runner(command, dict(env, COOKBOOK_ENV_SLEEP="1"))
+    seen = read_until(proc, "db.ready")
+    proc.send_signal(sig)
+    r = finish(proc, timeout=30)
+    assert r.code == code, seen + r.err
+    assert f"interrupted by {signal.Signals(sig).name}" in r.err
+    assert database.version() == "c001"
 
 
-def test_postmaster_killed_mid_migration(own_cluster: Cluster) -> None:
-    c = own_cluster
-    db = Database(c, "app")
-    env = runner_env(c.url("app"), ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="60",
-                     DB_WAIT_TIMEOUT="30s")
-    assert run_runner(["upgrade", "--to", "l001"], env).code == 0
-    proc = start_runner(["upgrade"], env)
-    wait_for(lambda: sleeping(db))
-    c.kill9()
-    r = finish(proc, timeout=60)
-    assert r.code not in (0, 143), r.err
-    assert "Traceback" not in r.err
-    c.start()
-    assert db.version() == "l001"
-    again = run_runner(["upgrade"], runner_env(c.url("app"), ALEMBIC_CONFIG=LAB))
-    assert again.code == 0, again.err
-    assert db.version() == "l003"
-
-
-def test_database_started_late(own_cluster: Cluster) -> None:
-    c = own_cluster
-    c.stop()
-    proc = start_runner(["upgrade"], runner_env(c.url("app"), DB_WAIT_TIMEOUT="40s"))
-    time.sleep(5)
-    c.start()
-    r = finish(proc, timeout=60)
-    assert r.code == 0, r.err
-    assert "db.not_ready" in r.err and "attempt=" in r.err
-    assert Database(c, "app").version() == "0005"
-
-
-def test_database_never_ready() -> None:
-    url = f"postgresql://nobody:x-secret-x@127.0.0.1:{free_port()}/app"
+def test_signal_while_waiting_for_the_database() -> None:
+    url = f"postgresql://nobody:x@127.0.0.1:{free_port()}/app"
+    proc = start_runner(["wait"], runner_env(url, DB_WAIT_TIMEOUT="60s"))
+    read_until(proc, "db.not_ready")
     t0 = time.monotonic()
-    r = run_runner(["upgrade"], runner_env(url, DB_WAIT_TIMEOUT="3s"))
-    took = time.monotonic() - t0
-    assert r.code == 3, r.err
-    assert 3 <= took < 7
-    assert "DB_WAIT_TIMEOUT" in r.err and "Connection refused" in r.err
-    assert "x-secret-x" not in r.err
+    proc.send_signal(signal.SIGTERM)
+    r = finish(proc, timeout=30)
+    assert r.code == 143, r.err
+    assert time.monotonic() - t0 < 3

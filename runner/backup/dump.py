@@ -19,7 +19,7 @@ from typing import IO, Any
 
 from runner.context import Run
 from runner.errors import BackupFailed
-from runner.procs import describe_exit, libpq_env, reap, spawn, tail, terminate
+from runner.procs import child_env, describe_exit, libpq_env, reap, spawn, tail, terminate
 
 PROGRESS_EVERY = 5.0  # seconds between backup.progress events
 READ_BUFFER = 1 << 20  # the BufferedReader's buffer: s3transfer's read(part) then fills a whole part
@@ -76,13 +76,24 @@ class DumpStream(io.RawIOBase):
         for name, code, err in zip(self.names, codes, self.stderr_files, strict=True):
             if code != 0:
                 last = tail(err) or "no message"
-                hint = ("; another session holds a conflicting table lock: find it in pg_locks, "
-                        "or raise BACKUP_LOCK_WAIT_TIMEOUT" if "LOCK TABLE" in last else "")
-                raise BackupFailed(f"{name} exited with {describe_exit(code)}: {last}{hint}; "
+                raise BackupFailed(f"{name} exited with {describe_exit(code)}: {last}{hint(last)}; "
                                    "nothing was migrated")
 
     def elapsed(self) -> float:
         return self.clock() - self.t0
+
+
+def hint(message: str) -> str:
+    """Say what a pg_dump failure means. pg_dump's first query on each table is LOCK TABLE, so
+    both a missing privilege and a lock wait name it: the privilege is checked first."""
+    if "permission denied" in message:
+        return ("; the role lacks a privilege pg_dump needs (it reads every table, sequence and "
+                "large object in the database): grant SELECT on what is named and USAGE on its "
+                "schema, or pg_read_all_data (PostgreSQL 14+), or back up as the owner")
+    if "lock timeout" in message or "LOCK TABLE" in message:
+        return ("; another session holds a conflicting table lock: find it in pg_locks, or raise "
+                "BACKUP_LOCK_WAIT_TIMEOUT")
+    return ""
 
 
 @contextlib.contextmanager
@@ -99,8 +110,8 @@ def pipeline(run: Run, dump_args: list[str], filt: list[str] | None) -> Any:
     try:
         procs.append(spawn([*dump_args, "--dbname", conninfo], env, subprocess.DEVNULL, errs[0],
                            fix="install it or point PG_DUMP_BIN at it"))
-        if filt:
-            procs.append(spawn(filt, env, procs[0].stdout, errs[1],
+        if filt:  # the compressor gets no password
+            procs.append(spawn(filt, child_env(), procs[0].stdout, errs[1],
                                fix="install it or pick another BACKUP_COMPRESSION"))
             procs[0].stdout.close()  # type: ignore[union-attr] # only the filter reads it now
         stream = DumpStream(run, procs, names, errs)

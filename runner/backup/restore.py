@@ -1,190 +1,314 @@
-"""Restore a manifested backup: verify first, then replace the database in ONE transaction.
+"""Restore a manifested backup into the database in ONE transaction, reading the object once.
 
-Strategy (single transaction into the same database):
-1. Read the object once, counting and hashing it: size and sha256 must match the manifest
-   before the database is touched. Nothing is written to disk.
-2. Read it again, pinned to the verified version with If-Match on its ETag, through
-   [zstd -d |] pg_restore -f - (SQL) into psql. Our own stream to psql starts with BEGIN, drops
-   every user schema (and large objects) and recreates `public` as initdb does; then the
-   dump's SQL; COMMIT is sent only after pg_restore exited 0 and the second read's digest
-   matched again. Any failure closes psql without COMMIT: the database is unchanged.
+1. Resolve the backup (a key, or `latest` of a database) to a manifest that passed its checks
+   (runner.backup.manifest), then refuse what cannot work before touching anything: a dump of
+   a newer server major than the target's, a pg_restore older than the pg_dump that wrote it, a
+   psql that lacks a command that pg_restore writes, an object missing or of the wrong size.
+2. psql opens the transaction and resets the database (runner.backup.session), retried on
+   lock_timeout; the object is read only after psql confirmed the reset.
+3. One GET of the object, hashed as it streams, through [zstd -d |] pg_restore -1 -f - into
+   psql, the script's prologue fitted to the server (runner.backup.script).
+4. COMMIT is sent only when pg_restore and zstd exited 0 and the size and sha256 matched the
+   manifest. Any failure ends psql without it: the database is the backup or unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 import threading
 from typing import IO, Any
 
-import botocore.exceptions
+import sqlalchemy as sa
 
-from runner import procs
-from runner.backup import s3
+from runner import db, procs
+from runner.backup import manifest as manifests
+from runner.backup import s3, script
+from runner.backup.layout import MANIFEST_SUFFIX, Location
+from runner.backup.session import Session
+from runner.backup.take import system_identifier
 from runner.context import Run
 from runner.errors import BackupFailed, ConfigError
 
 CHUNK = 1 << 20
-
-RESET_SQL = r"""
-BEGIN;
-SET LOCAL client_min_messages = warning;
-SELECT pg_catalog.lo_unlink(oid) FROM pg_catalog.pg_largeobject_metadata;
-DO $reset$
-DECLARE s name;
-BEGIN
-  FOR s IN SELECT nspname FROM pg_catalog.pg_namespace
-           WHERE nspname <> 'information_schema' AND nspname !~ '^pg_' LOOP
-    EXECUTE format('DROP SCHEMA %I CASCADE', s);
-  END LOOP;
-  CREATE SCHEMA public;  -- pg_dump never creates it: "initdb creates it"
-  IF current_setting('server_version_num')::int >= 150000 THEN
-    ALTER SCHEMA public OWNER TO pg_database_owner;
-    GRANT USAGE ON SCHEMA public TO PUBLIC;
-  ELSE
-    GRANT ALL ON SCHEMA public TO PUBLIC;
-  END IF;
-  COMMENT ON SCHEMA public IS 'standard public schema';
-END
-$reset$;
-"""
+PROGRESS_EVERY = 5.0
+RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}  # major: first minor with \restrict
 
 
-def resolve(run: Run, client: Any, loc: s3.Location, database: str, which: str) -> dict[str, Any]:
-    """Return the manifest for KEY or 'latest'; only manifested (committed) backups count."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the restore needs to know about the server it writes to."""
+
+    database: str
+    version_num: int
+    version: str
+    settings: frozenset[str]
+    system_identifier: str | None
+
+    @property
+    def major(self) -> int:
+        return self.version_num // 10000
+
+
+def inspect(run: Run) -> Target:
+    """Ask the target server for its database, version, settings and system identifier."""
+    with db.connect(run, "restore-info") as conn:
+        database, num, version = conn.execute(sa.text(
+            "SELECT current_database(), current_setting('server_version_num')::int, "
+            "current_setting('server_version')")).one()
+        known = frozenset(conn.execute(sa.text("SELECT name FROM pg_catalog.pg_settings")).scalars())
+        return Target(database, num, version, known, system_identifier(conn))
+
+
+# -- which backup ----------------------------------------------------------------------------------
+
+def resolve(run: Run, client: Any, loc: Location, target: Target, which: str,
+            from_database: str | None = None) -> dict[str, Any]:
+    """Return the checked manifest of KEY, or of the newest backup of a database for 'latest'."""
     if which == "latest":
-        found = s3.manifests(client, loc, database)
-        if not found:
-            raise ConfigError(f"no backups of {database} under {loc.uri(loc.database_prefix(database))}: "
-                              "nothing to restore; check BACKUP_S3_URI")
-        return found[0]
-    key = which.removeprefix(f"s3://{loc.bucket}/").removesuffix(s3.MANIFEST_SUFFIX)
+        source = from_database or target.database
+        chosen = manifests.pick_latest(s3.backups(run, client, loc, source), source,
+                                       target.system_identifier)
+        if chosen.get("system_identifier") not in (None, target.system_identifier):
+            run.log("restore.source", f"the backup was taken on another server (system identifier "
+                    f"{chosen['system_identifier']}; this one: {target.system_identifier or 'unknown'})")
+        return chosen
+    key = _key(loc, which)
     try:
-        return s3.read_manifest(client, loc.bucket, key + s3.MANIFEST_SUFFIX)
-    except botocore.exceptions.ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            raise ConfigError(f"--backup {which}: no manifest {key}{s3.MANIFEST_SUFFIX}, so no committed "
+        return s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
+    except manifests.BadManifest as exc:
+        raise BackupFailed(f"--backup {which}: its manifest {key}{MANIFEST_SUFFIX} cannot be trusted "
+                           f"({exc}): refusing to restore it; the database was not touched") from None
+    except s3.S3_ERRORS as exc:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code"))
+        if code in ("NoSuchKey", "404"):
+            raise ConfigError(f"--backup {which}: no manifest {key}{MANIFEST_SUFFIX}, so no committed "
                               "backup: pick a key from 'python -m runner backups'") from None
         raise BackupFailed(s3.describe(exc, key)) from None
 
 
-def verify(run: Run, client: Any, manifest: dict[str, Any]) -> str:
-    """Read the whole object; raise unless size and sha256 match the manifest. Return its ETag."""
+def _key(loc: Location, which: str) -> str:
+    """Return the dump's key for --backup KEY (a key, its manifest's key, or an s3:// URI)."""
+    key = which
+    if which.startswith("s3://"):
+        bucket, _, key = which.removeprefix("s3://").partition("/")
+        if bucket != loc.bucket:
+            raise ConfigError(f"--backup {which} is in bucket {bucket}, not in BACKUP_S3_URI's "
+                              f"({loc.bucket}): set BACKUP_S3_URI to the backups' location")
+    key = key.removesuffix(MANIFEST_SUFFIX)
+    if loc.database_of(key) is None:
+        raise ConfigError(f"--backup {which} is not a backup key under {loc.uri(loc.root)} "
+                          "(PREFIX/DATABASE/NAME): pick one from 'python -m runner backups'")
+    return key
+
+
+# -- can it work? ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Tools:
+    pg_restore: str
+    psql: str
+
+
+def check(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target) -> Tools:
+    """Refuse (exit 5) what cannot restore, before anything is touched."""
     key = manifest["key"]
-    try:
-        obj = client.get_object(Bucket=manifest["bucket"], Key=key)
-        digest, size = hashlib.sha256(), 0
-        for chunk in obj["Body"].iter_chunks(CHUNK):
-            run.cancel.check()
-            digest.update(chunk)
-            size += len(chunk)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise BackupFailed(f"cannot read backup {key} ({s3.describe(exc, key)}): the database was "
-                           "not touched") from None
-    if size != manifest["size"] or digest.hexdigest() != manifest["sha256"]:
-        raise BackupFailed(f"backup {key} does not match its manifest (size {size} vs "
-                           f"{manifest['size']}, sha256 {digest.hexdigest()[:12]}… vs "
-                           f"{manifest['sha256'][:12]}…): refusing to restore; the database was "
-                           "not touched")
-    return obj["ETag"]
-
-
-def restore(run: Run, client: Any, manifest: dict[str, Any], etag: str) -> None:
-    """Replay the verified backup into the database in one transaction (see module docstring)."""
+    source = manifests.server_major(manifest)
+    if source > target.major:
+        raise BackupFailed(f"backup {key} is a dump of PostgreSQL {manifest['server_version']}, newer "
+                           f"than this server (PostgreSQL {target.version}): a dump restores into the "
+                           f"same or a newer major only; restore it into PostgreSQL {source} or "
+                           "newer. The database was not touched")
     restore_bin = run.settings.pg_restore_bin
     procs.check_client(run, restore_bin, "PG_RESTORE_BIN")
-    psql = _psql_next_to(restore_bin)
-    env, conninfo = procs.libpq_env(run, "restore")
-    errs = [tempfile.TemporaryFile() for _ in range(3)]
-    decompress = manifest["compression"] == "zstd"
-    stages: list[subprocess.Popen[bytes]] = []
+    restore_path = shutil.which(restore_bin) or restore_bin
+    (r_major, r_minor), r_text = procs.client_version(restore_path)
+    dumped = re.search(r"(\d+)(?:\.\d+)?", manifest["pg_dump_version"])
+    if dumped and int(dumped.group(1)) > r_major:
+        raise BackupFailed(f"PG_RESTORE_BIN is {r_text}, older than the pg_dump that wrote backup "
+                           f"{key} ({manifest['pg_dump_version']}): it cannot read the archive; use a "
+                           f"PostgreSQL {dumped.group(1)} (or newer) client. The database was not touched")
+    psql = _psql_next_to(restore_path)
+    p_version, p_text = procs.client_version(psql)
+    if _writes_restrict((r_major, r_minor)) and not _writes_restrict(p_version):
+        raise BackupFailed(f"psql ({p_text}) is older than PG_RESTORE_BIN ({r_text}), whose scripts "
+                           "use a psql command it lacks (\\restrict): put the psql of the same "
+                           "release next to PG_RESTORE_BIN. The database was not touched")
     try:
-        # psql first: it holds the transaction; the others feed it
-        stages.append(procs.spawn([psql, "-X", "-q", "--no-password", "-v", "ON_ERROR_STOP=1",
-                                 "-d", conninfo], env, subprocess.PIPE, errs[0], fix="install it",
-                                stdout=subprocess.DEVNULL))
-        restore_in = subprocess.PIPE
-        if decompress:
-            stages.append(procs.spawn(["zstd", "-q", "-d", "-c"], env, subprocess.PIPE, errs[2],
-                                    fix="install it"))
-            restore_in = stages[-1].stdout
-        stages.append(procs.spawn([restore_bin, "-f", "-"], env, restore_in, errs[1], fix="install it"))
-        if decompress:
-            stages[1].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
-        feeder = _Feeder(client, manifest, etag, (stages[1] if decompress else stages[-1]).stdin)
-        with run.cancel.on_cancel(lambda: procs.terminate(stages)):
-            feeder.start()
-            _replay(run, stages, feeder, errs)
-    finally:
-        procs.reap(stages, errs)
+        head = s3.call(run, f"reading {loc.uri(key)}",
+                       lambda: client.head_object(Bucket=loc.bucket, Key=key))
+    except s3.S3_ERRORS as exc:
+        if str(getattr(exc, "response", {}).get("Error", {}).get("Code")) in ("404", "NoSuchKey"):
+            raise BackupFailed(f"backup {key} has a manifest but no dump (deleted?): pick another "
+                               "backup; the database was not touched") from None
+        raise BackupFailed(f"cannot read backup {key} ({s3.describe(exc, key)}): the database was "
+                           "not touched") from None
+    if head["ContentLength"] != manifest["size"]:
+        raise BackupFailed(f"backup {key} does not match its manifest (size {head['ContentLength']} "
+                           f"vs {manifest['size']}): refusing to restore; the database was not touched")
+    return Tools(restore_path, psql)
 
 
-def _replay(run: Run, stages: list[subprocess.Popen[bytes]], feeder: _Feeder, errs: list[IO[bytes]]) -> None:
-    psql, pg_restore = stages[0], stages[-1]
-    assert psql.stdin and pg_restore.stdout
-    try:
-        psql.stdin.write(RESET_SQL.encode())
-        while chunk := pg_restore.stdout.read(CHUNK):
-            psql.stdin.write(chunk)
-        feeder.join()
-        codes = [p.wait() for p in stages[1:]]
-        run.cancel.check()
-        if feeder.error:
-            raise BackupFailed(f"{feeder.error}: the restore was rolled back, the database is unchanged")
-        if any(codes):
-            raise BackupFailed(f"pg_restore failed ({procs.tail(errs[1]) or procs.tail(errs[2])}): "
-                               "the restore was rolled back, the database is unchanged")
-        psql.stdin.write(b"COMMIT;\n")  # the only place the restore becomes real
-        psql.stdin.close()
-    except BrokenPipeError:
-        pass  # psql stopped at an error (ON_ERROR_STOP): reported below
-    finally:
-        with contextlib.suppress(OSError):
-            psql.stdin.close()
-    if psql.wait() != 0:
-        run.cancel.check()
-        raise BackupFailed(f"the restore failed in psql ({procs.tail(errs[0])}): it was rolled back, "
-                           "the database is unchanged")
-
-
-class _Feeder(threading.Thread):
-    """Copy the object (pinned by ETag) into the pipeline, hashing it again on the way."""
-
-    def __init__(self, client: Any, manifest: dict[str, Any], etag: str, sink: IO[bytes] | None) -> None:
-        super().__init__(name="restore-feeder", daemon=True)
-        self.client, self.manifest, self.etag, self.sink = client, manifest, etag, sink
-        self.error: str | None = None
-
-    def run(self) -> None:
-        assert self.sink is not None
-        digest, size, m = hashlib.sha256(), 0, self.manifest
-        try:
-            obj = self.client.get_object(Bucket=m["bucket"], Key=m["key"], IfMatch=self.etag)
-            for chunk in obj["Body"].iter_chunks(CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                self.sink.write(chunk)
-            if size != m["size"] or digest.hexdigest() != m["sha256"]:
-                self.error = f"backup {m['key']} changed while it was being restored"
-        except BrokenPipeError:
-            self.error = "the restore pipeline stopped reading"
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread, which rolls back
-            self.error = s3.describe(exc, m["key"])
-        finally:
-            with contextlib.suppress(OSError):
-                self.sink.close()
+def _writes_restrict(version: tuple[int, int]) -> bool:
+    """pg_restore writes (and psql knows) \\restrict since the August 2025 minor releases."""
+    major, minor = version
+    return major >= 18 or minor >= RESTRICT_SINCE.get(major, 1000)
 
 
 def _psql_next_to(restore_bin: str) -> str:
-    path = shutil.which(restore_bin) or restore_bin
-    candidate = os.path.join(os.path.dirname(path), "psql")
+    candidate = os.path.join(os.path.dirname(restore_bin), "psql")
     found = candidate if os.access(candidate, os.X_OK) else shutil.which("psql")
     if not found:
         raise BackupFailed("psql not found next to PG_RESTORE_BIN or on PATH: install the "
                            "PostgreSQL client tools")
     return found
 
+
+# -- the restore -----------------------------------------------------------------------------------
+
+def restore(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
+            tools: Tools) -> None:
+    """Replace the database's contents with the backup in one transaction (see the docstring)."""
+    session = Session(run, tools.psql, set(target.settings))
+    try:
+        with run.cancel.on_cancel(session.kill):
+            session.reset()
+            run.log("restore.start", f"database reset inside the transaction; streaming {manifest['key']}",
+                    database=run.settings.safe_target)
+            t0 = run.clock()
+            tail = _stream(run, client, loc, manifest, tools, session, target)
+            session.commit(tail)
+            took = run.clock() - t0
+        run.log("restore.done", f"restored {manifest['key']}: committed", bytes=manifest["size"],
+                seconds=round(took, 1), mb_per_s=round(manifest["size"] / 1e6 / max(took, 1e-9), 1))
+    finally:
+        session.dispose()
+
+
+def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tools: Tools,
+            session: Session, target: Target) -> bytes:
+    """Feed the object through [zstd -d |] pg_restore into psql; return the script's tail without
+    its COMMIT once everything checked out; raise otherwise (psql is then closed by the caller)."""
+    zstd = manifest["compression"] == "zstd"
+    names = ["zstd", "pg_restore"] if zstd else ["pg_restore"]
+    errs = [tempfile.TemporaryFile() for _ in names]
+    stages: list[subprocess.Popen[bytes]] = []
+    prologue = script.Prologue(set(target.settings))
+    try:
+        if zstd:  # the filters get no password: only psql connects
+            stages.append(procs.spawn(["zstd", "-q", "-d", "-c"], procs.child_env(), subprocess.PIPE,
+                                      errs[0], fix="install zstd"))
+        stages.append(procs.spawn([tools.pg_restore, "--single-transaction", "-f", "-"],
+                                  procs.child_env(), stages[0].stdout if zstd else subprocess.PIPE,
+                                  errs[-1], fix="install it"))
+        if zstd:
+            stages[0].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
+        out = stages[-1].stdout
+        assert out is not None and stages[0].stdin is not None
+        for fd in (out.fileno(), session.stdin):
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes (Linux)
+        feeder = _Feeder(run, client, loc, manifest, stages[0].stdin)
+        with run.cancel.on_cancel(lambda: procs.terminate(stages)):
+            feeder.start()
+            try:
+                tail = script.relay(out.fileno(), session.stdin, prologue, feeder.tick)
+            except OSError:  # psql stopped at an error (ON_ERROR_STOP), or was stopped
+                procs.terminate(stages)
+                run.cancel.check()
+                raise BackupFailed(f"the restore failed in psql ({session.error()}): it was rolled "
+                                   "back, the database is unchanged") from None
+            while feeder.is_alive():  # pg_restore is done; the feeder ends with it (or times out)
+                feeder.join(0.5)
+                feeder.tick()
+            codes = [p.wait() for p in stages]
+        run.cancel.check()
+        for name in prologue.dropped:
+            run.log("restore.adapt", f"left out SET {name}: PostgreSQL {target.major} has no such "
+                    "setting (the backup's pg_restore writes it for newer servers)")
+        feeder.check_digest()
+        failed = [f"{name}: {procs.tail(err) or procs.describe_exit(code)}"
+                  for name, code, err in zip(names, codes, errs, strict=True) if code]
+        if failed:
+            raise BackupFailed(f"the backup could not be read ({' / '.join(failed)}): the restore "
+                               "was rolled back, the database is unchanged")
+        feeder.check_complete()
+        return script.without_final_commit(tail)
+    finally:
+        procs.reap(stages, errs)
+
+
+class _Feeder(threading.Thread):
+    """GET the object once; hash and count it while copying it into the pipeline."""
+
+    def __init__(self, run: Run, client: Any, loc: Location, manifest: dict[str, Any],
+                 sink: IO[bytes]) -> None:
+        super().__init__(name="restore-feeder", daemon=True)
+        self.ctx, self.client, self.loc, self.manifest, self.sink = run, client, loc, manifest, sink
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.done = False
+        self.error: str | None = None
+        self.t0 = self._logged = self._waited = run.clock()
+        self._asking: float | None = None  # since when it waits for S3 (not for the pipeline)
+
+    def run(self) -> None:  # type: ignore[override]
+        m, clock = self.manifest, self.ctx.clock
+        try:
+            self._asking = clock()
+            body = self.client.get_object(Bucket=self.loc.bucket, Key=m["key"])["Body"]
+            while True:
+                self._asking = clock()
+                chunk = body.read(CHUNK)
+                self._asking = None
+                if not chunk:
+                    break
+                self.digest.update(chunk)
+                self.size += len(chunk)
+                self.sink.write(chunk)
+            self.done = True
+        except BrokenPipeError:
+            self.error = "the restore pipeline stopped reading"
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread, which rolls back
+            self.error = f"reading backup {m['key']} failed: {s3.describe(exc, m['key'])}"
+        finally:
+            with contextlib.suppress(OSError):
+                self.sink.close()
+
+    def tick(self) -> None:
+        """Called by the relay at least every second: progress, a stalled S3, cancellation."""
+        run, now = self.ctx, self.ctx.clock()
+        run.cancel.check()
+        if now - self._logged >= PROGRESS_EVERY:
+            self._logged = now
+            took = now - self.t0
+            run.log("restore.progress", f"{self.size / 1e6:.0f} of {self.manifest['size'] / 1e6:.0f} MB "
+                    "read", bytes=self.size, mb_per_s=round(self.size / 1e6 / max(took, 1e-9), 1),
+                    elapsed_s=round(took, 1))
+        asking, every = self._asking, s3.wait_log_every(run.settings)
+        if asking is not None and now - asking >= every and now - self._waited >= every:
+            self._waited = now
+            run.log.warning("s3.waiting", f"S3 has sent nothing of {self.manifest['key']} for "
+                            f"{now - asking:.0f}s; still waiting", s3_timeout_s=run.settings.s3_timeout)
+
+    def check_digest(self) -> None:
+        """Raise when the whole object was read and does not match the manifest."""
+        m = self.manifest
+        if self.done and (self.size != m["size"] or self.digest.hexdigest() != m["sha256"]):
+            raise BackupFailed(f"backup {m['key']} does not match its manifest (size {self.size} vs "
+                               f"{m['size']}, sha256 {self.digest.hexdigest()[:12]}… vs "
+                               f"{m['sha256'][:12]}…): refused; its transaction was rolled back, so "
+                               "the database was not touched")
+
+    def check_complete(self) -> None:
+        """Raise unless the whole object was read."""
+        if self.error or not self.done:
+            raise BackupFailed(f"{self.error or 'the backup was not read to its end'}: the restore was "
+                               "rolled back, the database is unchanged")

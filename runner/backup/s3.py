@@ -1,59 +1,125 @@
-"""S3 access for backups: client, key layout, manifests (the commit point), listing, sweeping.
+"""S3 access for backups: a bounded client, calls that log while they wait, manifests, listings.
 
 Credentials, region and endpoint come from boto3's default chain (AWS_ENDPOINT_URL_S3, web
 identity / IRSA, instance roles); nothing here reads them itself.
+
+A hung endpoint (a stopped process keeps its connections open) must neither hold the migration
+lock silently nor outlive RUN_DEADLINE: every request has S3_TIMEOUT to connect and per read,
+at most ATTEMPTS attempts, no new attempt once the run is cancelled, and `call()` runs it off
+the main thread so the runner logs while it waits and stops on a signal or the deadline.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import boto3
 import botocore.config
 import botocore.exceptions
 
+from runner.backup import manifest as manifests
+from runner.backup.layout import MANIFEST_SUFFIX, Location, database_of_folder
 from runner.config import Settings
 from runner.errors import BackupFailed
 from runner.redact import redact
 
-MANIFEST_SUFFIX = ".manifest.json"
-MANIFEST_VERSION = 1
+if TYPE_CHECKING:
+    from runner.cancellation import Cancel
+    from runner.context import Run
+
+__all__ = ["MANIFEST_SUFFIX", "Location"]
+ATTEMPTS = 3  # per request, the first included (botocore standard retry mode)
 STALE_UPLOAD_AGE = dt.timedelta(hours=24)  # older incomplete uploads under our prefix are ours, dead
+S3_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
+T = TypeVar("T")
 
 
-@dataclasses.dataclass(frozen=True)
-class Location:
-    bucket: str
-    prefix: str  # no leading or trailing slash; may be ''
-
-    @classmethod
-    def parse(cls, uri: str) -> Location:
-        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-        return cls(bucket, prefix.strip("/"))
-
-    def database_prefix(self, database: str) -> str:
-        """Return the folder of one database's backups: PREFIX/DATABASE/."""
-        return f"{self.prefix}/{database}/" if self.prefix else f"{database}/"
-
-    def uri(self, key: str) -> str:
-        return f"s3://{self.bucket}/{key}"
+class Cancelled(Exception):
+    """Raised inside botocore when the run is cancelled: no new attempt starts."""
 
 
-def client(settings: Settings) -> Any:
-    """Create an S3 client with the configured checksum policy and bounded retries."""
+def client(settings: Settings, cancel: Cancel | None = None) -> Any:
+    """Create an S3 client: configured checksum policy, S3_TIMEOUT per connect and read,
+    ATTEMPTS attempts per request, none once cancel is set."""
     cfg = botocore.config.Config(
         request_checksum_calculation=settings.backup_checksum,
         response_checksum_validation=settings.backup_checksum,
-        retries={"mode": "standard", "max_attempts": 4},
-        connect_timeout=5, read_timeout=60,
+        retries={"mode": "standard", "total_max_attempts": ATTEMPTS},
+        connect_timeout=settings.s3_timeout, read_timeout=settings.s3_timeout,
         max_pool_connections=16,
     )
-    return boto3.session.Session().client("s3", config=cfg)
+    s3 = boto3.session.Session().client("s3", config=cfg)
+    if cancel is not None:
+        def stop_when_cancelled(event_name: str = "", **_: Any) -> None:
+            # an abort still goes out: it is what removes a cancelled upload's parts
+            if cancel.is_set and not event_name.endswith(".AbortMultipartUpload"):
+                raise Cancelled("the run was cancelled")
+
+        s3.meta.events.register("before-send.s3", stop_when_cancelled)
+    return s3
+
+
+class Requests:
+    """The S3 requests waiting for an answer (one per thread at a time) and since when, retries
+    included: a hung endpoint shows as an old request, a slow pg_dump as none."""
+
+    def __init__(self, s3: Any, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.started: dict[int, float] = {}
+        s3.meta.events.register("before-send.s3", self._sent)
+        s3.meta.events.register("response-received.s3", self._answered)
+
+    def _sent(self, **_: Any) -> None:
+        self.started.setdefault(threading.get_ident(), self.clock())  # a retry keeps the first
+
+    def _answered(self, exception: BaseException | None = None, **_: Any) -> None:
+        if exception is None:
+            self.started.pop(threading.get_ident(), None)
+
+    def oldest(self) -> float:
+        """Seconds the oldest request in flight has waited (0 when none is)."""
+        started = list(self.started.values())
+        return self.clock() - min(started) if started else 0.0
+
+
+def wait_log_every(settings: Settings) -> float:
+    """Seconds between 'still waiting for S3' lines: half of S3_TIMEOUT, between 1 s and 5 s."""
+    return max(1.0, min(5.0, settings.s3_timeout / 2))
+
+
+def call(run: Run, what: str, fn: Callable[[], T]) -> T:
+    """Return fn() (one S3 operation); log every few seconds while it has not answered; raise
+    the run's cancellation (signal, deadline) at once instead of waiting for the request."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            box["error"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name="s3-call", daemon=True).start()
+    t0, every = run.clock(), wait_log_every(run.settings)
+    next_log = t0 + every
+    while not done.wait(0.2):
+        run.cancel.check()
+        if run.clock() >= next_log:
+            next_log += every
+            run.log.warning("s3.waiting", f"S3 has not answered {what} for "
+                            f"{run.clock() - t0:.0f}s; still waiting",
+                            s3_timeout_s=run.settings.s3_timeout, attempts=ATTEMPTS)
+    run.cancel.check()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def describe(exc: BaseException, where: str) -> str:
@@ -74,69 +140,97 @@ def describe(exc: BaseException, where: str) -> str:
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return ("no AWS credentials found: use IRSA / Pod Identity, or set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+        return redact(f"S3 did not answer {where} within S3_TIMEOUT ({ATTEMPTS} attempts): the "
+                      "endpoint is hung or overloaded; check AWS_ENDPOINT_URL_S3 and the store, "
+                      "or raise S3_TIMEOUT")
     if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError):
         parts = urlsplit(str(getattr(exc, "kwargs", {}).get("endpoint_url", "")))
-        where = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the S3 endpoint"
-        return redact(f"S3 unreachable: cannot connect to {where}; check AWS_ENDPOINT_URL_S3, "
+        host = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the S3 endpoint"
+        return redact(f"S3 unreachable: cannot connect to {host}; check AWS_ENDPOINT_URL_S3, "
                       "AWS_DEFAULT_REGION and the network")
     return redact(f"S3 error on {where} ({type(exc).__name__}: {exc}): check BACKUP_S3_URI, "
                   "the credentials and the endpoint")
 
 
-def check_access(s3: Any, loc: Location, database: str) -> None:
+def check_access(run: Run, s3: Any, loc: Location, database: str) -> None:
     """Fail fast (before pg_dump starts) when the bucket is missing or the credentials are wrong."""
+    where = loc.uri(loc.database_prefix(database))
     try:
-        s3.list_objects_v2(Bucket=loc.bucket, Prefix=loc.database_prefix(database), MaxKeys=1)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise BackupFailed(describe(exc, loc.uri(loc.database_prefix(database)))) from None
+        call(run, f"listing {where}", lambda: s3.list_objects_v2(
+            Bucket=loc.bucket, Prefix=loc.database_prefix(database), Delimiter="/", MaxKeys=1))
+    except S3_ERRORS as exc:
+        raise BackupFailed(describe(exc, where)) from None
 
 
-def manifests(s3: Any, loc: Location, database: str) -> list[dict[str, Any]]:
-    """Return this database's committed backups (those with a manifest), newest first."""
+def backups(run: Run, s3: Any, loc: Location, database: str) -> list[dict[str, Any]]:
+    """Return the database's committed backups (a valid manifest in its own folder), newest first.
+
+    A manifest that fails its checks is skipped with a warning naming its key: one bad file
+    must not hide every other backup of the database.
+    """
+    prefix = loc.database_prefix(database)
     found = []
     try:
-        for obj in _objects(s3, loc.bucket, loc.database_prefix(database)):
-            if obj["Key"].endswith(MANIFEST_SUFFIX):
-                found.append(read_manifest(s3, loc.bucket, obj["Key"]))
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-        raise BackupFailed(describe(exc, loc.uri(loc.database_prefix(database)))) from None
-    return sorted(found, key=lambda m: (m["created"], m["key"]), reverse=True)
+        keys = call(run, f"listing {loc.uri(prefix)}", lambda: [
+            o["Key"] for o in _level(s3, loc.bucket, prefix)["Contents"]
+            if o["Key"].endswith(MANIFEST_SUFFIX)])
+        for key in keys:
+            try:
+                found.append(read_manifest(run, s3, loc, key, database))
+            except manifests.BadManifest as exc:
+                run.log.warning("backup.manifest", f"skipping {loc.uri(key)}: {exc}", key=key)
+    except S3_ERRORS as exc:
+        raise BackupFailed(describe(exc, loc.uri(prefix))) from None
+    return manifests.newest(found)
 
 
-def read_manifest(s3: Any, bucket: str, key: str) -> dict[str, Any]:
-    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-    data = json.loads(body)
-    if data.get("manifest_version") != MANIFEST_VERSION or "sha256" not in data:
-        raise BackupFailed(f"{key} is not a backup manifest this runner understands")
-    return data
+def databases(run: Run, s3: Any, loc: Location) -> list[str]:
+    """Return the databases with a folder directly under the prefix."""
+    try:
+        folders = call(run, f"listing {loc.uri(loc.root)}",
+                       lambda: _level(s3, loc.bucket, loc.root)["CommonPrefixes"])
+    except S3_ERRORS as exc:
+        raise BackupFailed(describe(exc, loc.uri(loc.root))) from None
+    names = (database_of_folder(p[len(loc.root):].rstrip("/")) for p in folders)
+    return sorted(n for n in names if n is not None)
 
 
-def write_manifest(s3: Any, loc: Location, manifest: dict[str, Any]) -> str:
+def read_manifest(run: Run, s3: Any, loc: Location, key: str, database: str | None = None) -> dict[str, Any]:
+    """Read and check the manifest at key; raise BadManifest, or botocore's error."""
+    body = call(run, f"reading {loc.uri(key)}",
+                lambda: s3.get_object(Bucket=loc.bucket, Key=key)["Body"].read())
+    return manifests.parse(body, key, loc, database)
+
+
+def write_manifest(run: Run, s3: Any, loc: Location, manifest: dict[str, Any]) -> str:
     """Write the manifest next to the dump: the backup exists from this moment on."""
     key = manifest["key"] + MANIFEST_SUFFIX
-    s3.put_object(Bucket=loc.bucket, Key=key, ContentType="application/json",
-                  Body=json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    body = json.dumps(manifest, indent=2, ensure_ascii=False).encode()
+    call(run, f"writing {loc.uri(key)}", lambda: s3.put_object(
+        Bucket=loc.bucket, Key=key, ContentType="application/json", Body=body))
     return key
 
 
 def sweep_stale_uploads(s3: Any, loc: Location, database: str, log: Any,
                         now: dt.datetime | None = None) -> int:
-    """Abort incomplete multipart uploads under our prefix older than a day (killed runs).
+    """Abort incomplete multipart uploads in the database's folder older than a day (killed runs).
 
     A SIGKILLed or OOM-killed runner cannot abort its upload; the parts cost money until a
-    lifecycle rule or this sweep removes them. Best effort: a missing permission only warns.
+    lifecycle rule or this sweep removes them. Only the folder's own level: a deeper key belongs
+    to someone else. Best effort: a missing permission only warns.
     """
     now = now or dt.datetime.now(dt.UTC)
+    prefix = loc.database_prefix(database)
     aborted = 0
     try:
-        pages = s3.get_paginator("list_multipart_uploads").paginate(
-            Bucket=loc.bucket, Prefix=loc.database_prefix(database))
+        pages = s3.get_paginator("list_multipart_uploads").paginate(Bucket=loc.bucket, Prefix=prefix)
         for page in pages:
             for up in page.get("Uploads", []):
-                if now - up["Initiated"] > STALE_UPLOAD_AGE:
+                if "/" not in up["Key"][len(prefix):] and now - up["Initiated"] > STALE_UPLOAD_AGE:
                     s3.abort_multipart_upload(Bucket=loc.bucket, Key=up["Key"], UploadId=up["UploadId"])
                     aborted += 1
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+    except S3_ERRORS as exc:
         log.warning("backup.sweep", f"could not sweep stale multipart uploads: {describe(exc, 'sweep')}")
         return 0
     if aborted:
@@ -144,6 +238,15 @@ def sweep_stale_uploads(s3: Any, loc: Location, database: str, log: Any,
     return aborted
 
 
-def _objects(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        yield from page.get("Contents", [])
+def _level(s3: Any, bucket: str, prefix: str) -> dict[str, list[Any]]:
+    """List one level below prefix: the objects there and the folders (not their contents)."""
+    contents: list[dict[str, Any]] = []
+    folders: list[str] = []
+    for page in _pages(s3, bucket, prefix):
+        contents.extend(page.get("Contents", []))
+        folders.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+    return {"Contents": contents, "CommonPrefixes": folders}
+
+
+def _pages(s3: Any, bucket: str, prefix: str) -> Iterator[dict[str, Any]]:
+    yield from s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")

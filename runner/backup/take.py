@@ -13,12 +13,12 @@ import datetime as dt
 import math
 from typing import Any
 
-import botocore.exceptions
 import sqlalchemy as sa
 from s3transfer.manager import TransferConfig, TransferManager
 
 from runner import db
 from runner.backup import dump, s3
+from runner.backup import manifest as manifests
 from runner.context import Run
 from runner.errors import BackupFailed, RunnerError
 from runner.procs import check_client
@@ -49,12 +49,14 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
         database, size, server = conn.execute(sa.text(
             "SELECT current_database(), pg_database_size(current_database()), "
             "current_setting('server_version')")).one()
-    client = s3.client(settings)
-    s3.check_access(client, loc, database)
-    s3.sweep_stale_uploads(client, loc, database, run.log)
+        sysid = system_identifier(conn)
+    client = s3.client(settings, run.cancel)
+    s3.check_access(run, client, loc, database)
+    s3.call(run, "listing incomplete uploads",
+            lambda: s3.sweep_stale_uploads(client, loc, database, run.log))
     created = dt.datetime.now(dt.UTC)
     dump_args, filt, suffix = dump.COMPRESSION[settings.backup_compression]
-    key = f"{loc.database_prefix(database)}{created:%Y%m%dT%H%M%SZ}-{run.run_id}{suffix}"
+    key = loc.new_key(database, created, run.run_id, suffix)
     part = part_size(size)
     run.log("backup.start", f"backing up {database} ({size / 1e6:.0f} MB on disk) to {loc.uri(key)}",
             compression=settings.backup_compression, part_mib=part // MiB)
@@ -64,23 +66,35 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
         _upload(run, client, loc, key, reader, part)
         took = stream.elapsed()
     manifest = {
-        "manifest_version": s3.MANIFEST_VERSION, "key": key, "bucket": loc.bucket,
+        "manifest_version": manifests.VERSION, "key": key, "bucket": loc.bucket,
         "size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
         "compression": settings.backup_compression, "pg_dump_version": pg_dump,
-        "server_version": server, "database": database, "database_size": size,
+        "server_version": server, "system_identifier": sysid, "database": database,
+        "database_size": size,
         "alembic_revision": list(state.heads), "version_table": state.version_table,
         "version_schema": state.version_schema, "created": created.isoformat(timespec="seconds"),
         "run_id": run.run_id, "duration_s": round(took, 2),
     }
     try:
-        s3.write_manifest(client, loc, manifest)
-    except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        s3.write_manifest(run, client, loc, manifest)
+    except s3.S3_ERRORS as exc:
         raise BackupFailed(f"the dump was uploaded but its manifest was not written "
                            f"({s3.describe(exc, key)}); nothing was migrated") from None
     run.log("backup.done", f"backup {loc.uri(key)} complete", bytes=stream.size,
             mb_per_s=round(stream.size / 1e6 / max(took, 1e-9), 1), seconds=round(took, 1),
             sha256=manifest["sha256"])
     return manifest
+
+
+def system_identifier(conn: sa.Connection) -> str | None:
+    """Return the cluster's system identifier (it tells servers apart), or None when this role
+    may not read it (pg_control_system() is executable by PUBLIC unless an administrator revoked it)."""
+    try:
+        with conn.begin_nested():
+            return str(conn.execute(sa.text(
+                "SELECT system_identifier FROM pg_catalog.pg_control_system()")).scalar_one())
+    except sa.exc.DBAPIError:
+        return None
 
 
 def _mmap_part_buffers() -> None:
@@ -99,11 +113,13 @@ def _upload(run: Run, client: Any, loc: s3.Location, key: str, reader: Any, part
     cfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                          max_request_concurrency=CONCURRENCY, max_submission_concurrency=2,
                          max_in_memory_upload_chunks=IN_MEMORY_PARTS)
+    requests = s3.Requests(client, run.clock)
     with TransferManager(client, cfg) as manager:
         future = manager.upload(reader, loc.bucket, key, extra_args={
             "ContentType": "application/octet-stream"})
         with run.cancel.on_cancel(future.cancel):
             try:
+                _wait(run, future, requests, loc.uri(key))
                 future.result()
             except RunnerError:
                 raise
@@ -111,3 +127,18 @@ def _upload(run: Run, client: Any, loc: s3.Location, key: str, reader: Any, part
                 run.cancel.check()
                 raise BackupFailed(f"upload to {loc.uri(key)} failed: {s3.describe(exc, key)}; "
                                    "nothing was migrated") from None
+
+
+def _wait(run: Run, future: Any, requests: s3.Requests, where: str) -> None:
+    """Return when the upload is done; say so while an S3 request has not been answered; raise
+    the run's cancellation at once."""
+    every = s3.wait_log_every(run.settings)
+    logged = run.clock()
+    while not future.done():
+        run.cancel.sleep(0.2)
+        waited = requests.oldest()
+        if waited >= every and run.clock() - logged >= every:
+            logged = run.clock()
+            run.log.warning("s3.waiting", f"S3 has not answered an upload request for {where} for "
+                            f"{waited:.0f}s; still waiting", s3_timeout_s=run.settings.s3_timeout,
+                            attempts=s3.ATTEMPTS)

@@ -1,17 +1,79 @@
-"""The ledger: who migrated what, when, from which image; checksums of applied revisions."""
+"""The ledger: who migrated what, when, from which image; checksums of applied revisions.
+
+Two tables next to the version table (HISTORY_TABLE, default runner_history, and
+<HISTORY_TABLE>_revisions), written by the runner on connections of their own. The hooks below
+are what runner.commands calls; the modules: store (DDL, reads, writes), checksum (what a
+revision's checksum covers), recording (one run's row and checksums), edits (edited
+revisions), render (history and status output), admin (history, stamp, repair).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import IO
+
+from alembic.script import ScriptDirectory
+
 from runner.context import Run
+from runner.revisions import DbState
+
+
+def track(run: Run, seen: DbState) -> None:
+    """Before taking the lock: record this run when report() runs (a lock timeout too)."""
+    from runner.ledger import recording
+
+    recording.track(run, seen)
+
+
+@contextlib.contextmanager
+def locked(run: Run, script: ScriptDirectory, state: DbState) -> Iterator[None]:
+    """Under the lock: prepare the tables and baseline checksums; on the way out record the
+    checksums of the revisions this run applied (or forget the ones it downgraded)."""
+    from runner.ledger.recording import tracker_of
+
+    tracker = tracker_of(run)
+    if tracker is None:
+        yield
+        return
+    tracker.enter(script, state)
+    try:
+        yield
+    finally:
+        tracker.leave()
+
+
+def preflight(run: Run, downgrade: bool) -> None:
+    """Under the lock, before the backup: refuse an edited applied revision (exit 7), then mark
+    the run's row as running."""
+    from runner.ledger import edits
+    from runner.ledger.recording import tracker_of
+
+    tracker = tracker_of(run)
+    if tracker is not None:
+        edits.check(tracker, downgrade)
+        tracker.start()
+
+
+def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:
+    from runner.ledger import admin
+
+    admin.print_last_run(run, state, out)
 
 
 def history(run: Run, limit: int, fmt: str) -> None:
-    raise NotImplementedError("history")  # issue 11
+    from runner.ledger import admin
+
+    admin.history(run, limit, fmt)
 
 
 def stamp(run: Run, revision: str, yes: bool) -> None:
-    raise NotImplementedError("stamp")  # issue 11
+    from runner.ledger import admin
+
+    admin.stamp(run, revision, yes)
 
 
 def repair(run: Run, revisions: list[str]) -> None:
-    raise NotImplementedError("repair")  # issue 11
+    from runner.ledger import admin
+
+    admin.repair(run, revisions)

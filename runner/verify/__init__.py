@@ -1,15 +1,215 @@
-"""`verify`: prove a migration chain safe on a throwaway database before it reaches production."""
+"""`verify`: prove a migration chain safe on a throwaway database before it reaches production.
+
+    chain hygiene -> scratch database -> round trips (SQL captured) -> models vs migrations
+    -> drift of a live database (--against) -> lint of the captured SQL -> findings, exit 13
+
+Modules: scratch (the throwaway database), steps (env.py one revision at a time), capture (the
+SQL really executed), fingerprint (schema from pg_catalog, diff), roundtrip, lint (Squawk),
+models, drift, report. `plan --scratch` reuses scratch, steps and capture.
+"""
 
 from __future__ import annotations
 
-from typing import IO
+import logging
+import sys
+from typing import IO, Any
 
+from alembic.script import ScriptDirectory
+
+from runner import db, revisions
 from runner.context import Run
+from runner.errors import ConfigError, MigrationFailed, PreflightRefused, VerifyFailed
+from runner.revisions import DbState
+from runner.verify import capture, drift, lint, models, steps
+from runner.verify.fingerprint import Table
+from runner.verify.report import ERROR, NOTE, WARN, Finding, relative, short, write
+from runner.verify.roundtrip import Markers, RoundTrips, markers
+from runner.verify.scratch import Scratch, scratch_database, server_run
 
 
-def verify(run: Run, from_rev: str | None, against: str | None, fmt: str) -> None:
-    raise NotImplementedError("verify")  # issue 10
+def verify(run: Run, from_rev: str | None, against: str | None, fmt: str,
+           out: IO[str] | None = None) -> None:
+    """Verify the chain on a scratch database; print the findings; exit 13 when any fails."""
+    out = out or sys.stdout
+    settings = run.settings
+    server_run(run)  # bad input first (exit 2), before any connection
+    url = drift.live_url(run, against) if against else None
+    binary = lint.squawk_binary() if settings.verify_lint != "off" else None
+    findings, script = _chain(run)
+    summary: dict[str, Any] = {"revisions": 0, "irreversible": 0, "statements_linted": 0,
+                               "lint": settings.verify_lint, "models": "not compared", "drift": None}
+    if script is not None:
+        walked = _walk_set(script, from_rev)
+        marks: dict[str, Markers] = {}
+        for s in steps.topological(script):
+            marks[s.revision], problems = markers(s)
+            findings += problems
+        with run.timed("verify"), scratch_database(run) as scratch:
+            findings += _check(run, scratch, script, walked, marks, url, against, binary, summary)
+    _finish(run, findings, summary, fmt, out)
 
 
 def plan_scratch(run: Run, target: str, out: IO[str]) -> None:
-    raise NotImplementedError("plan --scratch")  # issue 10
+    """Print the SQL `upgrade --to target` would run, captured by migrating a scratch database
+    from the live database's revision (for revisions offline mode cannot render)."""
+    from runner.commands import _plan as preflight  # the same refusals as plain `plan`
+
+    server_run(run)
+    script = revisions.load_scripts(_config(run))
+    with scratch_database(run) as scratch:
+        cfg = revisions.alembic_config(scratch.run.settings)
+        with run.cancel.on_cancel(lambda: db.cancel_own_statements(scratch.run)):
+            env = _facts(scratch, cfg, script)
+            heads = drift.read_heads(run, run.settings.database_url, "DATABASE_URL",
+                                     (env.version_schema, env.version_table))
+            goal = preflight(run, script, DbState(heads, env.version_table, env.version_schema),
+                             target, downgrade=False)
+            if set(heads) == set(goal):
+                print("-- nothing to do: the database is at the target", file=out)
+            else:
+                _capture_plan(run, scratch, cfg, script, heads, goal, env.version_table, out)
+    run.summary.update(outcome="planned")
+
+
+# -- verify, step by step ---------------------------------------------------------------------------
+def _chain(run: Run) -> tuple[list[Finding], ScriptDirectory | None]:
+    """Chain hygiene (what upgrade's preflight refuses), reported as findings."""
+    try:
+        script = revisions.load_scripts(_config(run))
+    except PreflightRefused as exc:
+        return [Finding("chain", ERROR, str(exc))], None
+    heads = sorted(script.get_heads())
+    if not heads:
+        return [Finding("chain", NOTE, "the migration scripts contain no revisions")], None
+    if len(heads) > 1:  # upgrade refuses it: nothing downstream is worth checking before a merge
+        return [Finding("chain", ERROR, f"{len(heads)} heads ({', '.join(heads)}): upgrade refuses "
+                        "this (exit 7); merge them with 'alembic merge heads'")], None
+    return [], script
+
+
+def _walk_set(script: ScriptDirectory, from_rev: str | None) -> set[str] | None:
+    if not from_rev:
+        return None
+    try:
+        found = script.get_revision(from_rev)
+    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
+        found = None
+    if found is None:
+        raise ConfigError(f"verify --from {from_rev}: not a revision of these migration scripts "
+                          "(python -m runner status lists them)")
+    return steps.descendants(script, found.revision)
+
+
+def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str] | None,
+           marks: dict[str, Markers], url: Any, against: str | None, binary: Any,
+           summary: dict[str, Any]) -> list[Finding]:
+    cfg = revisions.alembic_config(scratch.run.settings)
+    with run.cancel.on_cancel(lambda: db.cancel_own_statements(scratch.run)):
+        env = _facts(scratch, cfg, script)
+        version: Table = (env.version_schema, env.version_table)
+        exclude = [version]
+        if run.settings.history_table != "off":  # the ledger's tables live next to the version table
+            history = run.settings.history_table
+            exclude += [(env.version_schema, history), (env.version_schema, f"{history}_revisions")]
+        findings: list[Finding] = []
+        live = drift.read(run, url, against or "", version, exclude) if url else None
+        if live is not None and any(_lookup(script, h) is None for h in live.heads):
+            findings.append(Finding("drift", ERROR, f"the live database is at {revisions.fmt(live.heads)}, "
+                                    "which these scripts do not contain: cannot compare it",
+                                    revisions.fmt(live.heads)))
+            live = None
+        order = [s.revision for s in steps.topological(script)]
+        trips = RoundTrips(scratch, cfg, script, exclude, env.version_table, marks,
+                           live.heads if live else None)
+        trips.walk([r for r in order if walked is not None and r not in walked],
+                   [r for r in order if walked is None or r in walked])
+        findings += trips.findings
+        summary.update(revisions=trips.round_tripped, irreversible=trips.irreversible)
+        findings += _models(trips, env.has_models, summary)  # at head: before any rebuild
+        if live is not None:
+            expected = trips.kept if trips.kept is not None else trips.fingerprint_at(live.heads)
+            differences = drift.compare(live, expected, None)
+            summary["drift"] = len(differences)
+            findings += differences
+    if binary is not None:
+        v = scratch.server.server_version
+        findings += lint.lint(binary, trips.sql, f"{v // 10000}.{v % 10000}", run.settings.verify_lint)
+        summary["statements_linted"] = sum(len(r.statements) for r in trips.sql)
+        summary["squawk"] = lint.version(binary)
+    return findings
+
+
+def _models(trips: RoundTrips, has_models: bool, summary: dict[str, Any]) -> list[Finding]:
+    if not has_models:
+        summary["models"] = "none"
+        return []
+    if not trips.complete:
+        return [Finding("models", NOTE, "not compared: the chain did not reach its head")]
+    diffs = trips.models() or []
+    summary["models"] = "differ" if diffs else "match"
+    return [Finding("models", ERROR, models.describe(d)) for d in diffs]
+
+
+def _finish(run: Run, findings: list[Finding], summary: dict[str, Any], fmt: str, out: IO[str]) -> None:
+    counts = {sev: sum(f.severity == sev for f in findings) for sev in (ERROR, WARN, NOTE)}
+    summary.update(errors=counts[ERROR], warnings=counts[WARN], notes=counts[NOTE])
+    write(findings, summary, fmt, out)
+    run.summary.update(verify=summary)
+    run.cancel.check()  # a signal during the lint: exit as interrupted, not with a verdict
+    if counts[ERROR]:
+        first = next(f for f in findings if f.severity == ERROR)
+        run.summary["outcome"] = "problems found"
+        raise VerifyFailed(f"{counts[ERROR]} problem(s) in the migrations, the first: "
+                           f"{short(first.line())}; fix them or see docs/verify.md")
+    run.summary["outcome"] = "verified"
+
+
+# -- plan --scratch ----------------------------------------------------------------------------------
+def _capture_plan(run: Run, scratch: Scratch, cfg: Any, script: ScriptDirectory,
+                  heads: tuple[str, ...], goal: tuple[str, ...], version_table: str, out: IO[str]) -> None:
+    done = revisions.ancestors(script, heads)
+    wanted = revisions.ancestors(script, goal)
+    order = steps.topological(script)
+    print(f"-- SQL captured on a scratch database ({scratch.name}), from {revisions.fmt(heads)} to "
+          f"{revisions.fmt(goal)}", file=out)
+    with db.connect(scratch.run, "migrate", migrating=True) as conn:
+        before = [(s.revision, True) for s in order if s.revision in done]
+        if before:
+            steps.apply(cfg, script, before, conn)
+        for s in order:
+            if s.revision not in wanted or s.revision in done:
+                continue
+            with capture.capturing(version_table) as seen:
+                try:
+                    steps.apply(cfg, script, [(s.revision, True)], conn)
+                except Exception as exc:  # noqa: BLE001 - a revision can raise anything
+                    run.cancel.check()
+                    raise MigrationFailed(f"plan --scratch: revision {s.revision} failed on the scratch "
+                                          f"database ({steps.describe(exc)}); the target database was "
+                                          "not touched") from None
+            parents = ",".join(s._versioned_down_revisions) or "base"
+            print(f"\n-- Running upgrade {parents} -> {s.revision} ({relative(s.path)})", file=out)
+            for stmt in seen:
+                if not stmt.catalog_read:
+                    print(stmt.sql.strip().rstrip(";") + ";\n", file=out)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _config(run: Run) -> Any:
+    """The Alembic config for loading scripts (never connects: the URL is the verify server's)."""
+    cfg = revisions.alembic_config(server_run(run).settings)
+    revisions.route_logging(run.log)
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # three lines per revision: too many
+    return cfg
+
+
+def _facts(scratch: Scratch, cfg: Any, script: ScriptDirectory) -> steps.EnvFacts:
+    with db.connect(scratch.run, "inspect") as conn:
+        return steps.facts(cfg, script, conn)
+
+
+def _lookup(script: ScriptDirectory, rev: str) -> Any:
+    try:
+        return script.get_revision(rev)
+    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
+        return None

@@ -1,0 +1,122 @@
+"""Manifests: the commit point of a backup, and input to check before anything trusts it.
+
+A manifest says where the dump is and what it must hash to. Anyone who can write to the bucket
+can edit one, so a manifest is checked against where it was found — its own key, the bucket,
+the folder of the database it claims — and for the fields and types the restore relies on,
+before any object it names is read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from typing import Any
+
+from runner.backup.layout import MANIFEST_SUFFIX, Location
+from runner.errors import ConfigError
+
+VERSION = 1
+COMPRESSIONS = ("zstd", "gzip", "none")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SERVER_VERSION = re.compile(r"(\d+)(?:\.(\d+))?")
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    "manifest_version": int, "key": str, "bucket": str, "size": int, "sha256": str, "format": str,
+    "compression": str, "database": str, "created": str, "alembic_revision": list,
+    "server_version": str, "pg_dump_version": str,
+}
+
+
+class BadManifest(ValueError):
+    """The manifest cannot be trusted; the message says why (it never quotes field values)."""
+
+
+def parse(body: bytes, found_at: str, loc: Location, database: str | None = None) -> dict[str, Any]:
+    """Return the manifest stored at key found_at, checked; raise BadManifest.
+
+    database, when given, is the database the caller is looking for (a listing or `latest`).
+    """
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise BadManifest("not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadManifest("not a JSON object")
+    for name, kind in _TYPES.items():
+        value = data.get(name)
+        if value is None:
+            raise BadManifest(f"field {name!r} is missing")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BadManifest(f"field {name!r} is not a {kind.__name__}")  # type: ignore[union-attr]
+    _check_values(data)
+    _check_place(data, found_at, loc, database)
+    return data
+
+
+def _check_values(data: dict[str, Any]) -> None:
+    if data["manifest_version"] != VERSION:
+        raise BadManifest(f"manifest_version {data['manifest_version']} is not {VERSION}")
+    if data["size"] < 0 or not _SHA256.fullmatch(data["sha256"]):
+        raise BadManifest("size or sha256 is malformed")
+    if data["format"] != "custom" or data["compression"] not in COMPRESSIONS:
+        raise BadManifest("format or compression is not one this runner writes")
+    if not all(isinstance(r, str) for r in data["alembic_revision"]):
+        raise BadManifest("alembic_revision is not a list of revision ids")
+    if not _SERVER_VERSION.match(data["server_version"]):
+        raise BadManifest("server_version is not a PostgreSQL version")
+    sysid = data.get("system_identifier")
+    if sysid is not None and not (isinstance(sysid, str) and sysid.isdigit()):
+        raise BadManifest("system_identifier is not a number in a string")
+    try:
+        created = dt.datetime.fromisoformat(data["created"])
+    except ValueError:
+        raise BadManifest("created is not an ISO 8601 time") from None
+    if created.tzinfo is None:
+        raise BadManifest("created has no time zone")
+
+
+def _check_place(data: dict[str, Any], found_at: str, loc: Location, database: str | None) -> None:
+    """The manifest must describe the dump next to it, in this bucket, in its database's folder."""
+    if found_at != data["key"] + MANIFEST_SUFFIX:
+        raise BadManifest("its key does not name the dump next to it (a manifest copied or "
+                          "edited to point elsewhere)")
+    if data["bucket"] != loc.bucket:
+        raise BadManifest("its bucket is not BACKUP_S3_URI's bucket")
+    if loc.database_of(data["key"]) != data["database"]:
+        raise BadManifest("the database it claims is not the folder it is stored in")
+    if database is not None and data["database"] != database:
+        raise BadManifest(f"it belongs to another database, not {database}")
+
+
+def server_major(manifest: dict[str, Any]) -> int:
+    m = _SERVER_VERSION.match(manifest["server_version"])
+    assert m  # checked by parse()
+    return int(m.group(1))
+
+
+def newest(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sort manifests newest first (creation time, then key)."""
+    return sorted(found, key=lambda m: (dt.datetime.fromisoformat(m["created"]), m["key"]),
+                  reverse=True)
+
+
+def pick_latest(found: list[dict[str, Any]], database: str, target_sysid: str | None) -> dict[str, Any]:
+    """Return the backup `latest` means, or refuse (exit 2) rather than guess.
+
+    A backup taken on another server is fine (restoring into a new server after a disaster is
+    the restore that matters most). Backups of one database name from several servers are
+    ambiguous: the target's own server wins when it is one of them; otherwise refuse.
+    """
+    if not found:
+        raise ConfigError(f"no backups of {database} under BACKUP_S3_URI: nothing to restore; check "
+                          "BACKUP_S3_URI (and --from-database)")
+    servers = {m["system_identifier"] for m in found if m.get("system_identifier")}
+    if len(servers) > 1:
+        if target_sysid not in servers:
+            keys = ", ".join(next(m["key"] for m in newest(found) if m.get("system_identifier") == s)
+                             for s in sorted(servers))
+            raise ConfigError(f"backups of {database} come from {len(servers)} different servers "
+                              f"(system identifiers {', '.join(sorted(servers))}); 'latest' would "
+                              f"have to guess: pick one with --backup KEY (newest of each: {keys})")
+        found = [m for m in found if m.get("system_identifier") == target_sysid]
+    return newest(found)[0]

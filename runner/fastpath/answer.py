@@ -1,0 +1,136 @@
+"""Answer a no-op `upgrade` / `wait --until-head` from the recorded facts: one connection, one query.
+
+Imports neither Alembic nor SQLAlchemy. Whenever the answer is not certain — no facts, facts that
+do not match the scripts and environment present, FAST_PATH=off, a database that does not answer,
+is in recovery or read-only, or is not exactly at the recorded head (an `upgrade` behind it
+first passes the start-up gate, runner.gate) — it returns False and the runner takes its full
+path, which decides (and logs) everything as before. When it answers, the
+log events, summary and termination message are those of the full path's no-op.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from runner.context import Run
+from runner.fastpath import facts as F
+
+CONNECT_TIMEOUT = 2  # seconds (libpq's minimum): a server that is slow to answer gets the full path
+_QUERY = ("SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
+          "current_setting('server_version_num')::int, array(SELECT version_num FROM {table})")
+
+
+def answer(run: Run, args: argparse.Namespace) -> bool:
+    """Report the no-op and return True when the recorded facts prove there is nothing to do."""
+    kind = _eligible(run, args)
+    if kind is None:
+        return False
+    facts = _facts(run)
+    if facts is None:
+        return False
+    run.cancel.check()
+    t0 = run.clock()
+    row = _probe(run, facts)
+    took = round(run.clock() - t0, 3)
+    if row is None:
+        return False
+    in_recovery, read_only, server_version, versions = row
+    if in_recovery or read_only == "on":
+        return False  # the full path waits, or migrates, or refuses: its decisions, its messages
+    behind = list(versions or ()) != list(facts.heads)
+    if behind and not (kind == "upgrade" and _waited_for_another_copy(run, facts)):
+        return False
+    run.cancel.check()
+    run.server_version = server_version
+    _report(run, kind, facts.heads[0], took)
+    return True
+
+
+def _waited_for_another_copy(run: Run, facts: F.Facts) -> bool:
+    """Behind the head: when another copy is migrating, wait for it here, cheaply (runner.gate)."""
+    from runner import gate
+
+    params = {**run.settings.database_url.libpq_params(), "keepalives": 1}
+    return gate.lead_or_wait(run, params, facts.version_table_schema, facts.version_table, facts.heads)
+
+
+def _eligible(run: Run, args: argparse.Namespace) -> str | None:
+    s = run.settings
+    if s.fast_path != "on" or s.targets_file or s.target_schemas:
+        return None
+    if args.command == "upgrade" and getattr(args, "to", None) in ("head", "heads"):
+        return "upgrade"
+    if args.command == "wait" and getattr(args, "until_head", False):
+        return "wait"
+    return None
+
+
+def _facts(run: Run) -> F.Facts | None:
+    """The facts for ALEMBIC_CONFIG when they apply; a facts file that does not apply is logged."""
+    path = F.facts_path(run.settings.alembic_config)
+    try:
+        facts = F.load(path)
+    except FileNotFoundError:
+        return None
+    except F.FactsError as exc:
+        why: str | None = str(exc)
+    else:
+        why = F.mismatch(facts, run.settings.alembic_config)
+        if why is None and len(facts.heads) == 1:
+            return facts
+    run.log("fastpath.skipped", f"the recorded no-op facts do not apply ({why or 'several heads'}): "
+            "running env.py; record them again with 'python -m runner.fastpath record'")
+    return None
+
+
+def _probe(run: Run, facts: F.Facts) -> tuple[Any, ...] | None:
+    """Connect once and read readiness and the version table; None on any failure."""
+    try:
+        import psycopg2
+    except ImportError:
+        return None
+    params = {**run.settings.database_url.libpq_params(), "application_name": run.app_name("wait"),
+              "connect_timeout": CONNECT_TIMEOUT, "keepalives": 1}
+    try:
+        conn = psycopg2.connect(**params)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the full path retries and explains it
+        return None
+    try:
+        conn.autocommit = True  # one round trip, no BEGIN
+        with conn.cursor() as cur:
+            cur.execute(_QUERY.format(table=_table(facts)))
+            return cur.fetchone()
+    except Exception:  # noqa: BLE001 - e.g. no version table yet: not at the target
+        return None
+    finally:
+        conn.close()
+
+
+def _table(facts: F.Facts) -> str:
+    """The version table as Alembic names it: schema-qualified when env.py sets a schema, else
+    found through the connection's search_path."""
+    name = _quote(facts.version_table)
+    return f"{_quote(facts.version_table_schema)}.{name}" if facts.version_table_schema else name
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _report(run: Run, kind: str, head: str, took: float) -> None:
+    """Log what the full path logs for the same no-op (tests compare the two)."""
+    target = run.settings.safe_target
+    run.log("start", f"{run.command} against {target}", run_id=run.run_id)
+    run.log("db.ready", f"database {target} is ready", server_version=run.server_version, attempts=1)
+    run.durations["wait"] = took
+    if kind == "upgrade":
+        run.summary.update({"from": head, "target": head})
+        run.log("migrate.noop", f"database already at {head}: nothing to do")
+        run.summary.update(to=head, outcome="nothing to do", applied=[])
+    else:
+        run.summary["head"] = head
+        run.summary.update(current=head, polls=1)
+        run.log("head.reached", f"database is at head {head}", current=head, head=head, polls=1)
+        run.summary["outcome"] = "at head"
+        run.durations["head_wait"] = took

@@ -1,0 +1,143 @@
+"""The recorded facts: what a no-op needs to know, and the proof that they still apply.
+
+A facts file sits next to alembic.ini (`alembic.ini.fastpath.json`). It holds the scripts' head,
+the version table and schema env.py configures, and fingerprints of everything the answer
+depended on when it was recorded: the files read (alembic.ini, env.py, each revision file, the
+modules env.py imported), the directories listed (the version directories), the environment
+variables read (names and salted hashes, never values), the Python path and version. `mismatch()`
+re-checks all of them with file reads and hashes only: no Alembic, no SQLAlchemy, no database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+FORMAT = 1
+SUFFIX = ".fastpath.json"
+# never part of a directory fingerprint: bytecode caches come and go, the facts file is written last
+IGNORED_NAMES = ("__pycache__",)
+
+
+class FactsError(ValueError):
+    """The facts file cannot be used; the message says why (never a value from the environment)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Facts:
+    config: str  # the absolute path of alembic.ini the facts belong to
+    heads: tuple[str, ...]
+    version_table: str
+    version_table_schema: str | None
+    python: str
+    sys_path: tuple[str, ...]
+    salt: str
+    env: Mapping[str, str | None]  # variable -> salted sha256 of its value, None when unset
+    files: Mapping[str, str]  # absolute path -> sha256 of the content
+    dirs: Mapping[str, str]  # absolute path -> sha256 of the sorted names in it
+
+    def to_json(self) -> str:
+        body = _body(self)
+        return json.dumps({**body, "digest": _digest(body)}, indent=1, sort_keys=True) + "\n"
+
+
+def facts_path(alembic_config: str | os.PathLike[str]) -> Path:
+    """Return where the facts of this alembic.ini live: next to it."""
+    return Path(os.path.abspath(alembic_config) + SUFFIX)
+
+
+def load(path: Path) -> Facts:
+    """Read and validate a facts file; raise FactsError (FileNotFoundError when there is none)."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise FactsError(f"{path} is unreadable or not JSON ({type(exc).__name__})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise FactsError(f"{path} is not a facts file of format {FORMAT}: record it again")
+    digest = data.pop("digest", None)
+    if digest != _digest(data):
+        raise FactsError(f"{path} is corrupt (its digest does not match): record it again")
+    try:
+        return Facts(config=_str(data["config"]), heads=tuple(map(_str, data["heads"])),
+                     version_table=_str(data["version_table"]),
+                     version_table_schema=_opt_str(data["version_table_schema"]),
+                     python=_str(data["python"]), sys_path=tuple(map(_str, data["sys_path"])),
+                     salt=_str(data["salt"]),
+                     env={_str(k): _opt_str(v) for k, v in data["env"].items()},
+                     files={_str(k): _str(v) for k, v in data["files"].items()},
+                     dirs={_str(k): _str(v) for k, v in data["dirs"].items()})
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise FactsError(f"{path} is incomplete ({type(exc).__name__}: {exc}): record it again") from None
+
+
+def mismatch(facts: Facts, alembic_config: str | os.PathLike[str],
+             environ: Mapping[str, str] | None = None) -> str | None:
+    """Return why the facts do not describe the scripts and environment present, or None."""
+    environ = os.environ if environ is None else environ
+    if facts.config != os.path.abspath(alembic_config):
+        return f"they were recorded for {facts.config}"
+    if facts.python != sys.version:
+        return "they were recorded with another Python"
+    if facts.sys_path != tuple(sys.path):
+        return "the Python path differs (working directory or PYTHONPATH)"
+    for name, recorded in facts.env.items():
+        if env_digest(facts.salt, environ.get(name)) != recorded:
+            return f"environment variable {name} differs from when they were recorded"
+    for directory, recorded in facts.dirs.items():
+        if dir_digest(directory) != recorded:
+            return f"the files in {directory} changed"
+    for file, recorded in facts.files.items():
+        if file_digest(file) != recorded:
+            return f"{file} changed"
+    return None
+
+
+def file_digest(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def dir_digest(path: str) -> str | None:
+    try:
+        names = sorted(n for n in os.listdir(path) if n not in IGNORED_NAMES and not n.endswith(SUFFIX))
+    except OSError:
+        return None
+    return hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def env_digest(salt: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    return hashlib.sha256(f"{salt}\0{value}".encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _body(facts: Facts) -> dict[str, Any]:
+    body = dataclasses.asdict(facts)
+    body.update(format=FORMAT, heads=list(facts.heads), sys_path=list(facts.sys_path),
+                env=dict(facts.env), files=dict(facts.files), dirs=dict(facts.dirs))
+    return body
+
+
+def _digest(body: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected text, found {type(value).__name__}")
+    return value
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)

@@ -1,0 +1,163 @@
+"""The ledger's commands: `history`, `stamp REV --yes` and `repair [REV ...]`, and status's line."""
+
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Connection
+
+from runner import commands, db, revisions
+from runner.context import Run
+from runner.errors import ConfigError, MigrationFailed, PreflightRefused
+from runner.ledger import edits, render
+from runner.ledger.recording import GRANTS_HINT, Tracker, reason, tracker_of
+from runner.ledger.store import Store
+from runner.revisions import DbState, fmt
+
+
+def history(run: Run, limit: int, fmt_: str, out: IO[str] | None = None) -> None:
+    """Print the newest runs first, as a table or JSON; changes nothing, takes no lock."""
+    if limit < 1:
+        raise ConfigError(f"history --limit {limit}: give a number of runs, at least 1")
+    _require_ledger(run, "history")
+    cfg, script = commands._load(run)
+    store = Store(run, commands._ready_state(run, cfg, script).version_schema)
+    try:
+        with store.session() as conn:
+            rows = store.latest(conn, limit) if store.exists(conn) else []
+    except Exception as exc:  # noqa: BLE001 - one line naming the table and the fix
+        raise ConfigError(f"cannot read the ledger {store.where} ({reason(exc)}): grant the runner's "
+                          f"role SELECT on it ({GRANTS_HINT})") from None
+    out = out or sys.stdout
+    if fmt_ == "json":
+        print(render.as_json(rows), file=out)
+    elif rows:
+        print(render.as_text(rows), file=out)
+    else:
+        print(f"no runs recorded in {store.where} yet: the first run that takes the migration lock "
+              "creates it", file=out)
+    run.summary.update(outcome="listed", runs=len(rows))
+
+
+def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:
+    """status: one line about the newest run (nothing when the ledger is off or unreadable)."""
+    if run.settings.history_table == "off":
+        return
+    store = Store(run, state.version_schema)
+    try:
+        with store.session() as conn:
+            rows = store.latest(conn, 1) if store.exists(conn) else []
+    except Exception as exc:  # noqa: BLE001 - status reports the database, the ledger is extra
+        run.log.warning("ledger.unavailable", f"cannot read the ledger {store.where} ({reason(exc)})")
+        return
+    print(render.last_run(rows[0] if rows else None), file=out)
+    if rows:
+        last = render.record(rows[0])
+        run.summary["last_run"] = {k: last[k] for k in ("run_id", "command", "outcome", "exit_code",
+                                                        "started")}
+
+
+def stamp(run: Run, revision: str, yes: bool) -> None:
+    """Set the version table to revision without running any migration, under the lock."""
+    if not yes:
+        raise ConfigError(f"stamp {revision} sets the database's revision without running any "
+                          "migration: check the schema matches it, then add --yes to confirm")
+    cfg, script = commands._load(run)
+    with commands._locked(run, cfg, script, commands._ready_state(run, cfg, script)) as state:
+        revisions.check_known(script, state.heads)
+        goal = revisions.resolve(script, revision, state.heads)
+        run.summary.update({"from": fmt(state.heads), "target": fmt(goal)})
+        if set(goal) == set(state.heads):
+            run.log("stamp.noop", f"database already stamped {fmt(goal)}: nothing to do")
+            run.summary.update(to=fmt(goal), outcome="nothing to do")
+            return
+        tracker = tracker_of(run)
+        if tracker:
+            tracker.start()
+        with db.connect(run, "migrate", migrating=True) as conn:
+            _alembic_stamp(cfg, goal, conn)
+        with db.connect(run, "verify") as conn:
+            after = revisions.read_state(cfg, script, conn).heads
+        if tracker:
+            _record_stamp(tracker, state.heads, after)
+    if set(after) != set(goal):
+        raise MigrationFailed(f"after stamping the database is at {fmt(after)}, expected {fmt(goal)}: "
+                              "check env.py's run_migrations")
+    run.log("stamp.done", f"stamped {fmt(after)} (was {fmt(state.heads)}); no migration ran")
+    run.summary.update(to=fmt(after), outcome="stamped")
+
+
+def repair(run: Run, wanted: list[str]) -> None:
+    """Re-record the checksums of applied revisions whose scripts were edited (reviewed), under the lock."""
+    _require_ledger(run, "repair")
+    cfg, script = commands._load(run)
+    with commands._locked(run, cfg, script, commands._ready_state(run, cfg, script)) as state:
+        revisions.check_known(script, state.heads)
+        tracker = tracker_of(run)
+        if tracker is None or tracker.recorded is None:  # tracker: HISTORY_TABLE is not off
+            where = tracker.store.where if tracker else run.settings.history_table
+            raise ConfigError(f"cannot read the ledger {where}: {GRANTS_HINT}")
+        chosen = [_applied_id(tracker, rev) for rev in wanted]
+        changed = {rev: (rec, now) for rev, rec, now in edits.edited(tracker)}
+        todo = [rev for rev in (chosen or sorted(changed)) if rev in changed]
+        for rev in sorted(set(chosen) - set(changed)):
+            run.log("ledger.repair", f"revision {rev} already matches its recorded checksum")
+        run.summary.update({"from": fmt(state.heads), "to": fmt(state.heads), "repaired": todo})
+        if not todo:
+            run.summary["outcome"] = "nothing to repair"
+            return
+        tracker.notes = [{"revision": rev, "outcome": "repaired", "old": changed[rev][0].checksum,
+                          "new": changed[rev][1]} for rev in todo]
+        tracker.start()
+        if not tracker.attempt("re-record the checksums", lambda conn: tracker.store.record(
+                conn, [tracker.entry(rev) for rev in todo], "repaired", replace=True)):
+            raise ConfigError(f"could not write the ledger {tracker.store.where}: {GRANTS_HINT}")
+        for rev in todo:
+            run.log("ledger.repaired", f"re-recorded the checksum of {rev}",
+                    old=changed[rev][0].checksum, new=changed[rev][1])
+    run.summary["outcome"] = "repaired"
+
+
+def _applied_id(tracker: Tracker, revision: str) -> str:
+    """The full id of an applied revision (a unique prefix works, as in Alembic)."""
+    assert tracker.script is not None
+    try:
+        full = tracker.script.get_revision(revision).revision  # type: ignore[union-attr]
+    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
+        full = None
+    if full is None:
+        raise PreflightRefused(f"revision {revision} is not in the migration scripts: check the id "
+                               "('python -m runner history' and 'status' show them)")
+    if full not in tracker.applied(tracker.state.heads):
+        raise PreflightRefused(f"revision {full} is not applied to this database (at "
+                               f"{fmt(tracker.state.heads)}): only applied revisions have checksums")
+    return full
+
+
+def _alembic_stamp(cfg: Config, goal: tuple[str, ...], conn: Connection) -> None:
+    cfg.attributes["connection"] = conn
+    try:
+        command.stamp(cfg, list(goal) if goal else "base")
+    finally:
+        cfg.attributes.pop("connection", None)
+
+
+def _record_stamp(tracker: Tracker, before: tuple[str, ...], after: tuple[str, ...]) -> None:
+    """Revisions the stamp marked applied get checksums of kind `stamped`; ones it removed go."""
+    new = sorted(tracker.applied(after) - tracker.applied(before))
+    gone = sorted(tracker.applied(before) - tracker.applied(after))
+
+    def write(conn: Connection) -> None:
+        tracker.store.record(conn, [tracker.entry(rev) for rev in new], "stamped", replace=True)
+        tracker.store.forget(conn, gone)
+
+    tracker.attempt("record the stamped revisions", write)
+
+
+def _require_ledger(run: Run, what: str) -> None:
+    if run.settings.history_table == "off":
+        raise ConfigError(f"HISTORY_TABLE=off disables the ledger, so there is nothing for '{what}' "
+                          "to work on: unset HISTORY_TABLE (default runner_history)")

@@ -1,0 +1,189 @@
+"""The ledger's two tables: their DDL, reads and writes.
+
+Each call runs on a short AUTOCOMMIT connection of its own ("ledger"), never on the migration's:
+a revision that rolls back is still recorded as failed. The session gets its own lock_timeout
+and statement_timeout, so a ledger table someone else holds locked cannot hang the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from runner import db
+from runner.context import Run
+
+RUN_COLUMNS = ("id", "run_id", "command", "outcome", "exit_code", "from_revision", "to_revision",
+               "target", "steps", "error", "backup_key", "started_at", "finished_at",
+               "runner_version", "image_version", "image_revision", "host", "job_name", "db_user")
+KINDS = ("applied", "baseline", "stamped", "repaired")
+
+RUNS_DDL = """
+CREATE TABLE IF NOT EXISTS {runs} (
+    id              uuid PRIMARY KEY,
+    run_id          text NOT NULL,
+    command         text NOT NULL,
+    outcome         text NOT NULL,
+    exit_code       integer,
+    from_revision   text,
+    to_revision     text,
+    target          text,
+    steps           jsonb NOT NULL DEFAULT '[]',
+    error           text,
+    backup_key      text,
+    started_at      timestamptz NOT NULL,
+    finished_at     timestamptz,
+    runner_version  text,
+    image_version   text,
+    image_revision  text,
+    host            text,
+    job_name        text,
+    db_user         text NOT NULL DEFAULT session_user
+)"""
+
+REVISIONS_DDL = """
+CREATE TABLE IF NOT EXISTS {revisions} (
+    revision     text PRIMARY KEY,
+    checksum     text NOT NULL,
+    kind         text NOT NULL CHECK (kind IN ('applied', 'baseline', 'stamped', 'repaired')),
+    script       text,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    run_id       text
+)"""
+
+# a runner of another version table in this schema (another lock) created it meanwhile
+_ALREADY_THERE = {"42P07", "23505"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """A revision's checksum as the ledger holds it."""
+
+    checksum: str
+    kind: str
+    recorded_at: Any
+    run_id: str | None
+
+
+class Store:
+    """The ledger tables next to the version table: <table> and <table>_revisions."""
+
+    def __init__(self, run: Run, schema: str | None) -> None:
+        self.run = run
+        self.table = run.settings.history_table
+        self.schema = schema  # None: the connection's current schema, resolved on first use
+
+    @property
+    def where(self) -> str:
+        """schema.table, for messages."""
+        return f"{self.schema or '(current schema)'}.{self.table}"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Connection]:
+        with db.connect(self.run, "ledger", autocommit=True, connect_timeout=5) as conn:
+            conn.execute(sa.text("SET lock_timeout = '5s'; SET statement_timeout = '20s'"))
+            if self.schema is None:  # where Alembic put the version table on this connection
+                self.schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
+                if self.schema is None:
+                    raise sa.exc.InvalidRequestError("no current schema: search_path names no "
+                                                     "existing schema")
+            yield conn
+
+    def _name(self, suffix: str = "") -> str:
+        return f"{_quote(self.schema or '')}.{_quote(self.table + suffix)}"
+
+    @property
+    def runs(self) -> str:
+        return self._name()
+
+    @property
+    def revisions(self) -> str:
+        return self._name("_revisions")
+
+    # -- DDL ---------------------------------------------------------------------------------
+    def exists(self, conn: Connection) -> bool:
+        return conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"), {"t": self.runs}).scalar_one()
+
+    def ensure(self, conn: Connection) -> bool:
+        """Create the tables that are missing; return whether any was. Checking first lets a role
+        without CREATE on the schema use tables a DBA created for it."""
+        missing = [ddl for ddl, name in ((RUNS_DDL, self.runs), (REVISIONS_DDL, self.revisions))
+                   if conn.execute(sa.text("SELECT to_regclass(:t) IS NULL"), {"t": name}).scalar_one()]
+        for ddl in missing:
+            try:
+                conn.execute(sa.text(ddl.format(runs=self.runs, revisions=self.revisions)))
+            except sa.exc.DBAPIError as exc:
+                if getattr(exc.orig, "pgcode", None) not in _ALREADY_THERE:
+                    raise
+        return bool(missing)
+
+    # -- checksums ---------------------------------------------------------------------------
+    def recorded(self, conn: Connection) -> dict[str, Recorded]:
+        rows = conn.execute(sa.text(f"SELECT revision, checksum, kind, recorded_at, run_id "
+                                    f"FROM {self.revisions}"))
+        return {r.revision: Recorded(r.checksum, r.kind, r.recorded_at, r.run_id) for r in rows}
+
+    def record(self, conn: Connection, entries: list[tuple[str, str, str]], kind: str,
+               replace: bool) -> None:
+        """Record (revision, checksum, script) entries as kind; replace: overwrite a row."""
+        if not entries:
+            return
+        action = ("DO UPDATE SET checksum = EXCLUDED.checksum, kind = EXCLUDED.kind, script = "
+                  "EXCLUDED.script, recorded_at = EXCLUDED.recorded_at, run_id = EXCLUDED.run_id"
+                  if replace else "DO NOTHING")
+        conn.execute(sa.text(f"INSERT INTO {self.revisions} (revision, checksum, kind, script, run_id) "
+                             f"VALUES (:revision, :checksum, :kind, :script, :run_id) "
+                             f"ON CONFLICT (revision) {action}"),
+                     [{"revision": r, "checksum": c, "kind": kind, "script": s,
+                       "run_id": self.run.run_id} for r, c, s in entries])
+
+    def forget(self, conn: Connection, revisions: list[str]) -> None:
+        """Drop the rows of revisions that are no longer applied (downgraded, stamped away)."""
+        if revisions:
+            conn.execute(sa.text(f"DELETE FROM {self.revisions} WHERE revision = ANY(:revs)"),
+                         {"revs": list(revisions)})
+
+    # -- runs --------------------------------------------------------------------------------
+    def save_run(self, conn: Connection, row: dict[str, Any], finished: bool) -> None:
+        """Insert or update this run's row (a row starts as 'running' and is completed at the end)."""
+        cols = [c for c in RUN_COLUMNS if c not in ("started_at", "finished_at", "db_user", "steps")]
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in (*cols[1:], "steps", "finished_at"))
+        conn.execute(sa.text(
+            f"INSERT INTO {self.runs} ({', '.join(cols)}, steps, started_at, finished_at) "
+            f"VALUES ({', '.join(':' + c for c in cols)}, CAST(:steps AS jsonb), "
+            f"to_timestamp(:started_at), CASE WHEN :finished THEN clock_timestamp() END) "
+            f"ON CONFLICT (id) DO UPDATE SET {updates}"),
+            {**row, "steps": json.dumps(row["steps"]), "finished": finished})
+
+    def all_runs(self, conn: Connection) -> list[dict[str, Any]]:
+        return [dict(r) for r in conn.execute(sa.text(
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM {self.runs}")).mappings()]
+
+    def put_back(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
+        """Write rows read before a restore back (the restore replaced the table with the backup's:
+        rows the backup holds too are overwritten with their later, completed state)."""
+        if not rows:
+            return
+        updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in RUN_COLUMNS[1:])
+        values = ", ".join("CAST(:steps AS jsonb)" if c == "steps" else f":{c}" for c in RUN_COLUMNS)
+        conn.execute(sa.text(f"INSERT INTO {self.runs} ({', '.join(RUN_COLUMNS)}) VALUES ({values}) "
+                             f"ON CONFLICT (id) DO UPDATE SET {updates}"),
+                     [{**r, "id": str(r["id"]), "steps": json.dumps(r["steps"])} for r in rows])
+
+    def latest(self, conn: Connection, limit: int) -> list[dict[str, Any]]:
+        """Return the newest rows first, with the run's duration in seconds."""
+        return [dict(r) for r in conn.execute(sa.text(
+            f"SELECT {', '.join(RUN_COLUMNS)}, "
+            f"extract(epoch FROM finished_at - started_at)::float8 AS seconds "
+            f"FROM {self.runs} ORDER BY started_at DESC, id LIMIT :n"), {"n": limit}).mappings()]
+
+
+def _quote(identifier: str) -> str:
+    """Always quote: a schema or table name is used exactly as Alembic and HISTORY_TABLE spell it."""
+    return '"' + identifier.replace('"', '""') + '"'

@@ -1,0 +1,269 @@
+"""Round trips, one revision at a time, in topological order (branches and merges included):
+upgrade r (its SQL captured for the lint), downgrade r, the schema must equal the one before r,
+upgrade r again. A revision may declare itself irreversible:
+
+    runner_irreversible = "drops the legacy audit table; restore it from a backup instead"
+
+The whole walk is one env.py run: the steps come from a generator, which Alembic asks for the
+next step only once the previous one is applied (and, per migration, committed), so the
+fingerprints are read between steps, on env.py's own connection (inside its transaction when
+env.py runs every revision in one). A failing step ends that run; the walk rebuilds the scratch
+database and goes on with the next revision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from alembic.config import Config
+from alembic.runtime.migration import RevisionStep
+from alembic.script import Script, ScriptDirectory
+from sqlalchemy.engine import Connection
+
+from runner import db
+from runner.errors import RunnerError
+from runner.verify import capture, fingerprint, steps
+from runner.verify.fingerprint import Fingerprint, Table
+from runner.verify.lint import RevisionSql
+from runner.verify.report import ERROR, NOTE, Finding, relative
+from runner.verify.scratch import Scratch
+
+
+class _OwnError(Exception):
+    """verify's own work between two steps failed (the cause is attached)."""
+
+
+FIRST, DOWN, AGAIN, REBUILD = "upgrade", "downgrade", "upgrade again (after its downgrade)", "rebuild"
+
+
+@dataclasses.dataclass(frozen=True)
+class Markers:
+    """What a revision file declares about itself."""
+
+    irreversible: str | None
+    allow: dict[str, str]
+
+
+def markers(script: Script) -> tuple[Markers, list[Finding]]:
+    """Read runner_irreversible and runner_allow; a malformed marker is a finding."""
+    module, problems = script.module, []
+    where = dict(revision=script.revision, file=relative(script.path))
+    irreversible = getattr(module, "runner_irreversible", None)
+    if irreversible is not None and not (isinstance(irreversible, str) and irreversible.strip()):
+        problems.append(Finding("chain", ERROR, "runner_irreversible must be a non-empty string: "
+                                "the reason the revision cannot be undone", **where))
+        irreversible = None
+    allow = getattr(module, "runner_allow", None) or {}
+    if not (isinstance(allow, dict) and all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                            for k, v in allow.items())):
+        problems.append(Finding("chain", ERROR, 'runner_allow must be a dict {"squawk-rule": '
+                                '"reason"} with a reason for every rule', **where))
+        allow = {}
+    return Markers(irreversible, dict(allow)), problems
+
+
+class RoundTrips:
+    """Walk the chain on the scratch database; collect findings, the SQL and, for drift, the
+    fingerprint at one given revision."""
+
+    def __init__(self, scratch: Scratch, cfg: Config, script: ScriptDirectory, exclude: list[Table],
+                 version_table: str, marks: dict[str, Markers], keep_at: tuple[str, ...] | None) -> None:
+        self.scratch, self.cfg, self.script = scratch, cfg, script
+        self.exclude, self.version_table, self.marks = exclude, version_table, marks
+        self.keep_at = None if keep_at is None else frozenset(keep_at)
+        self.kept: Fingerprint | None = None
+        self.findings: list[Finding] = []
+        self.sql: list[RevisionSql] = []
+        self.round_tripped = 0
+        self.irreversible = 0
+        self.complete = False
+        self.applied: list[str] = []  # what the scratch database holds, in order
+        self._rebuild: list[str] = []  # applied without checks first (before --from, after a failure)
+        self._todo: list[str] = []
+        self._before: Fingerprint | None = None  # the schema before the next revision
+        self._phase: tuple[str, str] | None = None  # the step running now: (revision, FIRST...)
+        self._seen: list[capture.Statement] | None = None  # the first upgrade's SQL, while it runs
+        self._ran = False
+        self._conn: Connection | None = None
+
+    def walk(self, plain: list[str], revisions: list[str]) -> None:
+        """Apply `plain` without checks (before --from), then round-trip each of `revisions`."""
+        self._rebuild, self._todo = list(plain), list(revisions)
+        with self._connection():
+            while True:
+                try:
+                    steps.run_env(self.cfg, self.script, self._conn, lambda rev, ctx: self._steps(ctx))
+                except RunnerError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a revision can raise anything: a finding
+                    if not self._failed(exc):
+                        return
+                    continue
+                self.complete = True
+                return
+
+    def models(self) -> list[object] | None:
+        """Autogenerate's differences at head (None when env.py declares no target_metadata)."""
+        with self._connection():
+            return steps.compare_models(self.cfg, self.script, self._conn)
+
+    def fingerprint_at(self, heads: tuple[str, ...]) -> Fingerprint:
+        """The schema at heads, built from an empty database (drift when the walk did not pass
+        there, e.g. with --from past the live revision)."""
+        self.scratch.recreate()
+        wanted = set().union(*(self._ancestors(h) for h in heads)) if heads else set()
+        order = [s.revision for s in steps.topological(self.script) if s.revision in wanted]
+        with self._connection():
+            if order:
+                steps.apply(self.cfg, self.script, [(r, True) for r in order], self._conn)
+            assert self._conn is not None
+            return fingerprint.read(self._conn, self.exclude)
+
+    # -- the steps, generated one at a time ----------------------------------------------------------
+    def _steps(self, context: Any) -> Iterator[RevisionStep]:
+        conn = context.connection
+        for rev in self._rebuild:
+            yield from self._step(rev, REBUILD)
+            self.applied.append(rev)
+        self._rebuild = []
+        if self._before is None:
+            self._before = self._fingerprint(conn)
+        while self._todo:
+            rev = self._todo[0]
+            mark = self.marks.get(rev, Markers(None, {}))
+            self._seen = capture.begin(self.version_table)
+            yield from self._step(rev, FIRST)
+            self._end_capture(rev)
+            self.applied.append(rev)
+            if mark.irreversible:
+                self.irreversible += 1
+                self._finding(NOTE, "roundtrip", f"not round-tripped: declared irreversible "
+                              f"({mark.irreversible})", rev)
+            else:
+                yield from self._step(rev, DOWN)
+                for line in fingerprint.diff(self._before, self._fingerprint(conn, keep=False)):
+                    self._finding(ERROR, "roundtrip", f"the downgrade does not undo the upgrade: {line} "
+                                  "[after the downgrade, compared with before the upgrade]", rev)
+                yield from self._step(rev, AGAIN)
+                self.round_tripped += 1
+            self._before = self._fingerprint(conn)
+            self._todo.pop(0)
+            self.scratch.server.log("verify.revision", f"{rev}: " + (
+                "upgraded (irreversible)" if mark.irreversible else "upgraded, downgraded, upgraded again"))
+
+    def _step(self, rev: str, phase: str) -> Iterator[RevisionStep]:
+        self._phase, self._ran = (rev, phase), False
+        yield steps.step(self.script, rev, phase != DOWN, on_run=self._mark_ran)
+        if not self._ran:  # a generator only works if Alembic applies each step before the next
+            raise RuntimeError("Alembic asked for the next migration step before running this one")
+        self._phase = None  # done: a failure from here on is not this step's
+
+    def _mark_ran(self) -> None:
+        self._ran = True
+
+    # -- failures ----------------------------------------------------------------------------------
+    def _failed(self, exc: BaseException) -> bool:
+        """Record a failed step; return whether the walk can go on (rebuilt from empty)."""
+        self.scratch.server.cancel.check()  # a signal or the deadline: stop, don't report
+        if isinstance(exc, _OwnError):
+            raise exc.__cause__ or exc  # verify's own reads between steps: not the chain's fault
+        if self._phase is None:  # env.py, before the first step (e.g. creating its version table)
+            self.findings.append(Finding("migration", ERROR, "env.py failed before the first revision "
+                                         f"ran: {steps.describe(exc)}"))
+            return False
+        rev, phase = self._phase
+        self._end_capture(rev)
+        hint = ""
+        if phase == DOWN and isinstance(exc, NotImplementedError):
+            hint = '; if it cannot be undone, declare it: runner_irreversible = "reason"'
+        what = "rebuilding the scratch database: upgrade" if phase == REBUILD else phase
+        self._finding(ERROR, "migration", f"{what} failed: {steps.describe(exc)}{hint}", rev)
+        if phase in (FIRST, REBUILD):
+            return False  # what follows builds on it
+        # the database is in no known state: start over from empty, then the next revision
+        self._close()
+        self.scratch.recreate()
+        self._open()
+        self._rebuild, self.applied, self._before = list(self.applied), [], None
+        self._todo.pop(0)
+        return True
+
+    def _end_capture(self, rev: str) -> None:
+        """Stop capturing; keep what the revision's first upgrade executed, for the lint."""
+        if self._seen is None:
+            return
+        capture.end()
+        executed = [s.sql for s in self._seen if not (s.version_table or s.catalog_read)]
+        self.sql.append(RevisionSql(rev, self._file(rev), executed,
+                                    fingerprint.relation_names(self._before or {}),
+                                    self.marks.get(rev, Markers(None, {})).allow))
+        self._seen = None
+
+    def _finding(self, severity: str, check: str, message: str, rev: str) -> None:
+        self.findings.append(Finding(check, severity, message, rev, self._file(rev)))
+
+    # -- fingerprints --------------------------------------------------------------------------------
+    def _fingerprint(self, conn: Connection, keep: bool = True) -> Fingerprint:
+        """Read the schema on env.py's connection, between two steps."""
+        try:
+            fp = self._read(conn)
+        except Exception as exc:
+            raise _OwnError() from exc
+        if keep and self.keep_at is not None and self.kept is None and self._heads() == self.keep_at:
+            self.kept = fp
+        return fp
+
+    def _read(self, conn: Connection) -> Fingerprint:
+        if conn.in_transaction():  # env.py runs every revision in one transaction: read in it
+            path = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
+            fp = fingerprint.query(conn, self.exclude, prepared=True)
+            conn.execute(sa.text("SELECT set_config('search_path', :p, true)"), {"p": path})
+        else:  # committed per migration: a read-only transaction of our own
+            fp = fingerprint.read(conn, self.exclude)
+        return fp
+
+    def _heads(self) -> frozenset[str]:
+        """What the version table holds now: applied revisions no applied revision revises."""
+        applied = set(self.applied)
+        parents = {p for r in applied for p in self._script(r)._versioned_down_revisions}
+        return frozenset(applied - parents)
+
+    def _ancestors(self, rev: str) -> set[str]:
+        """rev, its ancestors and their depends_on: everything applied to reach rev."""
+        found, todo = set(), [rev]
+        while todo:
+            r = todo.pop()
+            if r not in found:
+                found.add(r)
+                todo.extend(self._script(r)._all_down_revisions)
+        return found
+
+    def _script(self, rev: str) -> Script:
+        script = self.script.get_revision(rev)
+        assert script is not None, rev
+        return script
+
+    def _file(self, rev: str) -> str | None:
+        return relative(self._script(rev).path)
+
+    # -- the connection handed to env.py -----------------------------------------------------------
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[None]:
+        self._open()
+        try:
+            yield
+        finally:
+            self._close()
+
+    def _open(self) -> None:
+        self._conn = db.connect(self.scratch.run, "migrate", migrating=True)
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+        self._conn = None

@@ -1,0 +1,400 @@
+"""The no-op fast path: facts recorded from env.py, answered with one query only when they apply.
+
+"Taken" is observed from outside: the runner runs with PYTHONPROFILEIMPORTTIME=1, and a run that
+imported neither SQLAlchemy nor Alembic answered from the facts. Every run that must not take it
+is checked for the full path's outcome (and the database state), not only for the detour.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.fastpath import facts as F
+from runner.fastpath import record
+from tests.conftest import REPO, Database, run_runner, runner_env
+from tests.pgcluster import Cluster
+from tests.result import Result
+
+VERSIONS_SCENARIO = REPO / "tests/scenarios/fastpath_versions"
+REVISION_0006 = '''"""An extra revision, mounted over the image's scripts."""
+
+from alembic import op
+
+revision = "0006"
+down_revision = "0005"
+
+
+def upgrade() -> None:
+    op.execute("CREATE TABLE fastpath_extra (id int)")
+
+
+def downgrade() -> None:
+    op.execute("DROP TABLE fastpath_extra")
+'''
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def copy_sample(dest: Path) -> Path:
+    """The sample alembic.ini and migrations/ in dest; return the alembic.ini."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "alembic.ini", dest / "alembic.ini")
+    shutil.copytree(REPO / "migrations", dest / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    return dest / "alembic.ini"
+
+
+def env_for(ini: Path, url: str | None, **extra: str) -> dict[str, str]:
+    return runner_env(url, ALEMBIC_CONFIG=str(ini), LOG_FORMAT="json", **extra)
+
+
+def record_facts(ini: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`python -m runner.fastpath record` as an image build runs it: same cwd and environment as
+    the runs that use the facts."""
+    return subprocess.run([sys.executable, "-m", "runner.fastpath", "record", *flags],
+                          env=env_for(ini, None), cwd=ini.parent, capture_output=True, text=True,
+                          timeout=60)
+
+
+def run(ini: Path, args: list[str], url: str, **extra: str) -> Result:
+    """A real runner process next to the scripts, with an import trace on stderr."""
+    return run_runner(args, env_for(ini, url, PYTHONPROFILEIMPORTTIME="1", **extra), cwd=ini.parent)
+
+
+def imported(r: Result) -> set[str]:
+    """Top-level packages the run imported (from the PYTHONPROFILEIMPORTTIME trace)."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in r.lines
+            if line.startswith("import time:") and "|" in line}
+
+
+def answered_from_facts(r: Result) -> bool:
+    names = imported(r)
+    assert "psycopg2" in names, "no import trace: PYTHONPROFILEIMPORTTIME did not reach the runner"
+    return not names & {"sqlalchemy", "alembic"}
+
+
+def events(r: Result) -> list[dict[str, Any]]:
+    """The JSON events without what differs between any two runs (time, run id, durations)."""
+    found = []
+    for line in r.lines:
+        if line.startswith("{"):
+            event = json.loads(line)
+            event.pop("ts")
+            event.pop("run_id", None)
+            if "durations_s" in event:
+                event["durations_s"] = sorted(event["durations_s"])
+            found.append(event)
+    return found
+
+
+def skipped(r: Result) -> list[str]:
+    return [e["msg"] for e in events(r) if e["event"] == "fastpath.skipped"]
+
+
+def termination(path: Path) -> dict[str, Any]:
+    data = json.loads(path.read_text())
+    data.pop("run_id")
+    data["durations_s"] = sorted(data["durations_s"])
+    return data
+
+
+def new_database(pg: Cluster) -> Database:
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    pg.psql(f"CREATE DATABASE {name}")
+    return Database(pg, name)
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample scripts with their facts recorded (as the image build does); do not modify."""
+    ini = copy_sample(tmp_path_factory.mktemp("sample"))
+    proc = record_facts(ini, "--strict")
+    assert proc.returncode == 0, proc.stderr
+    return ini
+
+
+@pytest.fixture(scope="module")
+def at_head(pg: Cluster, sample: Path) -> Iterator[Database]:
+    """A database migrated to the sample's head once for the module (tests must leave it there)."""
+    db = new_database(pg)
+    r = run(sample, ["upgrade"], db.url, FAST_PATH="off")
+    assert r.code == 0 and db.version() == "0005", r.err
+    yield db
+    pg.psql(f"DROP DATABASE IF EXISTS {db.name} WITH (FORCE)", check=False)
+
+
+@pytest.fixture
+def own_sample(tmp_path: Path) -> Path:
+    """The sample scripts with their facts, for a test that changes them."""
+    ini = copy_sample(tmp_path / "scripts")
+    proc = record_facts(ini, "--strict")
+    assert proc.returncode == 0, proc.stderr
+    return ini
+
+
+# -- taken: nothing changed --------------------------------------------------------------------------
+def test_noop_is_answered_from_facts_exactly_like_the_full_path(sample: Path, at_head: Database,
+                                                                 tmp_path: Path) -> None:
+    for args in (["upgrade"], ["wait", "--until-head"]):
+        fast_file, full_file = tmp_path / "fast.json", tmp_path / "full.json"
+        fast = run(sample, args, at_head.url, TERMINATION_MESSAGE_PATH=str(fast_file))
+        full = run(sample, args, at_head.url, TERMINATION_MESSAGE_PATH=str(full_file), FAST_PATH="off")
+        assert (fast.code, full.code) == (0, 0), fast.err + full.err
+        assert answered_from_facts(fast), f"{args}: the fast path was not taken"
+        assert not answered_from_facts(full), f"{args}: FAST_PATH=off still took the fast path"
+        assert events(fast) == events(full), f"{args}: the fast path reports differently"
+        assert termination(fast_file) == termination(full_file)
+        assert events(fast)[0]["event"] == "start"
+    assert fast.summary()["outcome"] == "at head"
+    assert at_head.version() == "0005"
+
+
+# -- not taken: each with the full path's outcome ----------------------------------------------------
+def test_mounted_scripts_that_differ_are_not_answered_for(own_sample: Path, database: Database) -> None:
+    first = run(own_sample, ["upgrade"], database.url)  # an empty database: not at head
+    assert first.code == 0 and first.summary()["outcome"] == "migrated", first.err
+    assert not answered_from_facts(first) and not skipped(first)
+    env_py = own_sample.parent / "migrations/env.py"
+    env_py.write_text(env_py.read_text() + "\n# edited after the facts were recorded\n")
+    edited = run(own_sample, ["upgrade"], database.url)
+    assert edited.code == 0 and edited.summary()["outcome"] == "nothing to do", edited.err
+    assert not answered_from_facts(edited)
+    assert any(f"{env_py} changed" in msg for msg in skipped(edited)), edited.err
+    # a newer revision mounted over the recorded ones: stale facts would say "nothing to do"
+    (own_sample.parent / "migrations/versions/0006_extra.py").write_text(REVISION_0006)
+    newer = run(own_sample, ["upgrade"], database.url)
+    assert newer.code == 0, newer.err
+    assert not answered_from_facts(newer) and skipped(newer)
+    assert newer.summary()["applied"] == ["0006"]
+    assert database.version() == "0006" and "public.fastpath_extra" in database.tables()
+
+
+def test_version_table_comes_from_env_py_and_its_environment(tmp_path: Path, database: Database) -> None:
+    shutil.copytree(VERSIONS_SCENARIO, tmp_path / "scenario")
+    ini = tmp_path / "scenario/alembic.ini"
+    assert record_facts(ini, "--strict").returncode == 0
+    facts = F.load(F.facts_path(ini))
+    assert (facts.version_table, facts.version_table_schema) == ("app_versions", "meta")
+    assert facts.env == {"APP_VERSION_SCHEMA": None}  # read by env.py, unset when recorded
+    database.sql("CREATE SCHEMA meta; CREATE SCHEMA other")
+    assert run(ini, ["upgrade"], database.url).code == 0
+    noop = run(ini, ["upgrade"], database.url)
+    assert noop.code == 0 and noop.summary()["outcome"] == "nothing to do", noop.err
+    assert answered_from_facts(noop), "meta.app_versions is at head: the facts say where to look"
+    # the same scripts, the version table configured elsewhere by the environment
+    elsewhere = run(ini, ["wait", "--until-head"], database.url, APP_VERSION_SCHEMA="other",
+                    HEAD_WAIT_TIMEOUT="1s", HEAD_POLL_INTERVAL="0.5s")
+    assert elsewhere.code == 10, elsewhere.err
+    assert not answered_from_facts(elsewhere)
+    assert any("APP_VERSION_SCHEMA" in msg for msg in skipped(elsewhere))
+    assert database.sql("SELECT string_agg(version_num, ',') FROM meta.app_versions") == "v002"
+    assert database.sql("SELECT to_regclass('other.app_versions') IS NULL") == "t"
+
+
+def test_database_behind_is_not_answered_for(sample: Path, database: Database) -> None:
+    assert run(sample, ["upgrade", "--to", "0004"], database.url).code == 0
+    waiting = run(sample, ["wait", "--until-head"], database.url, HEAD_WAIT_TIMEOUT="1s",
+                  HEAD_POLL_INTERVAL="0.5s")
+    assert waiting.code == 10 and not answered_from_facts(waiting), waiting.err
+    assert database.version() == "0004"
+    behind = run(sample, ["upgrade"], database.url)
+    assert behind.code == 0, behind.err
+    assert not answered_from_facts(behind) and not skipped(behind)  # the facts apply; the database is behind
+    assert behind.summary()["applied"] == ["0005"] and database.version() == "0005"
+
+
+def test_missing_or_corrupt_facts_are_not_used(own_sample: Path, at_head: Database) -> None:
+    path = F.facts_path(own_sample)
+    good = path.read_text()
+    tampered = json.loads(good)
+    tampered["heads"] = ["0004"]  # an edit that does not update the digest
+    for content, reason in ((good[: len(good) // 2], "not JSON"), (json.dumps(tampered), "corrupt"),
+                            (None, None)):
+        if content is None:
+            path.unlink()
+        else:
+            path.write_text(content)
+        r = run(own_sample, ["upgrade"], at_head.url)
+        assert r.code == 0 and r.summary()["outcome"] == "nothing to do", r.err
+        assert not answered_from_facts(r)
+        assert [reason in msg for msg in skipped(r)] == ([True] if reason else []), r.err
+    assert at_head.version() == "0005"
+
+
+def test_read_only_database_is_not_answered_for(sample: Path, at_head: Database) -> None:
+    at_head.cluster.psql(f"ALTER DATABASE {at_head.name} SET default_transaction_read_only = on")
+    try:
+        r = run(sample, ["upgrade"], at_head.url, DB_WAIT_TIMEOUT="1s")
+    finally:  # from another database: a session in this one is read-only now
+        at_head.cluster.psql(f"ALTER DATABASE {at_head.name} RESET default_transaction_read_only")
+    assert r.code == 3, r.err  # the full path waits for a writable primary, then gives up
+    assert not answered_from_facts(r)
+    assert "read-only" in r.err
+
+
+# -- recording: from env.py itself, or not at all ----------------------------------------------------
+def scripts(tmp_path: Path, env_py: str) -> Path:
+    """A one-revision script directory with this env.py; return its alembic.ini."""
+    (tmp_path / "versions").mkdir(parents=True)
+    (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = %(here)s\n"
+                                          "prepend_sys_path = %(here)s\npath_separator = os\n")
+    (tmp_path / "env.py").write_text(env_py)
+    (tmp_path / "versions/x001.py").write_text('revision = "x001"\ndown_revision = None\n\n\n'
+                                               "def upgrade():\n    pass\n")
+    return tmp_path / "alembic.ini"
+
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Record in this process; forget the modules env.py imported afterwards."""
+    before = set(sys.modules)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    yield
+    for name in set(sys.modules) - before:
+        if name.startswith("fp_"):
+            del sys.modules[name]
+
+
+CONFIGURE = "context.configure(connection=conn, {kw})\nwith context.begin_transaction():\n" \
+            "    context.run_migrations()\n"
+HEADER = "import os\nfrom alembic import context\nimport sqlalchemy as sa\n" \
+         "conn = context.config.attributes['connection']\n"
+
+
+@pytest.mark.parametrize("body,reason", [
+    (HEADER + "conn.execute(sa.text('SET search_path TO app'))\n" + CONFIGURE.format(kw=""),
+     "uses its connection"),
+    (HEADER + "schema = sa.engine.make_url(context.config.get_main_option('sqlalchemy.url')).database\n"
+     + CONFIGURE.format(kw="version_table_schema=schema"), "different version table"),
+    (HEADER + "settings = dict(os.environ)\n" + CONFIGURE.format(kw=""), "whole environment"),
+    (HEADER + CONFIGURE.format(kw="") + CONFIGURE.format(kw="version_table='second'"),
+     "configure() 2"),
+    (HEADER + "context.configure(url=context.config.get_main_option('sqlalchemy.url'))\n"
+     "context.run_migrations()\n", "without a connection"),
+    (HEADER + "from sqlalchemy.ext.asyncio import create_async_engine\n"
+     "engine = create_async_engine(context.config.get_main_option('sqlalchemy.url'))\n"
+     + CONFIGURE.format(kw=""), "env.py failed without a database"),
+    (HEADER + "context.get_context()\n" + CONFIGURE.format(kw=""), "needs a database"),
+    (HEADER + "try:\n    conn.execute(sa.text('SET search_path TO app'))\nexcept Exception:\n    pass\n"
+     + CONFIGURE.format(kw=""), "uses its connection"),
+], ids=["sql-before-configure", "schema-from-url", "whole-environment", "two-configures",
+        "offline-style-url", "async-engine", "needs-a-migration-context", "refusal-caught"])
+def test_recording_refuses_what_it_cannot_answer_for(tmp_path: Path, in_process: None, body: str,
+                                                     reason: str) -> None:
+    with pytest.raises(record.CannotRecord, match=re.escape(reason)):
+        record.record(str(scripts(tmp_path, body)))
+
+
+def test_recording_takes_the_branch_a_run_takes(tmp_path: Path, in_process: None) -> None:
+    """The stand-in is a SQLAlchemy Connection, as the runner's is."""
+    ini = scripts(tmp_path, HEADER + "schema = 'run' if isinstance(conn, sa.engine.Connection) else 'other'\n"
+                  + CONFIGURE.format(kw="version_table_schema=schema"))
+    assert record.record(str(ini)).version_table_schema == "run"
+
+
+def test_recording_follows_an_env_py_that_builds_its_own_engine(tmp_path: Path, in_process: None) -> None:
+    """Alembic's default template: an engine from sqlalchemy.url, never connected while recording."""
+    ini = scripts(tmp_path, "from alembic import context\nfrom sqlalchemy import engine_from_config, pool\n"
+                  "cfg = context.config\n"
+                  "engine = engine_from_config(cfg.get_section(cfg.config_ini_section, {}), "
+                  "prefix='sqlalchemy.', poolclass=pool.NullPool)\n"
+                  "with engine.connect() as connection:\n"
+                  "    context.configure(connection=connection, version_table_schema='audit')\n"
+                  "    with context.begin_transaction():\n        context.run_migrations()\n")
+    facts = record.record(str(ini))
+    assert (facts.heads, facts.version_table, facts.version_table_schema) == (
+        ("x001",), "alembic_version", "audit")
+
+
+def test_facts_stop_applying_when_anything_they_came_from_changes(
+        tmp_path: Path, in_process: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    helper = f"fp_{uuid.uuid4().hex[:8]}"
+    ini = scripts(tmp_path, f"import json, os, pathlib\nfrom alembic import context\nimport {helper}\n"
+                  "here = pathlib.Path(__file__).parent\n"
+                  "table = json.loads((here / 'settings.json').read_text())['table']\n"
+                  "token = os.environ.get('FP_TOKEN')\n"
+                  "context.configure(connection=context.config.attributes['connection'], "
+                  f"version_table=table, version_table_schema=os.environ.get('FP_SCHEMA', {helper}.SCHEMA))\n"
+                  "context.run_migrations()\n")
+    (tmp_path / f"{helper}.py").write_text("SCHEMA = 'tenant_a'\n")
+    (tmp_path / "settings.json").write_text('{"table": "versions_a"}')
+    monkeypatch.setenv("FP_TOKEN", "s3cr3t-token-value")
+    facts = record.record(str(ini))
+    assert (facts.version_table, facts.version_table_schema) == ("versions_a", "tenant_a")
+    assert set(facts.env) == {"FP_SCHEMA", "FP_TOKEN"}  # names and salted hashes, never values
+    assert facts.env["FP_SCHEMA"] is None and "s3cr3t-token-value" not in facts.to_json()
+    assert {str(tmp_path / n) for n in ("alembic.ini", "env.py", f"{helper}.py", "settings.json",
+                                        "versions/x001.py")} <= set(facts.files)
+    assert F.mismatch(facts, ini) is None
+
+    def changed(path: Path, text: str) -> str | None:
+        old = path.read_text()
+        path.write_text(text)
+        try:
+            return F.mismatch(facts, ini)
+        finally:
+            path.write_text(old)
+
+    assert "settings.json changed" in (changed(tmp_path / "settings.json", '{"table": "v_b"}') or "")
+    assert f"{helper}.py changed" in (changed(tmp_path / f"{helper}.py", "SCHEMA = 'b'\n") or "")
+    assert "alembic.ini changed" in (changed(ini, ini.read_text() + "\n") or "")
+    (tmp_path / "versions/x002.py").write_text("")
+    assert "versions changed" in (F.mismatch(facts, ini) or "")
+    (tmp_path / "versions/x002.py").unlink()
+    assert "recorded for" in (F.mismatch(facts, tmp_path / "other.ini") or "")
+    with monkeypatch.context() as m:
+        m.setenv("FP_SCHEMA", "tenant_b")
+        assert "FP_SCHEMA differs" in (F.mismatch(facts, ini) or "")
+    with monkeypatch.context() as m:
+        m.setattr(sys, "path", [*sys.path, str(tmp_path)])
+        assert "Python path" in (F.mismatch(facts, ini) or "")
+    assert F.mismatch(facts, ini) is None
+    path = record.write(facts)
+    assert F.load(path) == facts
+    path.write_text(path.read_text().replace("versions_a", "versions_b"))
+    with pytest.raises(F.FactsError, match="corrupt"):
+        F.load(path)
+
+
+def test_record_command_says_why_and_leaves_no_stale_facts(tmp_path: Path) -> None:
+    ini = scripts(tmp_path, HEADER + "conn.execute(sa.text('SELECT 1'))\n" + CONFIGURE.format(kw=""))
+    stale = F.facts_path(ini)
+    stale.write_text("{}")
+    proc = record_facts(ini)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.startswith("fast path not recorded: env.py uses its connection"), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1 and not stale.exists()
+    assert record_facts(ini, "--strict").returncode == 1
+
+
+@pytest.mark.parametrize("argv,settings,kind", [
+    (["upgrade"], {}, "upgrade"),
+    (["upgrade", "--to", "heads"], {}, "upgrade"),
+    (["wait", "--until-head"], {}, "wait"),
+    (["upgrade", "--to", "0004"], {}, None),
+    (["wait"], {}, None),
+    (["status", "--check"], {}, None),
+    (["upgrade"], {"fast_path": "off"}, None),
+    (["upgrade"], {"target_schemas": ("tenant_a",)}, None),
+    (["upgrade"], {"targets_file": Path("targets.txt")}, None),
+])
+def test_only_a_single_database_upgrade_to_head_or_wait_until_head_is_answered(
+        argv: list[str], settings: dict[str, Any], kind: str | None) -> None:
+    from runner.cli import build_parser
+    from runner.config import Settings
+    from runner.context import Run
+    from runner.fastpath.answer import _eligible
+    from runner.log import EventLog
+
+    args = build_parser().parse_args(argv)
+    run = Run(settings=Settings(**settings), log=EventLog(), command=args.command)
+    assert _eligible(run, args) == kind

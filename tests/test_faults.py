@@ -1,0 +1,171 @@
+"""Faults: a server restarted or killed mid-run, a server that starts late or never, credentials
+that are wrong or arrive late. Each gives its documented exit code and one line saying what
+happened, and leaves the database at the last good revision.
+
+The restarts use a cluster of their own (restarting the shared one would break other tests),
+shared by this module; each test works in a database of its own.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+
+import psycopg2
+import pytest
+
+from runner.lock import lock_key
+from tests.conftest import NEWEST, REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from tests.pgcluster import APP_PASSWORD, PASSWORD, Cluster, free_port
+from tests.result import Result
+from tests.test_signals import read_until, sleeping
+
+LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
+
+
+@pytest.fixture(scope="module")
+def restartable() -> Iterator[Cluster]:
+    """A cluster these tests may stop, restart and crash."""
+    c = Cluster(NEWEST).init().start()
+    yield c
+    c.destroy()
+
+
+@pytest.fixture
+def fresh(restartable: Cluster) -> Database:
+    if restartable.postmaster_pid() is None:  # a test failed while the server was down
+        restartable.start()
+    name = f"f_{uuid.uuid4().hex[:10]}"
+    restartable.psql(f"CREATE DATABASE {name}")
+    return Database(restartable, name)
+
+
+def _error_line(r: Result) -> str:
+    errors = [line for line in r.lines if " ERROR " in line]
+    assert len(errors) == 1, r.err
+    assert "Traceback" not in r.err
+    return errors[0]
+
+
+@pytest.mark.parametrize("how", ["fast", "immediate", "kill9"])
+def test_server_lost_mid_migration_exits_11(fresh: Database, how: str) -> None:
+    """A restart (fast, immediate) or a crash during a revision: exit 11, retriable; the revision
+    rolled back, and once the server is back a plain rerun finishes the job."""
+    db, c = fresh, fresh.cluster
+    env = runner_env(db.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="60")
+    assert run_runner(["upgrade", "--to", "l001"], env).code == 0
+    proc = start_runner(["upgrade"], env)
+    wait_for(lambda: sleeping(db))
+    t0 = time.monotonic()
+    c.kill9() if how == "kill9" else c.stop(how)
+    r = finish(proc, timeout=60)
+    took = time.monotonic() - t0
+    c.start()
+    assert r.code == 11, r.err
+    assert took < 10, "a lost connection is noticed at once, not after a timeout"
+    line = _error_line(r)
+    assert "lost the connection to the database while revision l002 ran" in line
+    assert "server closed the connection unexpectedly" in line
+    assert db.version() == "l001"
+    assert db.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' "
+                  "AND column_name = 'flag'") == "0", "the interrupted revision must be rolled back"
+    if how == "kill9":  # the retry a Job would make
+        again = run_runner(["upgrade"], runner_env(db.url, ALEMBIC_CONFIG=LAB))
+        assert again.code == 0, again.err
+        assert db.version() == "l003"
+
+
+def test_restart_while_waiting_for_the_lock_reconnects(fresh: Database) -> None:
+    """Waiting for the lock changes nothing, so a lost connection is simply opened again."""
+    db, c = fresh, fresh.cluster
+    holder = psycopg2.connect(db.url, application_name="manual-maintenance")
+    holder.autocommit = True
+    with holder.cursor() as cur:
+        cur.execute("SELECT pg_advisory_lock(%s)", (lock_key(db.name, "", "alembic_version"),))
+    proc = start_runner(["upgrade"], runner_env(db.url, LOCK_WAIT_TIMEOUT="60s"))
+    seen = read_until(proc, "lock.waiting")
+    c.stop("fast")  # ends the holder's session too, and with it its lock
+    c.start()
+    r = finish(proc, timeout=60)
+    holder.close()
+    assert r.code == 0, seen + r.err
+    assert "lock.reconnect" in r.err and "nothing was changed: connecting again" in r.err
+    assert "lock.acquired" in r.err
+    assert db.version() == "0005"
+
+
+def test_database_started_late(fresh: Database) -> None:
+    c = fresh.cluster
+    c.stop()
+    proc = start_runner(["upgrade"], runner_env(fresh.url, DB_WAIT_TIMEOUT="40s"))
+    seen = read_until(proc, "db.not_ready")
+    c.start()
+    r = finish(proc, timeout=60)
+    assert r.code == 0, seen + r.err
+    assert "attempt=" in seen
+    assert fresh.version() == "0005"
+
+
+def test_database_never_ready() -> None:
+    url = f"postgresql://nobody:x-secret-x@127.0.0.1:{free_port()}/app"
+    t0 = time.monotonic()
+    r = run_runner(["upgrade"], runner_env(url, DB_WAIT_TIMEOUT="1s"))
+    took = time.monotonic() - t0
+    assert r.code == 3, r.err
+    assert 1 <= took < 5
+    line = _error_line(r)
+    assert "DB_WAIT_TIMEOUT" in line
+    # the driver's two lines stay two sentences on one line
+    assert "Connection refused / Is the server running on that host" in line
+    assert "x-secret-x" not in r.err
+
+
+# -- authentication: its own hint each, retried for DB_AUTH_TIMEOUT, then exit 12 -------------------
+
+def test_wrong_password_exits_12_after_the_auth_window(database: Database) -> None:
+    url = database.cluster.url(database.name, password=PASSWORD + "x")
+    t0 = time.monotonic()
+    r = run_runner(["upgrade"], runner_env(url, DB_AUTH_TIMEOUT="1s", DB_WAIT_TIMEOUT="60s"))
+    took = time.monotonic() - t0
+    assert r.code == 12, r.err
+    assert 1 <= took < 10, "retried for DB_AUTH_TIMEOUT, not for DB_WAIT_TIMEOUT"
+    line = _error_line(r)
+    assert "password authentication failed" in line and "retried for DB_AUTH_TIMEOUT (1s)" in line
+    assert "check the user and password in DATABASE_URL" in line
+    assert "check that it is running" not in r.err
+    assert "db.not_ready" in r.err
+    assert database.tables() == set()
+
+
+def test_missing_database_fails_at_once_without_auth_window(database: Database) -> None:
+    url = database.cluster.url(f"{database.name}_missing")
+    r = run_runner(["status"], runner_env(url, DB_AUTH_TIMEOUT="0"))
+    assert r.code == 12, r.err
+    line = _error_line(r)
+    assert f'database "{database.name}_missing" does not exist' in line
+    assert "the runner never creates roles or databases" in line and "not retried" in line
+
+
+def test_role_provisioned_late_is_waited_for(database: Database) -> None:
+    """An operator creates the role (or the Secret catches up) while the runner retries."""
+    role = f"late_{database.name}"
+    url = database.cluster.url(database.name, user=role, password=APP_PASSWORD)
+    proc = start_runner(["wait"], runner_env(url, DB_AUTH_TIMEOUT="30s"))
+    seen = read_until(proc, "db.not_ready")
+    assert "password authentication failed" in seen and "check the user and password" in seen
+    database.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{APP_PASSWORD}'")
+    r = finish(proc, timeout=60)
+    assert r.code == 0, seen + r.err
+    assert "db.ready" in r.err
+
+
+def test_fault_codes_are_documented() -> None:
+    from runner.exitcodes import DESCRIPTIONS, ExitCode
+
+    assert DESCRIPTIONS[ExitCode.CONNECTION_LOST][1] is True, "a lost connection is worth a retry"
+    assert DESCRIPTIONS[ExitCode.AUTH_FAILED][1] is False, "a new pod reads the same Secret"
+    doc = (REPO / "docs/faults.md").read_text()
+    for needle in ("| 11, retriable |", "| 12 after `DB_AUTH_TIMEOUT`", "| 143 / 130 |",
+                   "INVALID_INDEX_POLICY"):
+        assert needle in doc, f"docs/faults.md does not mention {needle}"

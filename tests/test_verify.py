@@ -1,0 +1,296 @@
+"""verify: round trips, lint, models and drift on a throwaway database; plan on revisions that
+inspect the database. Real PostgreSQL, real Squawk; every run must leave no scratch database."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from runner.errors import ConfigError
+from runner.verify import fingerprint, lint
+from tests.conftest import MAJORS, REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from tests.pgcluster import Cluster
+from tests.result import Result
+
+HAZARDS = str(REPO / "tests/scenarios/verify_hazards/alembic.ini")
+ROUNDTRIP = str(REPO / "tests/scenarios/verify_roundtrip/alembic.ini")
+SLOWPOKE = str(REPO / "tests/scenarios/slowpoke/alembic.ini")
+TWO_HEADS = str(REPO / "tests/scenarios/twoheads/alembic.ini")
+
+
+def verify_env(pg: Cluster, **extra: str) -> dict[str, str]:
+    return runner_env(None, VERIFY_DATABASE_URL=pg.url("postgres"), **extra)
+
+
+def scratch_databases(pg: Cluster) -> list[str]:
+    out = pg.psql(r"SELECT datname FROM pg_database WHERE datname LIKE 'runner\_verify\_%' ORDER BY 1")
+    return out.split() if out else []
+
+
+def report(r: Result) -> dict:
+    """The --format json document on stdout."""
+    assert "Traceback" not in r.err, r.err
+    return json.loads(r.out)
+
+
+def findings(doc: dict) -> list[tuple[str, str, str, str]]:
+    """(severity, check, revision, rule) of each finding, sortable."""
+    return [(f["severity"], f["check"], f["revision"] or "", f["rule"] or "") for f in doc["findings"]]
+
+
+@pytest.mark.every_major
+def test_sample_chain_verifies_with_zero_findings(pg: Cluster) -> None:
+    r = run_runner(["verify", "--format", "json"], verify_env(pg))
+    assert r.code == 0, r.err
+    doc = report(r)
+    assert doc["findings"] == []
+    s = doc["summary"]
+    assert (s["revisions"], s["models"], s["errors"], s["drift"]) == (5, "match", 0, None)
+    assert s["statements_linted"] >= 8  # the SQL of all five revisions reached Squawk
+    assert scratch_databases(pg) == []
+
+
+def test_hazards_caught_by_the_lint_with_squawk_help(pg: Cluster) -> None:
+    r = run_runner(["verify"], verify_env(pg, ALEMBIC_CONFIG=HAZARDS))
+    assert r.code == 13, r.err
+    lines = r.out.splitlines()
+    errors = [line for line in lines if line.startswith("ERROR ")]
+    expected = {"v002": ("require-concurrent-index-creation", "CREATE INDEX ix_accounts_plan ON accounts",
+                         "Use `concurrently` to avoid blocking writes"),
+                "v003": ("adding-field-with-default", "DEFAULT gen_random_uuid()", "backfill"),
+                "v004": ("adding-not-nullable-field", "ALTER COLUMN email SET NOT NULL", "CHECK"),
+                "v005": ("changing-column-type", "ALTER COLUMN id TYPE NUMERIC(20)", "ACCESS EXCLUSIVE")}
+    assert len(errors) == len(expected), r.out
+    for line, (rev, (rule, statement, helptext)) in zip(errors, expected.items(), strict=True):
+        assert line.startswith(f"ERROR lint {rev} (tests/scenarios/verify_hazards/versions/{rev}_")
+        assert f"[{rule}]" in line and statement in line and helptext in line
+    # allowed with a reason: reported, not failed; the new table of v001 and the inspecting v006
+    # (captured while it ran) raise nothing
+    assert [line for line in lines if line.startswith("NOTE ")] == [
+        "NOTE lint v007 (tests/scenarios/verify_hazards/versions/v007_contract.py) [ban-drop-column]: "
+        "allowed by runner_allow: contract step: no release reads accounts.legacy since 2.3 -- "
+        "statement: ALTER TABLE accounts DROP COLUMN legacy -- Dropping a column may break existing "
+        "clients."]
+    assert lines[-1].startswith("verify: 7 revision(s) round-tripped;") and "4 error(s)" in lines[-1]
+    failed = [line for line in r.lines if "ERROR" in line]
+    assert len(failed) == 1 and "verify failed (exit 13): 4 problem(s)" in failed[0]
+    assert scratch_databases(pg) == []
+
+
+def test_round_trips_models_and_branches(pg: Cluster) -> None:
+    r = run_runner(["verify", "--format", "json"], verify_env(pg, ALEMBIC_CONFIG=ROUNDTRIP,
+                                                               VERIFY_LINT="warn"))
+    assert r.code == 13, r.err
+    doc = report(r)
+    assert sorted(findings(doc)) == sorted([
+        ("error", "roundtrip", "r002", ""),  # the lossy downgrade
+        ("error", "migration", "r002", ""),  # ... so its upgrade cannot run again
+        ("note", "roundtrip", "r003", ""),  # declared irreversible
+        ("warning", "lint", "r003", "ban-drop-table"),  # VERIFY_LINT=warn
+        ("error", "migration", "r004", ""),  # a downgrade that raises, undeclared
+        *[("error", "models", "", "")] * 4,
+    ]), doc  # r005/r006 (branches) and r007 (their merge) round-trip cleanly
+    messages = {f["check"] + " " + (f["revision"] or ""): f["message"] for f in doc["findings"]}
+    assert messages["roundtrip r002"].startswith("the downgrade does not undo the upgrade: + index "
+                                                 "public.ix_widgets_name (CREATE INDEX ix_widgets_name")
+    assert "DuplicateTable" in messages["migration r002"]
+    assert "runner_irreversible" in messages["migration r004"]
+    assert "drops the legacy table" in messages["roundtrip r003"]
+    assert sorted(f["message"] for f in doc["findings"] if f["check"] == "models") == [
+        "add_column widgets.colour: in the models, not in the schema the migrations build",
+        "modify_type widgets.name: the migrations give TEXT, the models say VARCHAR(50)",
+        "remove_column widgets.size: in the schema the migrations build, not in the models",
+        "remove_table_comment widgets: in the schema the migrations build, not in the models"]
+    s = doc["summary"]
+    assert (s["revisions"], s["irreversible"], s["models"], s["warnings"]) == (4, 1, "differ", 1)
+    assert scratch_databases(pg) == []
+
+
+def test_drift_of_a_live_database_read_only(pg: Cluster, database: Database) -> None:
+    assert run_runner(["upgrade", "--to", "0004"], runner_env(database.url)).code == 0
+    database.sql("ALTER TABLE orders ADD COLUMN note text; CREATE INDEX hand_ix ON customers (name); "
+                 "ALTER TABLE billing.invoices DROP CONSTRAINT invoices_order_id_fkey; "
+                 "ALTER TABLE customers ALTER COLUMN name DROP NOT NULL")
+    tables = database.tables()
+    # the live URL in a variable of its own: --against names it, no URL in argv
+    r = run_runner(["verify", "--against", "LIVE_DATABASE_URL", "--format", "json"],
+                   verify_env(pg, LIVE_DATABASE_URL=database.url))
+    assert r.code == 13, r.err
+    doc = report(r)
+    drift = sorted(f["message"] for f in doc["findings"] if f["check"] == "drift")
+    assert drift == [
+        "+ column public.orders.note (text) [only in the live database]",
+        "+ index public.hand_ix (CREATE INDEX hand_ix ON public.customers USING btree (name)) "
+        "[only in the live database]",
+        "- constraint billing.invoices.invoices_order_id_fkey (FOREIGN KEY (order_id) REFERENCES "
+        "public.orders(id)) [missing from the live database]",
+        "~ column public.customers.name: text not null -> text [migrations -> live database]",
+    ]  # compared at 0004, the live revision: 0005's email_domain is not missing
+    assert {f["revision"] for f in doc["findings"]} == {"0004"} and doc["summary"]["drift"] == 4
+    assert database.version() == "0004" and database.tables() == tables  # nothing written
+    assert scratch_databases(pg) == []
+
+
+def test_sigterm_and_deadline_drop_the_scratch_database(pg: Cluster) -> None:
+    now = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+    stale, busy = "runner_verify_20000101000000_deadbeef", f"runner_verify_{now}_0badcafe"
+    pg.psql(f"CREATE DATABASE {stale}")
+    pg.psql(f"CREATE DATABASE {busy}")  # another verify's, right now: never touched
+    try:
+        env = verify_env(pg, ALEMBIC_CONFIG=SLOWPOKE, SLOWPOKE_SLEEP="60", VERIFY_LINT="off")
+        proc = start_runner(["verify"], env)
+        wait_for(lambda: len(scratch_databases(pg)) == 2 and pg.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE "
+            "'SELECT pg_sleep%' AND application_name LIKE 'migration-runner/migrate/%'") == "1")
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        r = finish(proc, timeout=30)
+        assert r.code == 143 and time.monotonic() - t0 < 10, r.err
+        assert "stale scratch database runner_verify_20000101000000_deadbeef" in r.err
+        assert scratch_databases(pg) == [busy]
+        r = run_runner(["verify", "--run-deadline", "2s"], env)
+        assert r.code == 9, r.err
+        assert scratch_databases(pg) == [busy]
+    finally:
+        pg.psql(f"DROP DATABASE IF EXISTS {stale}", check=False)
+        pg.psql(f"DROP DATABASE IF EXISTS {busy}", check=False)
+
+
+def test_plan_on_a_revision_that_inspects_the_database(pg: Cluster, database: Database) -> None:
+    env = runner_env(database.url, ALEMBIC_CONFIG=HAZARDS, VERIFY_DATABASE_URL=pg.url("postgres"))
+    r = run_runner(["plan"], env)
+    assert r.code == 7, r.err
+    failed = [line for line in r.lines if "ERROR" in line]
+    assert len(failed) == 1 and "Traceback" not in r.err
+    assert ("revision v006 (tests/scenarios/verify_hazards/versions/v006_inspects.py) cannot be rendered "
+            "offline (NoInspectionAvailable") in failed[0] and "use 'plan --scratch'" in failed[0]
+    r = run_runner(["plan", "--scratch", "--to", "v006"], env)
+    assert r.code == 0, r.err
+    assert "-- Running upgrade v005 -> v006 (tests/scenarios/verify_hazards/versions/v006_inspects.py)\n" \
+           "ALTER TABLE accounts ADD COLUMN note TEXT;\n" in r.out
+    assert "CREATE INDEX ix_accounts_plan ON accounts (plan);" in r.out
+    assert "v007" not in r.out and "pg_catalog" not in r.out  # up to --to; no reflection queries
+    assert database.tables() == set() and scratch_databases(pg) == []
+
+
+@pytest.mark.parametrize("args,extra,code,needle", [
+    (["verify"], {"VERIFY_DATABASE_URL": ""}, 2, "VERIFY_DATABASE_URL is not set"),
+    (["verify", "--against", "PROD_URL"], {}, 2, "verify --against PROD_URL: PROD_URL is not set"),
+    (["verify", "--from", "nope"], {}, 2, "verify --from nope: not a revision"),
+    (["verify"], {"ALEMBIC_CONFIG": TWO_HEADS}, 13, "2 heads (h002, h003)"),
+])
+def test_bad_input_one_line_no_connection(args: list[str], extra: dict[str, str], code: int,
+                                          needle: str) -> None:
+    # a closed port: none of these may connect anywhere
+    env = runner_env(None, **{"VERIFY_DATABASE_URL": "postgresql://u:pw@127.0.0.1:1/postgres", **extra})
+    r = run_runner(args, env)
+    assert r.code == code, r.err
+    failed = [line for line in r.lines if "ERROR" in line]
+    assert len(failed) == 1 and needle in failed[0] and "Traceback" not in r.err
+
+
+def test_missing_squawk_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        lint.squawk_binary()
+    assert err.value.code == 2 and "squawk-cli" in str(err.value) and "VERIFY_LINT=off" in str(err.value)
+
+
+# -- the pieces, without a runner process --------------------------------------------------------
+@pytest.mark.parametrize("statement,name", [
+    ("ALTER TABLE accounts ADD COLUMN x int", "accounts"),
+    ('ALTER TABLE IF EXISTS ONLY "Billing".Invoices ALTER COLUMN a SET NOT NULL', "Billing.invoices"),
+    ("CREATE UNIQUE INDEX CONCURRENTLY IF NOT EXISTS ix ON public.orders (a)", "public.orders"),
+    ("CREATE INDEX ON orders USING btree (a)", "orders"),
+    ("-- why\nDROP INDEX CONCURRENTLY IF EXISTS ix_a", "ix_a"),
+    ("UPDATE orders SET a = 1", None),
+])
+def test_lint_target_of_a_statement(statement: str, name: str | None) -> None:
+    assert lint.target(statement) == name
+
+
+def test_lint_rule_set_new_objects_and_allowances() -> None:
+    existing = {"public.accounts", "accounts", "public.ix_old", "ix_old"}
+    revs = [
+        lint.RevisionSql("a1", "a1.py", [
+            "CREATE TABLE fresh (id bigint PRIMARY KEY, b text)",
+            "CREATE INDEX ix_fresh ON fresh (b)",  # a new table: no hazard
+            "ALTER TABLE fresh ADD COLUMN c uuid DEFAULT gen_random_uuid()",
+            "CREATE INDEX ix_acc ON accounts (b)",  # an existing one: blocks writes
+            "CREATE INDEX CONCURRENTLY ix_acc2 ON accounts (b)",  # fine, also outside a transaction
+            "ALTER TABLE accounts ADD COLUMN d timestamptz DEFAULT now()",  # stable default: fine
+            "DROP INDEX ix_old",  # allowed below
+        ], existing, {"require-concurrent-index-deletion": "tiny table, reviewed"}),
+    ]
+    found = lint.lint(lint.squawk_binary(), revs, "18.0", "error")
+    got = sorted((f.severity, f.rule, f.statement) for f in found)
+    assert got == [("error", "require-concurrent-index-creation", "CREATE INDEX ix_acc ON accounts (b)"),
+                   ("note", "require-concurrent-index-deletion", "DROP INDEX ix_old")]
+    warned = lint.lint(lint.squawk_binary(), revs, "18.0", "warn")
+    assert sorted(f.severity for f in warned) == ["note", "warning"]
+
+
+def test_fingerprint_is_the_same_on_every_major_and_diffs_read_well(clusters) -> None:
+    extra = ["CREATE TYPE mood AS ENUM ('ok', 'meh')", "CREATE DOMAIN cents AS bigint CHECK (VALUE >= 0)",
+             "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NEW; END'",
+             "CREATE TRIGGER orders_touch BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION touch()",
+             "GRANT SELECT ON orders TO PUBLIC", "ALTER TABLE orders ENABLE ROW LEVEL SECURITY",
+             "CREATE POLICY mine ON orders USING (customer_id > 0)"]
+    prints = []
+    for major in MAJORS:
+        pg = clusters.get(major)
+        name = f"fp_{major}_{int(time.time() * 1000) % 10**8}"
+        pg.psql(f"CREATE DATABASE {name}")
+        try:
+            engine = sa.create_engine(pg.url(name, driver="postgresql+psycopg2"), poolclass=sa.pool.NullPool)
+            with engine.connect() as conn:
+                cfg = Config(str(REPO / "alembic.ini"))
+                cfg.attributes.update(connection=conn, configure_logger=False)
+                command.upgrade(cfg, "head")
+                for statement in extra:
+                    conn.exec_driver_sql(statement)
+                conn.commit()
+                prints.append(fingerprint.read(conn, [(None, "alembic_version")]))
+            engine.dispose()
+        finally:
+            pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
+    assert all(p == prints[0] for p in prints)
+    assert prints[0]["type"] == {"public.cents": "domain bigint", "public.mood": "enum ('ok', 'meh')"}
+    assert "alembic_version" not in " ".join(prints[0]["relation"])
+    changed = {s: dict(v) for s, v in prints[0].items()}
+    changed["column"]["public.orders.total_cents"] = "integer not null"
+    del changed["trigger"]["public.orders.orders_touch"]
+    assert fingerprint.diff(prints[0], changed) == [
+        "~ column public.orders.total_cents: bigint not null -> integer not null",
+        "- trigger public.orders.orders_touch (CREATE TRIGGER orders_touch BEFORE UPDATE ON public.orders "
+        "FOR EACH ROW EXECUTE FUNCTION public.touch())",
+    ]
+
+
+def test_scratch_names_carry_their_creation_time() -> None:
+    from runner.verify import scratch
+
+    m = scratch._NAME.match("runner_verify_20260101120000_1a2b3c4d")
+    assert m and calendar.timegm(time.strptime(m.group(1), "%Y%m%d%H%M%S")) == 1767268800
+    assert not scratch._NAME.match("runner_verify_app")  # someone else's: never swept
+
+
+def test_compose_verify_service_is_wired() -> None:
+    import yaml
+
+    services = yaml.safe_load((REPO / "docker-compose.yaml").read_text())["services"]
+    verify = services["verify"]
+    assert verify["build"]["target"] == "verify" and verify["command"][0] == "verify"
+    assert verify["depends_on"]["db"]["condition"] == "service_healthy"
+    assert verify["environment"]["VERIFY_DATABASE_URL"].endswith("@db:5432/postgres")
+    assert verify["read_only"] is True and verify["restart"] == "no"
