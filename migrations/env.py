@@ -4,7 +4,6 @@ Accepts a connection from the caller (config.attributes['connection'], as the ru
 and falls back to its own engine from sqlalchemy.url, so plain `alembic` works too.
 """
 
-import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -16,12 +15,13 @@ config = context.config
 if config.config_file_name and config.attributes.get("configure_logger", True):
     fileConfig(config.config_file_name)
 
-# the migration runner's ledger lives next to alembic_version; it is not one of our models
-LEDGER = os.environ.get("HISTORY_TABLE", "runner_history")
+# the migration runner's ledger lives next to alembic_version; it is not one of our models (the
+# runner names its tables here; plain `alembic check` gets the default names)
+RUNNER_TABLES = config.attributes.get("runner_tables", ("runner_history", "runner_history_revisions"))
 
 
 def include_name(name: str | None, type_: str, parent_names: dict) -> bool:
-    return not (type_ == "table" and name in (LEDGER, f"{LEDGER}_revisions"))
+    return not (type_ == "table" and name in RUNNER_TABLES)
 
 
 OPTIONS = dict(

@@ -51,6 +51,8 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     url = app_url.to_sqlalchemy().render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
+    if settings.history_table != "off":  # for env.py's autogenerate filter (docs/history.md)
+        cfg.attributes["runner_tables"] = (settings.history_table, f"{settings.history_table}_revisions")
     return cfg
 
 

@@ -495,7 +495,7 @@ def test_rollback_job_runs_as_the_kubelet_would(runner_image: str, k8s_db: Datab
     assert r.code == 0, r.err
     assert k8s_db.version() == "0003"
     assert (summary["command"], summary["outcome"], summary["from"], summary["to"]) == \
-        ("downgrade", "migrated", HEAD, "0003")
+        ("downgrade", "downgraded", HEAD, "0003")
     assert summary["backup"] in s3_server.keys(bucket)
 
 
