@@ -196,8 +196,8 @@ def backups(run: Run, out: IO[str] | None = None, from_database: str | None = No
 def restore(run: Run, which: str, yes: bool = False, from_database: str | None = None) -> None:
     """Replace the database's contents with a backup in one transaction, under the migration lock:
     KEY, or the newest backup of this database (or of from_database) for 'latest'."""
-    from runner.backup import restore as restoring
     from runner.backup import s3
+    from runner.backup.restore import check_compatible, inspect_target, replay, resolve_backup
 
     if not yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
@@ -207,14 +207,14 @@ def restore(run: Run, which: str, yes: bool = False, from_database: str | None =
     cfg, script = _load(run)
     client, loc = s3.client(run.settings, run.cancel), s3.Location.parse(run.settings.backup_s3_uri)
     with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
-        target = restoring.inspect(run)
-        manifest = restoring.resolve(run, client, loc, target, which, from_database)
-        tools = restoring.check(run, client, loc, manifest, target)
+        target = inspect_target(run)
+        manifest = resolve_backup(run, client, loc, target, which, from_database)
+        tools = check_compatible(run, client, loc, manifest, target)
         run.log("restore.begin", f"restoring {manifest['key']} in one transaction",
                 source=manifest["database"], server_version=manifest["server_version"],
                 revision=fmt(manifest["alembic_revision"]), size=manifest["size"])
         with run.timed("restore"):
-            restoring.restore(run, client, loc, manifest, target, tools)
+            replay(run, client, loc, manifest, target, tools)
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
     run.summary.update({"backup": manifest["key"], "from": fmt(state.heads), "to": fmt(after),

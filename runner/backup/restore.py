@@ -29,9 +29,9 @@ from typing import IO, Any
 import sqlalchemy as sa
 
 from runner import db, procs
-from runner.backup import manifest as manifests
 from runner.backup import s3, script
 from runner.backup.layout import MANIFEST_SUFFIX, Location
+from runner.backup.manifest import BadManifest, pick_latest, server_major
 from runner.backup.session import Session
 from runner.backup.take import system_identifier
 from runner.context import Run
@@ -57,7 +57,7 @@ class Target:
         return self.version_num // 10000
 
 
-def inspect(run: Run) -> Target:
+def inspect_target(run: Run) -> Target:
     """Ask the target server for its database, version, settings and system identifier."""
     with db.connect(run, "restore-info") as conn:
         database, num, version = conn.execute(sa.text(
@@ -69,12 +69,12 @@ def inspect(run: Run) -> Target:
 
 # -- which backup ----------------------------------------------------------------------------------
 
-def resolve(run: Run, client: Any, loc: Location, target: Target, which: str,
+def resolve_backup(run: Run, client: Any, loc: Location, target: Target, which: str,
             from_database: str | None = None) -> dict[str, Any]:
     """Return the checked manifest of KEY, or of the newest backup of a database for 'latest'."""
     if which == "latest":
         source = from_database or target.database
-        chosen = manifests.pick_latest(s3.backups(run, client, loc, source), source,
+        chosen = pick_latest(s3.backups(run, client, loc, source), source,
                                        target.system_identifier)
         if chosen.get("system_identifier") not in (None, target.system_identifier):
             run.log("restore.source", f"the backup was taken on another server (system identifier "
@@ -83,7 +83,7 @@ def resolve(run: Run, client: Any, loc: Location, target: Target, which: str,
     key = _key(loc, which)
     try:
         return s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
-    except manifests.BadManifest as exc:
+    except BadManifest as exc:
         raise BackupFailed(f"--backup {which}: its manifest {key}{MANIFEST_SUFFIX} cannot be trusted "
                            f"({exc}): refusing to restore it; the database was not touched") from None
     except s3.S3_ERRORS as exc:
@@ -117,10 +117,10 @@ class Tools:
     psql: str
 
 
-def check(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target) -> Tools:
+def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target) -> Tools:
     """Refuse (exit 5) what cannot restore, before anything is touched."""
     key = manifest["key"]
-    source = manifests.server_major(manifest)
+    source = server_major(manifest)
     if source > target.major:
         raise BackupFailed(f"backup {key} is a dump of PostgreSQL {manifest['server_version']}, newer "
                            f"than this server (PostgreSQL {target.version}): a dump restores into the "
@@ -173,7 +173,7 @@ def _psql_next_to(restore_bin: str) -> str:
 
 # -- the restore -----------------------------------------------------------------------------------
 
-def restore(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
+def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
             tools: Tools) -> None:
     """Replace the database's contents with the backup in one transaction (see the docstring)."""
     session = Session(run, tools.psql, set(target.settings))

@@ -22,8 +22,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from runner.backup import manifest as manifests
 from runner.backup.layout import MANIFEST_SUFFIX, Location, database_of_folder
+from runner.backup.manifest import BadManifest, newest, parse
 from runner.config import Settings
 from runner.errors import BackupFailed
 from runner.redact import redact
@@ -178,11 +178,11 @@ def backups(run: Run, s3: Any, loc: Location, database: str) -> list[dict[str, A
         for key in keys:
             try:
                 found.append(read_manifest(run, s3, loc, key, database))
-            except manifests.BadManifest as exc:
+            except BadManifest as exc:
                 run.log.warning("backup.manifest", f"skipping {loc.uri(key)}: {exc}", key=key)
     except S3_ERRORS as exc:
         raise BackupFailed(describe(exc, loc.uri(prefix))) from None
-    return manifests.newest(found)
+    return newest(found)
 
 
 def databases(run: Run, s3: Any, loc: Location) -> list[str]:
@@ -200,7 +200,7 @@ def read_manifest(run: Run, s3: Any, loc: Location, key: str, database: str | No
     """Read and check the manifest at key; raise BadManifest, or botocore's error."""
     body = call(run, f"reading {loc.uri(key)}",
                 lambda: s3.get_object(Bucket=loc.bucket, Key=key)["Body"].read())
-    return manifests.parse(body, key, loc, database)
+    return parse(body, key, loc, database)
 
 
 def write_manifest(run: Run, s3: Any, loc: Location, manifest: dict[str, Any]) -> str:

@@ -18,7 +18,7 @@ from s3transfer.manager import TransferConfig, TransferManager
 
 from runner import db
 from runner.backup import dump, s3
-from runner.backup import manifest as manifests
+from runner.backup.manifest import VERSION
 from runner.context import Run
 from runner.errors import BackupFailed, RunnerError
 from runner.procs import check_client
@@ -66,7 +66,7 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
         _upload(run, client, loc, key, reader, part)
         took = stream.elapsed()
     manifest = {
-        "manifest_version": manifests.VERSION, "key": key, "bucket": loc.bucket,
+        "manifest_version": VERSION, "key": key, "bucket": loc.bucket,
         "size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
         "compression": settings.backup_compression, "pg_dump_version": pg_dump,
         "server_version": server, "system_identifier": sysid, "database": database,

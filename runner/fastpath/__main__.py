@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from runner.fastpath import facts as F
+from runner.fastpath.facts import FactsError, facts_path, load, mismatch
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _record(config: str, strict: bool) -> int:
     from runner.fastpath import record
 
-    path = F.facts_path(config)
+    path = facts_path(config)
     try:
         path.unlink(missing_ok=True)  # stale facts never outlive a failed recording
         facts = record.record(config)
@@ -54,12 +54,12 @@ def _record(config: str, strict: bool) -> int:
 
 
 def _check(config: str) -> int:
-    path = F.facts_path(config)
+    path = facts_path(config)
     try:
-        why = F.mismatch(F.load(path), config)
+        why = mismatch(load(path), config)
     except FileNotFoundError:
         why = f"there is no {path}"
-    except F.FactsError as exc:
+    except FactsError as exc:
         why = str(exc)
     if why:
         print(f"the fast path does not apply: {why}", file=sys.stderr)

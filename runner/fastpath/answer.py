@@ -14,7 +14,7 @@ import argparse
 from typing import Any
 
 from runner.context import Run
-from runner.fastpath import facts as F
+from runner.fastpath.facts import Facts, FactsError, facts_path, load, mismatch
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's minimum): a server that is slow to answer gets the full path
 _QUERY = ("SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
@@ -47,7 +47,7 @@ def answer(run: Run, args: argparse.Namespace) -> bool:
     return True
 
 
-def _waited_for_another_copy(run: Run, facts: F.Facts) -> bool:
+def _waited_for_another_copy(run: Run, facts: Facts) -> bool:
     """Behind the head: when another copy is migrating, wait for it here, cheaply (runner.gate)."""
     from runner import gate
 
@@ -66,17 +66,17 @@ def _eligible(run: Run, args: argparse.Namespace) -> str | None:
     return None
 
 
-def _facts(run: Run) -> F.Facts | None:
+def _facts(run: Run) -> Facts | None:
     """The facts for ALEMBIC_CONFIG when they apply; a facts file that does not apply is logged."""
-    path = F.facts_path(run.settings.alembic_config)
+    path = facts_path(run.settings.alembic_config)
     try:
-        facts = F.load(path)
+        facts = load(path)
     except FileNotFoundError:
         return None
-    except F.FactsError as exc:
+    except FactsError as exc:
         why: str | None = str(exc)
     else:
-        why = F.mismatch(facts, run.settings.alembic_config)
+        why = mismatch(facts, run.settings.alembic_config)
         if why is None and len(facts.heads) == 1:
             return facts
     run.log("fastpath.skipped", f"the recorded no-op facts do not apply ({why or 'several heads'}): "
@@ -84,7 +84,7 @@ def _facts(run: Run) -> F.Facts | None:
     return None
 
 
-def _probe(run: Run, facts: F.Facts) -> tuple[Any, ...] | None:
+def _probe(run: Run, facts: Facts) -> tuple[Any, ...] | None:
     """Connect once and read readiness and the version table; None on any failure."""
     try:
         import psycopg2
@@ -107,7 +107,7 @@ def _probe(run: Run, facts: F.Facts) -> tuple[Any, ...] | None:
         conn.close()
 
 
-def _table(facts: F.Facts) -> str:
+def _table(facts: Facts) -> str:
     """The version table as Alembic names it: schema-qualified when env.py sets a schema, else
     found through the connection's search_path."""
     name = _quote(facts.version_table)

@@ -29,7 +29,7 @@ from sqlalchemy.engine import Connection, Engine
 from runner import dburl, revisions
 from runner.config import Settings
 from runner.errors import RunnerError
-from runner.fastpath import facts as F
+from runner.fastpath.facts import Facts, dir_digest, env_digest, facts_path, file_digest
 
 # two unreachable URLs (.invalid never resolves) that differ in every part env.py could look at
 URLS = ("postgresql://fastpath_a:a@fastpath-a.invalid:5432/fastpath_a",
@@ -104,7 +104,7 @@ _WATCH = _Watch()
 _HOOKED = False
 
 
-def record(alembic_config: str) -> F.Facts:
+def record(alembic_config: str) -> Facts:
     """Run env.py (twice) without a database and return the facts a no-op needs; raise CannotRecord."""
     config = os.path.abspath(alembic_config)
     base_path = tuple(sys.path)
@@ -128,20 +128,20 @@ def record(alembic_config: str) -> F.Facts:
         raise CannotRecord(f"the scripts have {len(heads)} heads (the runner refuses them anyway)")
     table, schema = answers[0]
     salt = secrets.token_hex(16)
-    env = {name: F.env_digest(salt, os.environ.get(name)) for name in sorted(_WATCH.env - set(VARIED))}
+    env = {name: env_digest(salt, os.environ.get(name)) for name in sorted(_WATCH.env - set(VARIED))}
     files = _files(config, scripts[0], before)
-    dirs = {d: F.dir_digest(d) for d in sorted(_listed_dirs())}
+    dirs = {d: dir_digest(d) for d in sorted(_listed_dirs())}
     missing = [p for p, digest in [*files.items(), *dirs.items()] if digest is None]
     if missing:
         raise CannotRecord(f"{missing[0]} was read but cannot be read again")
-    return F.Facts(config=config, heads=heads, version_table=table, version_table_schema=schema,
+    return Facts(config=config, heads=heads, version_table=table, version_table_schema=schema,
                    python=sys.version, sys_path=base_path, salt=salt, env=env,
                    files=files, dirs=dirs)  # type: ignore[arg-type]
 
 
-def write(facts: F.Facts) -> Path:
+def write(facts: Facts) -> Path:
     """Write the facts next to their alembic.ini (atomically) and return the path."""
-    path = F.facts_path(facts.config)
+    path = facts_path(facts.config)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(facts.to_json())
     tmp.chmod(0o644)
@@ -338,7 +338,7 @@ def _files(config: str, script: Any, before: set[str]) -> dict[str, str | None]:
             found.add(os.path.abspath(file))
     found |= {config, os.path.abspath(script.env_py_location)}
     found |= {os.path.abspath(sc.path) for sc in script.walk_revisions()}
-    return {p: F.file_digest(p) for p in sorted(found) if _outside(p, installed)}
+    return {p: file_digest(p) for p in sorted(found) if _outside(p, installed)}
 
 
 def _listed_dirs() -> set[str]:
