@@ -99,7 +99,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         if plan:  # 3a. backup first: fail closed, nothing is migrated without one
             _backup_before(run, state)
         with run.timed("migrate"):
-            apply_steps(run, cfg, plan, downgrade)
+            apply_steps(run, cfg, script, plan, downgrade)
         # 4. verify
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads

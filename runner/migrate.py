@@ -8,6 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 
 from runner import db, indexes, retry, revisions
 from runner.context import Run
@@ -53,7 +54,8 @@ def scrub_query(query: str) -> str:
     return " ".join(_LITERALS.sub("?", query or "").split())[:160]
 
 
-def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: bool) -> None:
+def apply_steps(run: Run, cfg: Config, script: ScriptDirectory, plan: list[tuple[str, str]],
+                downgrade: bool) -> None:
     """Apply each step in its own transaction; the summary lists what was applied."""
     applied: list[str] = run.summary.setdefault("applied", [])
     db.apply_libpq_environment(run)
@@ -66,7 +68,7 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
             guard.revision = revision
             t0 = run.clock()
             try:
-                _with_lock_retries(run, cfg, revision, dest, downgrade)
+                _with_lock_retries(run, cfg, script, revision, dest, downgrade)
                 step["outcome"] = "downgraded" if downgrade else "applied"
             finally:
                 step["seconds"] = round(run.clock() - t0, 3)
@@ -74,7 +76,8 @@ def apply_steps(run: Run, cfg: Config, plan: list[tuple[str, str]], downgrade: b
     indexes.report_invalid(run)
 
 
-def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool) -> None:
+def _with_lock_retries(run: Run, cfg: Config, script: ScriptDirectory, revision: str, dest: str,
+                       downgrade: bool) -> None:
     s = run.settings
 
     def on_retry(exc: BaseException, attempt: int, pause: float) -> None:
@@ -83,7 +86,7 @@ def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrad
                         attempt=attempt, of=s.lock_retry_attempts, retry_in=round(pause, 2))
 
     try:
-        retry.call(run, lambda: _step_once(run, cfg, revision, dest, downgrade),
+        retry.call(run, lambda: _step_once(run, cfg, script, revision, dest, downgrade),
                    retry_on=(_LockTimeout,), attempts=s.lock_retry_attempts, limit=run.remaining(),
                    initial=0.5, maximum=s.lock_retry_max_wait, jitter=1.0, on_retry=on_retry)
     except _LockTimeout as exc:
@@ -95,13 +98,14 @@ def _with_lock_retries(run: Run, cfg: Config, revision: str, dest: str, downgrad
             "or retry at a quieter time") from None
 
 
-def _step_once(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool) -> None:
+def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, dest: str,
+               downgrade: bool) -> None:
     run.cancel.check()
     monitor = _BlockerMonitor(run)
     monitor.start()
     try:
         with db.connect(run, "migrate", migrating=True) as conn:
-            revisions.run_step(cfg, dest, downgrade, conn)
+            revisions.run_step(cfg, script, dest, downgrade, conn)
     except PreflightRefused:
         raise
     except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
@@ -126,6 +130,9 @@ def _step_once(run: Run, cfg: Config, revision: str, dest: str, downgrade: bool)
         monitor.stop()
 
 
+POLL = 0.5  # seconds between two looks at pg_blocking_pids()
+
+
 class _BlockerMonitor(threading.Thread):
     """Poll pg_blocking_pids() for our migration session while a step runs."""
 
@@ -137,14 +144,19 @@ class _BlockerMonitor(threading.Thread):
         self._logged: set[int] = set()
 
     def run(self) -> None:  # type: ignore[override]
+        # most steps finish well within the first poll: connect only for one that is still running
+        if self._stop_event.wait(POLL):
+            return
         try:
             with db.connect(self.ctx, "monitor", autocommit=True, connect_timeout=5) as conn:
-                while not self._stop_event.wait(0.5):
+                while True:
                     rows = [dict(r) for r in conn.execute(
                         BLOCKERS_SQL, {"app": self.ctx.app_name("migrate")}).mappings()]
                     if rows:
                         self.last = rows
                         self._log_new(rows)
+                    if self._stop_event.wait(POLL):
+                        return
         except Exception:  # noqa: BLE001 - reporting is best effort; the migration goes on
             return
 

@@ -195,10 +195,20 @@ def steps(script: ScriptDirectory, current: tuple[str, ...], target: tuple[str, 
     return [(r.revision, r.revision) for r in revs]
 
 
-def run_step(cfg: Config, dest: str, downgrade: bool, conn: Connection | None) -> None:
-    """Apply one step through env.py, on conn when env.py accepts a connection."""
-    with _lent(cfg, conn):
-        (command.downgrade if downgrade else command.upgrade)(cfg, dest)
+def run_step(cfg: Config, script: ScriptDirectory, dest: str, downgrade: bool,
+             conn: Connection | None) -> None:
+    """Apply one step through env.py, on conn when env.py accepts a connection.
+
+    What alembic.command.upgrade/downgrade do, with the run's ScriptDirectory: theirs loads every
+    revision file again on each call, and the runner makes one call per revision.
+    """
+
+    def steps(rev: Any, context: Any) -> Any:
+        return script._downgrade_revs(dest, rev) if downgrade else script._upgrade_revs(dest, rev)
+
+    with _lent(cfg, conn), EnvironmentContext(cfg, script, fn=steps, as_sql=False,
+                                              starting_rev=None, destination_rev=dest):
+        script.run_env()
 
 
 def stamped(conn: Connection, state: DbState) -> tuple[str, ...]:

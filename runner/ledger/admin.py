@@ -31,6 +31,8 @@ def history(run: Run, limit: int, fmt_: str, out: IO[str] | None = None) -> None
     except Exception as exc:  # noqa: BLE001 - one line naming the table and the fix
         raise ConfigError(f"cannot read the ledger {store.where} ({reason(exc)}): grant the runner's "
                           f"role SELECT on it ({GRANTS_HINT})") from None
+    finally:
+        store.close()
     out = out or sys.stdout
     if fmt_ == "json":
         print(render.as_json(rows), file=out)
@@ -53,6 +55,8 @@ def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:
     except Exception as exc:  # noqa: BLE001 - status reports the database, the ledger is extra
         run.log.warning("ledger.unavailable", f"cannot read the ledger {store.where} ({reason(exc)})")
         return
+    finally:
+        store.close()
     print(render.last_run(rows[0] if rows else None), file=out)
     if rows:
         last = render.record(rows[0])

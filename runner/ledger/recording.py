@@ -98,18 +98,21 @@ class Tracker:
     def finish(self, code: int, error: str | None) -> None:
         """report() calls this with the run's exit code: complete the row, or write it when the
         run failed before it started one (lock timeout, preflight refusal)."""
-        if (code == 0 and not self.started) or self.broken:
-            return
-        row = self.row(code, error)
+        try:
+            if (code == 0 and not self.started) or self.broken:
+                return
+            row = self.row(code, error)
 
-        def write(conn: Connection) -> None:
-            if self.started or self.store.exists(conn):
-                self.store.save_run(conn, row, finished=True)
-            else:  # the tables are created under the lock only, and this run never held it
-                self.run.log("ledger.skipped", f"run not recorded: {self.store.where} does not exist "
-                             "yet (the first run that takes the migration lock creates it)")
+            def write(conn: Connection) -> None:
+                if self.started or self.store.exists(conn):
+                    self.store.save_run(conn, row, finished=True)
+                else:  # the tables are created under the lock only, and this run never held it
+                    self.run.log("ledger.skipped", f"run not recorded: {self.store.where} does not "
+                                 "exist yet (the first run that takes the migration lock creates it)")
 
-        self.attempt("record the run", write)
+            self.attempt("record the run", write)
+        finally:
+            self.store.close()  # the last use: fleet workers run many targets in one process
 
     def _after_restore(self, conn: Connection) -> None:
         """The restore replaced the ledger with the backup's copy (or none, from before it existed):

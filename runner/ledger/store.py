@@ -1,8 +1,10 @@
 """The ledger's two tables: their DDL, reads and writes.
 
-Each call runs on a short AUTOCOMMIT connection of its own ("ledger"), never on the migration's:
-a revision that rolls back is still recorded as failed. The session gets its own lock_timeout
-and statement_timeout, so a ledger table someone else holds locked cannot hang the run.
+Every call runs on the run's AUTOCOMMIT ledger connection ("ledger"), never on the migration's:
+a revision that rolls back is still recorded as failed. The connection is opened on first use
+and kept for the run (a new server session costs more than the ledger's few statements); it has
+its own lock_timeout and statement_timeout, so a ledger table someone else holds locked cannot
+hang the run.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Store:
         self.run = run
         self.table = run.settings.history_table
         self.schema = schema  # None: the connection's current schema, resolved on first use
+        self._conn: Connection | None = None
 
     @property
     def where(self) -> str:
@@ -86,14 +89,32 @@ class Store:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Connection]:
-        with db.connect(self.run, "ledger", autocommit=True, connect_timeout=5) as conn:
-            conn.execute(sa.text("SET lock_timeout = '5s'; SET statement_timeout = '20s'"))
-            if self.schema is None:  # where Alembic put the version table on this connection
-                self.schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
-                if self.schema is None:
-                    raise sa.exc.InvalidRequestError("no current schema: search_path names no "
-                                                     "existing schema")
-            yield conn
+        """The ledger connection; a failure inside the block closes it (the next use reconnects)."""
+        if self._conn is None:
+            conn = db.connect(self.run, "ledger", autocommit=True, connect_timeout=5)
+            try:
+                conn.execute(sa.text("SET lock_timeout = '5s'; SET statement_timeout = '20s'"))
+                if self.schema is None:  # where Alembic put the version table on this connection
+                    self.schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
+                    if self.schema is None:
+                        raise sa.exc.InvalidRequestError("no current schema: search_path names no "
+                                                         "existing schema")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        try:
+            yield self._conn
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the ledger's session (the run is over, or the connection failed)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a broken connection: nothing left to close
+                conn.close()
 
     def _name(self, suffix: str = "") -> str:
         return f"{_quote(self.schema or '')}.{_quote(self.table + suffix)}"
