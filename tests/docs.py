@@ -62,6 +62,34 @@ def documents() -> list[Path]:
     return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "k8s" / "README.md"]
 
 
+_LINK = re.compile(r"\]\((?!https?://|mailto:)([^)\s]+)\)")
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    out = set()
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+def broken_links() -> list[str]:
+    """Relative links (and their #anchors) in the docs that point nowhere."""
+    broken = []
+    for doc in documents():
+        if not doc.exists():
+            continue
+        for target in _LINK.findall(doc.read_text()):
+            path, _, anchor = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target}")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest.read_text()):
+                broken.append(f"{doc.relative_to(REPO)}: {target} (no such heading)")
+    return broken
+
+
 def main() -> int:
     for path in documents():
         if path.exists():

@@ -124,6 +124,13 @@ def test_generated_docs_are_current() -> None:
     assert "<!-- generated:settings -->" in (REPO / "docs/configuration.md").read_text()
 
 
+def test_docs_links_resolve() -> None:
+    from tests import docs
+
+    assert docs.broken_links() == []
+    assert docs._LINK.findall("see [x](nowhere.md#y)") == ["nowhere.md#y"]
+
+
 def test_entrypoint_knows_every_command() -> None:
     from runner.cli import COMMANDS
 
