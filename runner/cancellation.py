@@ -101,11 +101,31 @@ def unblock_in_child() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 
 
-def start_deadline(cancel: Cancel, seconds: float) -> threading.Timer | None:
-    """Trigger cancel with reason 'deadline' after seconds (0 means no deadline)."""
+def start_deadline(cancel: Cancel, seconds: float,
+                   log: Callable[..., None] | None = None) -> threading.Timer | None:
+    """Trigger cancel with reason 'deadline' after seconds (0 means no deadline).
+
+    With log, the process also exits (9) HARD_EXIT_AFTER seconds later if the cleanup hangs: a
+    server that stopped answering (SIGSTOP, a frozen VM) keeps its TCP connections alive, so
+    neither keepalives nor the cancel request would ever end a statement waiting on it.
+    """
     if seconds <= 0:
         return None
-    timer = threading.Timer(seconds, cancel.trigger, args=("deadline",))
+
+    def expire() -> None:
+        if log is not None:
+            timer = threading.Timer(HARD_EXIT_AFTER, _deadline_exit, args=(log,))
+            timer.daemon = True
+            timer.start()
+        cancel.trigger("deadline")
+
+    timer = threading.Timer(seconds, expire)
     timer.daemon = True
     timer.start()
     return timer
+
+
+def _deadline_exit(log: Callable[..., None]) -> None:
+    log("deadline", f"RUN_DEADLINE: the cleanup did not finish within {HARD_EXIT_AFTER:g}s (the "
+        "database stopped answering?): exiting without further cleanup", level="error")
+    os._exit(int(ExitCode.RUN_DEADLINE))

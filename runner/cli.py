@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         log = EventLog(settings.log_format)
         run = Run(settings=settings, log=log, command=args.command)
         cancellation.install(run.cancel, log)
-        cancellation.start_deadline(run.cancel, settings.run_deadline)
+        cancellation.start_deadline(run.cancel, settings.run_deadline, log)
         from runner import fastpath  # a no-op answered from the image's recorded facts: no SQLAlchemy
 
         if not fastpath.answer(run, args):

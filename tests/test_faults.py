@@ -95,6 +95,36 @@ def test_restart_while_waiting_for_the_lock_reconnects(fresh: Database) -> None:
     assert db.version() == "0005"
 
 
+def test_hung_server_mid_migration_exits_9_at_the_deadline(fresh: Database) -> None:
+    """A backend that stops answering (SIGSTOP: its TCP connection stays up, so keepalives never
+    end it, and the cancel request waits too): RUN_DEADLINE still ends the run, exit 9, within
+    the hard-exit grace; once the backend resumes, its transaction is gone."""
+    import os
+    import signal
+
+    from runner.cancellation import HARD_EXIT_AFTER
+
+    db = fresh
+    env = runner_env(db.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="60", RUN_DEADLINE="3s")
+    assert run_runner(["upgrade", "--to", "l001"], env).code == 0
+    proc = start_runner(["upgrade"], env)
+    wait_for(lambda: sleeping(db))
+    pid = int(db.sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
+                     "AND state = 'active'"))
+    t0 = time.monotonic()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        r = finish(proc, timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert r.code == 9, r.err
+    assert "exiting without further cleanup" in r.err and "Traceback" not in r.err
+    assert took < 3 + HARD_EXIT_AFTER + 8, took
+    wait_for(lambda: not sleeping(db), what="the resumed backend kept running its statement")
+    assert db.version() == "l001" and "public.l002_done" not in db.tables()
+
+
 def test_database_started_late(fresh: Database) -> None:
     c = fresh.cluster
     c.stop()
