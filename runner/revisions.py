@@ -99,7 +99,7 @@ def read_state(cfg: Config, script: ScriptDirectory, conn: Connection | None) ->
 def check_known(script: ScriptDirectory, heads: tuple[str, ...]) -> None:
     """Refuse when the database is stamped with revisions the scripts don't contain."""
     for rev in heads:
-        if _lookup(script, rev) is None:
+        if lookup(script, rev) is None:
             raise PreflightRefused(
                 f"the database is at revision {rev}, which these migration scripts do not contain: "
                 "the image is older than the database; deploy an image that includes it")
@@ -123,7 +123,7 @@ def resolve(script: ScriptDirectory, target: str, current: tuple[str, ...]) -> t
         return ()
     if target[:1] in "+-" and target[1:].isdigit():
         return (_relative(script, target, current),) if int(target) else current
-    rev = _lookup(script, target)
+    rev = lookup(script, target)
     if rev is None:
         raise PreflightRefused(f"target revision {target} is not in the migration scripts: "
                                "check the id ('python -m runner status' lists them)")
@@ -145,7 +145,7 @@ def _relative(script: ScriptDirectory, target: str, current: tuple[str, ...]) ->
                                f"the database has {len(current) or 'none'}: use a revision id")
     rev = current[0]
     for _ in range(abs(n)):
-        nxt = _parents(script, rev) if n < 0 else list(_lookup(script, rev).nextrev)  # type: ignore[union-attr]
+        nxt = _parents(script, rev) if n < 0 else list(lookup(script, rev).nextrev)  # type: ignore[union-attr]
         if len(nxt) != 1:
             what = "base" if n < 0 and not nxt else "head" if not nxt else "a branch point"
             raise PreflightRefused(f"relative target {target} goes past {what}: use a revision id "
@@ -299,7 +299,8 @@ def _failing_revision(exc: BaseException) -> tuple[str, str] | None:
     return found
 
 
-def _lookup(script: ScriptDirectory, rev: str) -> Script | None:
+def lookup(script: ScriptDirectory, rev: str) -> Script | None:
+    """Return the revision rev names (a unique prefix works), or None when the scripts have none."""
     try:
         return script.get_revision(rev)
     except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids

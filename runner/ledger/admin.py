@@ -128,10 +128,8 @@ def repair(run: Run, wanted: list[str]) -> None:
 def _applied_id(tracker: Tracker, revision: str) -> str:
     """The full id of an applied revision (a unique prefix works, as in Alembic)."""
     assert tracker.script is not None
-    try:
-        full = tracker.script.get_revision(revision).revision  # type: ignore[union-attr]
-    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
-        full = None
+    found = revisions.lookup(tracker.script, revision)
+    full = found.revision if found is not None else None
     if full is None:
         raise PreflightRefused(f"revision {revision} is not in the migration scripts: check the id "
                                "('python -m runner history' and 'status' show them)")

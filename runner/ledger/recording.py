@@ -19,6 +19,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 import runner
+from runner import revisions
 from runner.context import Run
 from runner.exitcodes import ExitCode
 from runner.ledger import checksum
@@ -141,15 +142,8 @@ class Tracker:
     def applied(self, heads: tuple[str, ...]) -> set[str]:
         """Revisions applied at heads: the heads and everything below them that the scripts know."""
         assert self.script is not None
-        seen: set[str] = set()
-        todo = [h for h in heads if _known(self.script, h)]
-        while todo:
-            rev = todo.pop()
-            if rev not in seen:
-                seen.add(rev)
-                down = self.script.get_revision(rev).down_revision  # type: ignore[union-attr]
-                todo.extend([down] if isinstance(down, str) else list(down or ()))
-        return seen
+        known = tuple(h for h in heads if revisions.lookup(self.script, h) is not None)
+        return revisions.ancestors(self.script, known)
 
     def checksum(self, revision: str) -> str:
         if revision not in self._sums:
@@ -224,13 +218,6 @@ def _outcome(code: int | None, summary: dict[str, Any], command: str) -> str:
 
 def _clean(value: Any) -> Any:
     return redact(value) if isinstance(value, str) else value
-
-
-def _known(script: ScriptDirectory, revision: str) -> bool:
-    try:
-        return script.get_revision(revision) is not None
-    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown ids
-        return False
 
 
 def reason(exc: BaseException) -> str:

@@ -90,10 +90,7 @@ def _chain(run: Run) -> tuple[list[Finding], ScriptDirectory | None]:
 def _walk_set(script: ScriptDirectory, from_rev: str | None) -> set[str] | None:
     if not from_rev:
         return None
-    try:
-        found = script.get_revision(from_rev)
-    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
-        found = None
+    found = revisions.lookup(script, from_rev)
     if found is None:
         raise ConfigError(f"verify --from {from_rev}: not a revision of these migration scripts "
                           "(python -m runner status lists them)")
@@ -113,7 +110,7 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
             exclude += [(env.version_schema, history), (env.version_schema, f"{history}_revisions")]
         findings: list[Finding] = []
         live = drift.read(run, url, against or "", version, exclude) if url else None
-        if live is not None and any(_lookup(script, h) is None for h in live.heads):
+        if live is not None and any(revisions.lookup(script, h) is None for h in live.heads):
             findings.append(Finding("drift", ERROR, f"the live database is at {revisions.fmt(live.heads)}, "
                                     "which these scripts do not contain: cannot compare it",
                                     revisions.fmt(live.heads)))
@@ -208,8 +205,3 @@ def _facts(scratch: Scratch, cfg: Any, script: ScriptDirectory) -> steps.EnvFact
         return steps.facts(cfg, script, conn)
 
 
-def _lookup(script: ScriptDirectory, rev: str) -> Any:
-    try:
-        return script.get_revision(rev)
-    except Exception:  # noqa: BLE001 - Alembic raises several types for unknown / ambiguous ids
-        return None
