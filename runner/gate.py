@@ -18,18 +18,13 @@ from typing import Any
 
 from runner.context import Run
 from runner.errors import LockNotAcquired
-from runner.lockkey import lock_key
+from runner.lockkey import HOLDER_SQL, lock_key, split
+from runner.sqlname import qualified
 
 POLL = 0.5  # seconds between two looks
 LOG_EVERY = 10.0
 _held: list[Any] = []  # the leader's gate connection: open until the process exits
 
-HOLDER_SQL = """
-SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
-        SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = %(hi)s AND l.objid = %(lo)s AND l.objsubid = 1
-"""
 
 
 def lead_or_wait(run: Run, params: dict[str, Any], schema: str | None, table: str,
@@ -90,7 +85,7 @@ def _wait(run: Run, conn: Any, schema: str | None, table: str, heads: tuple[str,
 
 def _stamped(cur: Any, schema: str | None, table: str) -> list[str] | None:
     """The revisions in the version table, or None when there is none yet."""
-    name = _quote(table) if not schema else f"{_quote(schema)}.{_quote(table)}"
+    name = qualified(schema, table)
     cur.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
     if not cur.fetchone()[0]:
         return None
@@ -99,11 +94,7 @@ def _stamped(cur: Any, schema: str | None, table: str) -> list[str] | None:
 
 
 def _holder(cur: Any, key: int) -> str:
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    cur.execute(HOLDER_SQL, {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF})
+    cur.execute(HOLDER_SQL, split(key))
     row = cur.fetchone()
     return f"pid {row[0]}, {row[1] or 'no application_name'}" if row else "it has just finished"
 
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'

@@ -18,33 +18,18 @@ from sqlalchemy.engine import Connection
 from runner import db, retry
 from runner.context import Run
 from runner.errors import ConnectionLost, LockNotAcquired
-from runner.lockkey import lock_key
+from runner.lockkey import HOLDER_SQL, lock_key, split
 from runner.wait import reason
 
-HOLDER_SQL = sa.text("""
-SELECT a.pid, a.application_name, a.client_addr::text AS client_addr,
-       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"') AS since,
-       round(extract(epoch FROM now() - a.backend_start))::int AS held_for_s
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
-        SELECT oid FROM pg_database WHERE datname = current_database())
-  AND l.classid = :hi AND l.objid = :lo AND l.objsubid = 1
-""")
 TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:key)")
 UNLOCK = sa.text("SELECT pg_advisory_unlock(:key)")
 POLL_MAX = 0.5  # seconds between two polls at most
 LOG_EVERY = 10.0  # seconds between two lock.waiting lines
 
 
-def _split(key: int) -> dict[str, int]:
-    """Return pg_locks' classid/objid for a bigint advisory key."""
-    unsigned = key & 0xFFFFFFFFFFFFFFFF
-    return {"hi": unsigned >> 32, "lo": unsigned & 0xFFFFFFFF}
-
-
 def holder(conn: Connection, key: int) -> dict[str, object] | None:
     """Return who holds the lock (pid, application_name, since), or None."""
-    row = conn.execute(HOLDER_SQL, _split(key)).mappings().first()
+    row = conn.exec_driver_sql(HOLDER_SQL, split(key)).mappings().first()
     return dict(row) if row else None
 
 

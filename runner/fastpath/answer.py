@@ -15,6 +15,7 @@ from typing import Any
 
 from runner.context import Run
 from runner.fastpath.facts import Facts, FactsError, facts_path, load, mismatch
+from runner.sqlname import qualified
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's minimum): a server that is slow to answer gets the full path
 _QUERY = ("SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
@@ -110,12 +111,7 @@ def _probe(run: Run, facts: Facts) -> tuple[Any, ...] | None:
 def _table(facts: Facts) -> str:
     """The version table as Alembic names it: schema-qualified when env.py sets a schema, else
     found through the connection's search_path."""
-    name = _quote(facts.version_table)
-    return f"{_quote(facts.version_table_schema)}.{name}" if facts.version_table_schema else name
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
+    return qualified(facts.version_table_schema, facts.version_table)
 
 
 def _report(run: Run, kind: str, head: str, took: float) -> None:

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from runner import db
 from runner.context import Run
+from runner.sqlname import quote
 
 RUN_COLUMNS = ("id", "run_id", "command", "outcome", "exit_code", "from_revision", "to_revision",
                "target", "steps", "error", "backup_key", "started_at", "finished_at",
@@ -117,7 +118,7 @@ class Store:
                 conn.close()
 
     def _name(self, suffix: str = "") -> str:
-        return f"{_quote(self.schema or '')}.{_quote(self.table + suffix)}"
+        return f"{quote(self.schema or '')}.{quote(self.table + suffix)}"
 
     @property
     def runs(self) -> str:
@@ -204,7 +205,3 @@ class Store:
             f"extract(epoch FROM finished_at - started_at)::float8 AS seconds "
             f"FROM {self.runs} ORDER BY started_at DESC, id LIMIT :n"), {"n": limit}).mappings()]
 
-
-def _quote(identifier: str) -> str:
-    """Always quote: a schema or table name is used exactly as Alembic and HISTORY_TABLE spell it."""
-    return '"' + identifier.replace('"', '""') + '"'

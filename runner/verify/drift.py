@@ -19,6 +19,7 @@ from runner.context import Run
 from runner.dburl import DbUrl
 from runner.errors import ConfigError, NotReady
 from runner.revisions import fmt
+from runner.sqlname import qualified
 from runner.verify import fingerprint
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.report import ERROR, Finding
@@ -102,11 +103,8 @@ def _side(line: str) -> str:
 
 def _heads(conn: sa.Connection, version: Table) -> tuple[str, ...]:
     schema, table = version
-    name = f"{_ident(schema)}.{_ident(table)}" if schema else _ident(table)
+    name = qualified(schema, table)
     if conn.execute(sa.text("SELECT to_regclass(:n) IS NOT NULL"), {"n": name}).scalar_one() is False:
         return ()
     return tuple(sorted(conn.execute(sa.text(f"SELECT version_num FROM {name}")).scalars()))
 
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from runner.sqlname import quote
+
 # section -> {object key -> definition}
 Fingerprint = dict[str, dict[str, str]]
 
@@ -181,7 +183,7 @@ def query(conn: Connection, exclude: Iterable[Table] = (), prepared: bool = Fals
     session's search_path, as Alembic finds it."""
     tables = list(exclude)
     names = [f"{schema}.{name}" for schema, name in tables if schema]
-    bare = [_quote(name) for schema, name in tables if not schema]
+    bare = [quote(name) for schema, name in tables if not schema]
     if bare:
         names += conn.execute(_RESOLVE, {"names": bare}).scalars().all()
     fp: Fingerprint = {s: {} for s in SECTIONS}
@@ -199,10 +201,6 @@ def query(conn: Connection, exclude: Iterable[Table] = (), prepared: bool = Fals
     for section, key, detail in rows:
         fp[section][key] = detail
     return fp
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def relation_names(fp: Fingerprint) -> set[str]:
