@@ -201,17 +201,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             log("start", f"{args.command} against {_target(settings, env, args.command)}", run_id=run.run_id)
             _dispatch(run, args, env)
         code, error = ExitCode.OK, None
-    except RunnerError as exc:
-        code, error = exc.code, str(exc)
-    except Exception as exc:  # noqa: BLE001 - the one place that turns bugs into exit 1
-        if run is not None and run.cancel.is_set:
-            err = run.cancel.error()
-            code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
-        elif run is not None and (lost := _lost_connection(exc)) is not None:  # restart, failover
-            code, error = lost.code, str(lost)
-        else:
-            first = (str(exc).strip().splitlines() or [""])[0]
-            code, error = ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {first}"
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an exit code here
+        code, error = failure(exc, run)
     if run is not None and code == ExitCode.OK and run.cancel.reason in ("SIGTERM", "SIGINT"):
         err = run.cancel.error()  # a signal arrived where nothing waited for it: still stop as told
         code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
@@ -224,10 +215,22 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return int(code)
 
 
-def _lost_connection(exc: Exception) -> RunnerError | None:
-    from runner import db
+def failure(exc: Exception, run: Run | None) -> tuple[ExitCode, str]:
+    """Map what ended a run to (exit code, one-line error): the one place that turns bugs into
+    exit 1 (a fleet worker uses it for each target, as main does for a single run)."""
+    if isinstance(exc, RunnerError):
+        return exc.code, str(exc)
+    if run is not None and run.cancel.is_set:
+        err = run.cancel.error()
+        return getattr(err, "code", ExitCode.SIGTERM), str(err)
+    if run is not None:
+        from runner import db
 
-    return db.lost_connection_error(exc)
+        lost = db.lost_connection_error(exc)  # a restart or failover outside a revision step
+        if lost is not None:
+            return lost.code, str(lost)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {first}"
 
 
 def _target(settings: config.Settings, env: Mapping[str, str], command: str) -> str:

@@ -24,14 +24,19 @@ def summary(run: Run, code: ExitCode, error: str | None) -> dict[str, object]:
     return data
 
 
-def report(run: Run, code: ExitCode, error: str | None) -> None:
-    """Log the summary and write the termination message (best effort: never masks the exit code)."""
-    for finish in run.finishers:
+def finish(run: Run, code: ExitCode, error: str | None) -> None:
+    """Call the run's finishers (the ledger) with its outcome; a failure there only warns."""
+    for finisher in run.finishers:
         try:
-            finish(int(code), error)
+            finisher(int(code), error)
         except Exception as exc:  # noqa: BLE001 - a record-keeping failure never changes the outcome
             run.log.warning("summary", f"could not record the run ({type(exc).__name__}: "
                             f"{redact(str(exc).splitlines()[0] if str(exc) else '')})")
+
+
+def report(run: Run, code: ExitCode, error: str | None) -> None:
+    """Log the summary and write the termination message (best effort: never masks the exit code)."""
+    finish(run, code, error)
     data = summary(run, code, error)
     if code == ExitCode.OK:
         run.log("summary", f"{run.command}: {data['outcome']} (exit 0)", **data)

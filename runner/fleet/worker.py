@@ -21,13 +21,14 @@ from typing import Any
 
 from runner import cancellation, commands, db, dburl
 from runner.cancellation import Cancel
+from runner.cli import failure
 from runner.config import Settings
 from runner.context import Run
-from runner.errors import RunnerError
 from runner.exitcodes import ExitCode
 from runner.fleet.pool import Task
 from runner.log import EventLog
 from runner.redact import redact
+from runner.report import finish
 
 # what a target's result carries from its run's summary (the rest stays in its log lines)
 KEPT = ("from", "to", "head", "pending", "applied", "backup")
@@ -112,11 +113,9 @@ def _execute(task: Task) -> dict[str, Any]:
     try:
         _dispatch(run, task)
         code, error = ExitCode.OK, None
-    except RunnerError as exc:
-        code, error = exc.code, str(exc)
     except Exception as exc:  # noqa: BLE001 - this target's "main": a bug fails the target, not the fleet
-        code, error = _unexpected(exc, cancel)
-    _finish(run, code, error)
+        code, error = failure(exc, run)
+    finish(run, code, error)
     return _result(task, run, code, error, time.monotonic() - t0)
 
 
@@ -136,25 +135,6 @@ def _dispatch(run: Run, task: Task) -> None:
 def _remaining(deadline_at: float | None) -> float:
     """This target's RUN_DEADLINE: what is left of the fleet's (0 = none)."""
     return 0.0 if deadline_at is None else max(0.001, deadline_at - time.time())
-
-
-def _unexpected(exc: Exception, cancel: Cancel) -> tuple[ExitCode, str]:
-    """Map an exception that is not a RunnerError, as runner.cli.main does for a single run."""
-    if cancel.is_set:
-        err = cancel.error()
-        return getattr(err, "code", ExitCode.SIGTERM), str(err)
-    first = (str(exc).strip().splitlines() or [""])[0]
-    return ExitCode.INTERNAL, f"internal error: {type(exc).__name__}: {first}"
-
-
-def _finish(run: Run, code: ExitCode, error: str | None) -> None:
-    """Call the run's finishers (the ledger), as runner.report does for a single run."""
-    for finish in run.finishers:
-        try:
-            finish(int(code), error)
-        except Exception as exc:  # noqa: BLE001 - record keeping never changes the outcome
-            run.log.warning("summary", f"could not record the run ({type(exc).__name__}: "
-                            f"{redact(str(exc).splitlines()[0] if str(exc) else '')})")
 
 
 def _result(task: Task, run: Run, code: ExitCode, error: str | None, took: float) -> dict[str, Any]:
