@@ -27,6 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.measure import wall_rss  # noqa: E402
 from tests.pgcluster import PASSWORD, Cluster, bindir  # noqa: E402
 from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, moto_process, s3_client  # noqa: E402
 
@@ -66,33 +67,6 @@ def build(cluster: Cluster, gb: float) -> int:
     return int(cluster.psql("SELECT pg_database_size('bench')", "bench"))
 
 
-def timed(cmd: list[str] | str, env: dict[str, str], shell: bool = False,
-          watch_rss: bool = False) -> tuple[float, int, int]:
-    """Run cmd; return (seconds, VmHWM kB of the process, wait4 ru_maxrss kB incl. children)."""
-    t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, env=env, shell=shell, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE if watch_rss else None)
-    hwm = 0
-    status = Path(f"/proc/{proc.pid}/status")
-    while True:
-        pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if watch_rss:
-            try:
-                line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM"))
-                hwm = max(hwm, int(line.split()[1]))
-            except (OSError, StopIteration):
-                pass
-        time.sleep(0.05)
-    took = time.monotonic() - t0
-    proc.returncode = os.waitstatus_to_exitcode(code)
-    if proc.returncode:
-        err = proc.stderr.read().decode() if proc.stderr else ""
-        raise SystemExit(f"{cmd} failed ({proc.returncode}): {err[-2000:]}")
-    return took, hwm, usage.ru_maxrss
-
-
 def bench_size(gb: float, aws: str, endpoint: str, s3, workdir: Path) -> dict[str, float]:
     cluster = Cluster("18").init().start()
     try:
@@ -113,22 +87,23 @@ def bench_size(gb: float, aws: str, endpoint: str, s3, workdir: Path) -> dict[st
         dump = TOOLS / "pg_dump"
         file = workdir / "bench.dump"
         results: dict[str, float] = {}
-        runner_s, hwm, maxrss = timed([sys.executable, "-m", "runner", "backup"], runner_env, watch_rss=True)
-        results.update(runner=runner_s, runner_hwm_mib=hwm / 1024, runner_tree_maxrss_mib=maxrss / 1024)
+        r = wall_rss([sys.executable, "-m", "runner", "backup"], runner_env)
+        runner_s, hwm = r["s"], r["hwm"]
+        results.update(runner=runner_s, runner_hwm_mib=hwm, runner_tree_maxrss_mib=r["maxrss"])
         key = next(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
                    if o["Key"].endswith(".zst"))
         results["runner_object_mb"] = s3.head_object(Bucket=bucket, Key=key)["ContentLength"] / 1e6
         if RUNNER_ONLY:
-            print(f"  runner {runner_s:.1f} s, peak RSS {hwm / 1024:.0f} MiB", flush=True)
+            print(f"  runner {runner_s:.1f} s, peak RSS {hwm:.0f} MiB", flush=True)
             return results
-        results["a"], _, _ = timed(f"{dump} -Fc -f {file} && {aws} s3 cp --only-show-errors "
+        results["a"] = wall_rss(f"{dump} -Fc -f {file} && {aws} s3 cp --only-show-errors "
                                    f"--endpoint-url {endpoint} {file} s3://{bucket}/a.dump", pg_env,
-                                   shell=True)
+                                shell=True)["s"]
         results["a_object_mb"] = file.stat().st_size / 1e6
         file.unlink()
-        results["b"], _, _ = timed(f"{dump} -Fc > /dev/null", pg_env, shell=True)
-        results["zstd_pipe_only"], _, _ = timed(f"{dump} -Fc -Z0 | zstd -q -1 -T0 > /dev/null",
-                                                pg_env, shell=True)
+        results["b"] = wall_rss(f"{dump} -Fc > /dev/null", pg_env, shell=True)["s"]
+        results["zstd_pipe_only"] = wall_rss(f"{dump} -Fc -Z0 | zstd -q -1 -T0 > /dev/null",
+                                             pg_env, shell=True)["s"]
         for o in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
             s3.delete_object(Bucket=bucket, Key=o["Key"])  # moto keeps objects: free the memory
         results["db_gb"] = size / 1e9

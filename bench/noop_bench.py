@@ -15,18 +15,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.measure import wall_cpu  # noqa: E402
 from tests.pgcluster import Cluster  # noqa: E402
 
 FLOOR = ("import os, psycopg2\n"
@@ -34,14 +33,6 @@ FLOOR = ("import os, psycopg2\n"
          "cur = c.cursor(); cur.execute('SELECT version_num FROM alembic_version'); cur.fetchall()\n"
          "c.close()\n")
 TARGET_FLOOR, TARGET_ALEMBIC = 2.0, 0.4
-
-
-def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    """Return (wall seconds, CPU seconds of the child): CPU time is steadier on a busy machine."""
-    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run(cmd, env=env, cwd=cwd, check=True, capture_output=True)
-    r1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    return t1 - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
 
 
 def scripts_with_facts(work: Path, env: dict[str, str], url: str) -> Path:
@@ -99,11 +90,11 @@ def main() -> None:
         for name in ("upgrade (fast path)", "wait --until-head (fast)"):
             check_fast_path(sides[name], env, work)
         for name, cmd in sides.items():  # warm up: page cache, bytecode
-            timed(cmd, envs[name], work)
+            wall_cpu(cmd, envs[name], work)
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
         for _ in range(args.runs):
             for name, cmd in sides.items():
-                results[name].append(timed(cmd, envs[name], work))
+                results[name].append(wall_cpu(cmd, envs[name], work))
         report(results, args)
     finally:
         cluster.destroy()

@@ -35,35 +35,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.backup_bench import TOOLS, build  # noqa: E402
+from bench.measure import wall_rss  # noqa: E402
 from tests.pgcluster import PASSWORD, Cluster  # noqa: E402
 from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, moto_process, s3_client  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def run(cmd: list[str] | str, env: dict[str, str], shell: bool = False) -> dict[str, Any]:
-    """Run cmd; return seconds, VmHWM (MiB) of the process, ru_maxrss (MiB) of it and its
-    children, and its stderr."""
-    with tempfile.TemporaryFile() as err:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, env=env, shell=shell, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
-        status, hwm = Path(f"/proc/{proc.pid}/status"), 0
-        while True:
-            pid, code, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            try:
-                line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM"))
-                hwm = max(hwm, int(line.split()[1]))
-            except (OSError, StopIteration):
-                pass
-            time.sleep(0.05)
-        took = time.monotonic() - t0
-        err.seek(0)
-        text = err.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(code):
-        raise SystemExit(f"{cmd} failed: {text[-2000:]}")
-    return {"s": took, "hwm": hwm / 1024, "maxrss": usage.ru_maxrss / 1024, "err": text}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -107,7 +83,7 @@ def bench_size(gb: float, endpoint: str, s3: Any, workdir: Path, repeat: int) ->
                         PG_DUMP_BIN=str(TOOLS / "pg_dump"), PG_RESTORE_BIN=str(TOOLS / "pg_restore"),
                         LOG_FORMAT="json")
 
-        run([sys.executable, "-m", "runner", "backup"], runner_env("bench"))
+        wall_rss([sys.executable, "-m", "runner", "backup"], runner_env("bench"))
         key = next(o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]
                    if o["Key"].endswith(".zst"))
         file = workdir / "restore-bench.dump"
@@ -134,7 +110,7 @@ def bench_size(gb: float, endpoint: str, s3: Any, workdir: Path, repeat: int) ->
                 cluster.psql("CHECKPOINT")
                 if name == "runner":
                     before = cpu_seconds(moto)
-                    r = run([sys.executable, "-m", "runner", "restore", "--backup", "latest",
+                    r = wall_rss([sys.executable, "-m", "runner", "restore", "--backup", "latest",
                              "--from-database", "bench", "--yes"], runner_env(target))
                     moto_cpu.append(cpu_seconds(moto) - before)
                     summary = json.loads([x for x in r["err"].splitlines() if '"summary"' in x][-1])
@@ -142,7 +118,7 @@ def bench_size(gb: float, endpoint: str, s3: Any, workdir: Path, repeat: int) ->
                     hwm.append(max(r["hwm"], r["maxrss"]))
                 else:
                     flag = "-1 " if name == "single" else ""
-                    r = run(f"{TOOLS / 'pg_restore'} {flag}-d {target} {file}", pg_env, shell=True)
+                    r = wall_rss(f"{TOOLS / 'pg_restore'} {flag}-d {target} {file}", pg_env, shell=True)
                 times[name].append(r["s"])
                 got = rows(cluster, target)
                 assert got == expected, f"{name}: {got} rows, expected {expected}"

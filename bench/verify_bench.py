@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.measure import wall_cpu  # noqa: E402
 from tests.pgcluster import Cluster  # noqa: E402
 
 GOAL = 4.0
@@ -92,15 +90,6 @@ def plain_ini(ini: Path, url: str, work: Path, name: str) -> Path:
     return out
 
 
-def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
-    r1, t1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    return t1 - t0, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -125,8 +114,8 @@ def main() -> None:
             for run in range(args.runs + 1):  # the first round warms caches and bytecode
                 cluster.psql(f"DROP DATABASE IF EXISTS plain{n} WITH (FORCE)")
                 cluster.psql(f"CREATE DATABASE plain{n}")
-                a = timed([alembic, "-c", str(plain), "upgrade", "head"], base, work)
-                v = timed([sys.executable, "-m", "runner", "verify"], {**base, "ALEMBIC_CONFIG": str(ini)},
+                a = wall_cpu([alembic, "-c", str(plain), "upgrade", "head"], base, work)
+                v = wall_cpu([sys.executable, "-m", "runner", "verify"], {**base, "ALEMBIC_CONFIG": str(ini)},
                           REPO)
                 if run:
                     sides["alembic"].append(a)
