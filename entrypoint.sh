@@ -1,21 +1,24 @@
 #!/bin/bash
-# Container entrypoint: runner commands and flags go to `python -m runner`; anything else runs as
-# given (`docker run IMAGE sh` for debugging). Prints nothing itself, so it never echoes a secret.
+# Container entrypoint: runner commands and flags go to `python -m runner`; a program on PATH runs
+# as given (`docker run IMAGE sh` for debugging). No command list here: a word that names no
+# program is the runner's (its own error names a mistyped command; a test checks no runner
+# command is shadowed by a program in the image). Prints nothing itself, so it never echoes a secret.
 set -Eeuo pipefail
 
-is_runner_command() {
+is_program() {
   case "${1-}" in
-    upgrade | downgrade | status | wait | plan | verify | backup | backups | restore | history | stamp | repair | -*) return 0 ;;
-    *) return 1 ;;
+    -*) return 1 ;;
+    */*) [ -x "$1" ] ;;
+    *) type -P -- "$1" >/dev/null ;;
   esac
 }
 
 main() {
   # no arguments at all (CMD overridden with nothing): let the runner print its usage error
-  if [ "$#" -eq 0 ] || is_runner_command "$1"; then
-    exec python -m runner "$@"
+  if [ "$#" -gt 0 ] && is_program "$1"; then
+    exec "$@"
   fi
-  exec "$@"
+  exec python -m runner "$@"
 }
 
 main "$@"

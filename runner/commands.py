@@ -1,97 +1,65 @@
-"""One function per command, each readable top to bottom (after Alembic's command.py)."""
+"""One function per command, each readable top to bottom (after Alembic's command.py).
+
+Each takes (run, parsed arguments) and is named in runner.registry; the steps they share (load,
+wait until ready, lock, plan) are runner.flow's.
+"""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import sys
-from collections.abc import Iterator
 from typing import IO
-
-from alembic.config import Config
-from alembic.script import ScriptDirectory
 
 from runner import db, ledger, revisions
 from runner.context import Run
-from runner.errors import ConfigError, MigrationFailed, Pending, PreflightRefused
+from runner.errors import ConfigError, MigrationFailed, Pending
+from runner.flow import check_direction, load, locked, ready_state
+from runner.flow import plan as resolve_target
 from runner.revisions import DbState, fmt
 from runner.wait import wait_until_ready
 
 
-def dispatch(run: Run, args: argparse.Namespace) -> None:
-    """Run the command args names (runner.cli.COMMANDS) on one database."""
-    match args.command:
-        case "upgrade":
-            upgrade(run, args.to)
-        case "downgrade":
-            downgrade(run, args.to, args.yes, args.confirm)
-        case "status":
-            status(run, args.check)
-        case "wait":
-            wait(run, args.until_head)
-        case "plan":
-            plan(run, args.to, scratch=args.scratch)
-        case "verify":
-            from runner import verify
-
-            verify.verify(run, from_rev=args.from_rev, against=args.against, fmt=args.format)
-        case "backup":
-            backup(run)
-        case "backups":
-            backups(run, from_database=args.from_database, all_databases=args.all_databases)
-        case "restore":
-            restore(run, args.backup, args.yes, from_database=args.from_database)
-        case "history":
-            from runner import ledger
-
-            ledger.history(run, limit=args.limit, fmt=args.format)
-        case "stamp":
-            from runner import ledger
-
-            ledger.stamp(run, args.revision, args.yes)
-        case "repair":
-            from runner import ledger
-
-            ledger.repair(run, args.revisions)
+def upgrade(run: Run, args: argparse.Namespace) -> None:
+    """Bring the database up to --to (default head), under the lock."""
+    _migrate(run, args.to, downgrade=False)
 
 
-def upgrade(run: Run, target: str = "head") -> None:
-    """Bring the database up to target (default head), under the lock."""
-    _migrate(run, target, downgrade=False)
+def downgrade(run: Run, args: argparse.Namespace) -> None:
+    """Take the database back to --to: a revision id, -N, or base (with --yes).
 
-
-def downgrade(run: Run, target: str, yes: bool = False, confirm: str | None = None) -> None:
-    """Take the database back to target: a revision id, -N, or base (with yes).
-
-    confirm, when given, must repeat target: a rollback Job carries both, so a stale or missing
+    --confirm, when given, must repeat --to: a rollback Job carries both, so a stale or missing
     confirmation refuses (exit 2) instead of rolling back to a revision nobody re-checked.
     """
+    check_downgrade(args.to, args.yes, args.confirm)
+    _migrate(run, args.to, downgrade=True)
+
+
+def check_downgrade(target: str, yes: bool, confirm: str | None) -> None:
+    """Refuse (exit 2) an unconfirmed downgrade, or one to base without yes."""
     if confirm is not None and confirm != target:
         raise ConfigError(f"downgrade --to {target!r} is not confirmed (--confirm {confirm!r}): "
                           "set the confirmation to the same revision to roll back")
     if target == "base" and not yes:
         raise ConfigError("downgrade --to base removes every migrated object: add --yes to confirm")
-    _migrate(run, target, downgrade=True)
 
 
 def _migrate(run: Run, target: str, downgrade: bool) -> None:
-    cfg, script = _load(run)
+    cfg, script = load(run)
     if target in ("head", "heads"):
         revisions.single_head(script)
     # 1. wait, then the fast path: nothing to do means no lock, no backup
-    state = _ready_state(run, cfg, script)
-    goal = _plan(run, script, state, target, downgrade)
+    state = ready_state(run, cfg, script)
+    goal = resolve_target(run, script, state, target, downgrade)
     if set(state.heads) == set(goal):
         return _nothing_to_do(run, state)
     # 2. the lock, then look again: another copy may have migrated meanwhile
     from runner.migrate import apply_steps  # off the no-op fast path, like the lock
 
-    with _locked(run, cfg, script, state, goal) as state:
+    with locked(run, cfg, script, state, goal) as state:
         revisions.check_known(script, state.heads)
         if set(state.heads) == set(goal):
             return _nothing_to_do(run, state)
-        _check_direction(script, state.heads, goal, downgrade)
+        check_direction(script, state.heads, goal, downgrade)
         # 3. migrate, one transaction per revision
         plan = revisions.steps(script, state.heads, goal, downgrade)
         run.summary["pending"] = [rev for rev, _ in plan]
@@ -109,11 +77,11 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     run.summary.update(to=fmt(after), outcome="downgraded" if downgrade else "migrated")
 
 
-def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
-    """Print current revision(s), heads and pending revisions; with check, fail when pending."""
+def status(run: Run, args: argparse.Namespace, out: IO[str] | None = None) -> None:
+    """Print current revision(s), heads and pending revisions; with --check, fail when pending."""
     out = out or sys.stdout
-    cfg, script = _load(run)
-    state = _ready_state(run, cfg, script)
+    cfg, script = load(run)
+    state = ready_state(run, cfg, script)
     heads = tuple(script.get_heads())
     unknown = [h for h in state.heads if h not in revisions.ancestors(script, heads)]
     pending = [] if unknown else [s.revision for s in reversed(list(
@@ -128,60 +96,60 @@ def status(run: Run, check: bool = False, out: IO[str] | None = None) -> None:
     ledger.print_last_run(run, state, out)  # "last run: ..." from the ledger, when there is one
     run.summary.update({"from": fmt(state.heads), "to": fmt(state.heads), "head": fmt(heads),
                         "pending": pending})
-    if check and (pending or unknown or set(state.heads) != set(heads)):
+    if args.check and (pending or unknown or set(state.heads) != set(heads)):
         raise Pending(f"database is at {fmt(state.heads)}, not at head {fmt(heads)}: "
                       f"{len(pending)} revision(s) pending")
     run.summary["outcome"] = "at head" if set(state.heads) == set(heads) else "behind head"
 
 
-def wait(run: Run, until_head: bool = False) -> None:
-    """Wait until the database is ready; with until_head, until it is at the scripts' head too."""
-    if until_head:  # init containers: read-only polling, no lock, no migration
+def wait(run: Run, args: argparse.Namespace) -> None:
+    """Wait until the database is ready; with --until-head, until it is at the scripts' head too."""
+    if args.until_head:  # init containers: read-only polling, no lock, no migration
         from runner.headwait import wait_for_head
 
-        cfg, script = _load(run)
+        cfg, script = load(run)
         return wait_for_head(run, cfg, script)
     wait_until_ready(run).close()
     run.summary["outcome"] = "ready"
 
 
-def plan(run: Run, target: str = "head", out: IO[str] | None = None, scratch: bool = False) -> None:
+def plan(run: Run, args: argparse.Namespace) -> None:
     """Print the SQL that upgrade would run (Alembic offline mode) for the pending range."""
-    if scratch:
+    if args.scratch:
         from runner import verify
 
-        return verify.plan_scratch(run, target, out or sys.stdout)
-    cfg, script = _load(run)
-    state = _ready_state(run, cfg, script)
-    goal = _plan(run, script, state, target, downgrade=False)
+        return verify.plan_scratch(run, args.to, sys.stdout)
+    cfg, script = load(run)
+    state = ready_state(run, cfg, script)
+    goal = resolve_target(run, script, state, args.to, downgrade=False)
     if set(state.heads) == set(goal):
-        print("-- nothing to do: the database is at the target", file=out or sys.stdout)
+        print("-- nothing to do: the database is at the target", file=sys.stdout)
     else:
-        (out or sys.stdout).write(revisions.offline_sql(cfg, state.heads, ":".join(goal)))
+        sys.stdout.write(revisions.offline_sql(cfg, state.heads, ":".join(goal)))
     run.summary.update(outcome="planned")
 
 
-def backup(run: Run) -> None:
+def backup(run: Run, args: argparse.Namespace) -> None:
     """Back the database up to BACKUP_S3_URI, under the migration lock (no migration waits on it)."""
     from runner.backup.take import take
 
-    cfg, script = _load(run)
-    with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
+    cfg, script = load(run)
+    with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         with run.timed("backup"):
             manifest = take(run, state)
     run.summary.update(backup=manifest["key"], revision=fmt(state.heads), outcome="backed up")
 
 
-def backups(run: Run, out: IO[str] | None = None, from_database: str | None = None,
-            all_databases: bool = False) -> None:
-    """List committed backups, newest first: this database's, another's (from_database) or those
-    of every database under the prefix (all_databases)."""
+def backups(run: Run, args: argparse.Namespace) -> None:
+    """List committed backups, newest first: this database's, another's (--from-database) or
+    those of every database under the prefix (--all-databases)."""
     from runner.backup import s3
     from runner.backup.manifest import newest
 
+    all_databases, from_database = args.all_databases, args.from_database
     if all_databases and from_database:
         raise ConfigError("--all-databases and --from-database exclude each other: pick one")
-    out = out or sys.stdout
+    out = sys.stdout
     loc, client = s3.Location.parse(run.settings.backup_s3_uri), s3.client(run.settings, run.cancel)
     names = (s3.databases(run, client, loc) if all_databases
              else [from_database or run.settings.database_url.database or ""])
@@ -193,20 +161,21 @@ def backups(run: Run, out: IO[str] | None = None, from_database: str | None = No
     run.summary.update(backups=len(found), outcome="listed")
 
 
-def restore(run: Run, which: str, yes: bool = False, from_database: str | None = None) -> None:
+def restore(run: Run, args: argparse.Namespace) -> None:
     """Replace the database's contents with a backup in one transaction, under the migration lock:
-    KEY, or the newest backup of this database (or of from_database) for 'latest'."""
+    KEY, or the newest backup of this database (or of --from-database) for 'latest'."""
     from runner.backup import s3
     from runner.backup.restore import check_compatible, inspect_target, replay, resolve_backup
 
-    if not yes:
+    which, from_database = args.backup, args.from_database
+    if not args.yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
                           "add --yes to confirm")
     if from_database and which != "latest":
         raise ConfigError("--from-database goes with --backup latest: a KEY names its database already")
-    cfg, script = _load(run)
+    cfg, script = load(run)
     client, loc = s3.client(run.settings, run.cancel), s3.Location.parse(run.settings.backup_s3_uri)
-    with _locked(run, cfg, script, _ready_state(run, cfg, script)) as state:
+    with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         target = inspect_target(run)
         manifest = resolve_backup(run, client, loc, target, which, from_database)
         tools = check_compatible(run, client, loc, manifest, target)
@@ -229,68 +198,6 @@ def _backup_before(run: Run, state: DbState) -> None:
 
     with run.timed("backup"):
         run.summary["backup"] = take(run, state)["key"]
-
-
-def _ready_state(run: Run, cfg: Config, script: ScriptDirectory) -> DbState:
-    """Wait until the database is ready (exit 3 at the deadline), then read its revisions."""
-    with wait_until_ready(run) as conn:
-        return revisions.read_state(cfg, script, conn)
-
-
-@contextlib.contextmanager
-def _locked(run: Run, cfg: Config, script: ScriptDirectory, seen: DbState,
-            goal: tuple[str, ...] | None = None) -> Iterator[DbState]:
-    """Hold the migration lock for the version table seen; yield the state read again under it
-    (another copy may have changed the database while we waited).
-
-    With goal, a waiter reads the version table on every poll and stops waiting once the database
-    is there: it yields that state without taking the lock (read-only; nothing left to do).
-    """
-    from runner.lock import migration_lock  # off the no-op fast path
-
-    ledger.track(run, seen)  # the ledger records this run, a lock timeout too
-    there = None if goal is None else lambda conn: set(revisions.stamped(conn, seen)) == set(goal)
-    with migration_lock(run, seen.version_schema or "", seen.version_table, there) as lock:
-        if lock is None:  # another copy reached the goal while we waited
-            yield dataclasses.replace(seen, heads=goal or ())
-            return
-        with db.connect(run, "inspect") as conn:
-            state = revisions.read_state(cfg, script, conn)
-        with ledger.locked(run, script, state):  # tables, baseline; checksums of what was applied
-            yield state
-
-
-def _load(run: Run) -> tuple[Config, ScriptDirectory]:
-    cfg = revisions.alembic_config(run.settings)
-    if run.tenant is not None:  # fleet schema mode, as Alembic's cookbook: `alembic -x tenant=...`
-        cfg.cmd_opts = argparse.Namespace(x=[f"tenant={run.tenant}"])
-        cfg.attributes["tenant"] = run.tenant
-    revisions.route_logging(run.log)
-    return cfg, revisions.load_scripts(cfg)
-
-
-def _plan(run: Run, script: ScriptDirectory, state: DbState, target: str,
-          downgrade: bool) -> tuple[str, ...]:
-    """Refuse what must not run; return the resolved target revisions."""
-    revisions.check_known(script, state.heads)
-    goal = revisions.resolve(script, target, state.heads)
-    _check_direction(script, state.heads, goal, downgrade)
-    run.summary.update({"from": fmt(state.heads), "target": fmt(goal)})
-    return goal
-
-
-def _check_direction(script: ScriptDirectory, current: tuple[str, ...], goal: tuple[str, ...],
-                     downgrade: bool) -> None:
-    below = revisions.ancestors(script, current)
-    if set(goal) == set(current):
-        return
-    if downgrade and not set(goal) <= below:
-        raise PreflightRefused(f"downgrade target {fmt(goal)} is not an ancestor of the current "
-                               f"revision {fmt(current)}: a downgrade can only go back")
-    if not downgrade and set(goal) <= below:  # base (no revisions) included
-        raise PreflightRefused(f"upgrade target {fmt(goal)} is older than the current revision "
-                               f"{fmt(current)}: use 'downgrade --to {fmt(goal)}"
-                               + (" --yes'" if not goal else "'"))
 
 
 def _nothing_to_do(run: Run, state: DbState) -> None:

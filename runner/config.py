@@ -330,7 +330,7 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] 
             shown = "(hidden)" if spec.secret else repr(raw if len(raw) <= 80 else raw[:77] + "...")
             errors.append(f"{spec.env}={shown} {exc}")
     for name in _URL_SETTINGS:
-        text_value = _read_secret(env, name, errors)
+        text_value = read_secret(env, name, errors)
         if name == "DATABASE_URL_TEMPLATE":
             if text_value:
                 values["database_url_template"] = text_value
@@ -354,7 +354,7 @@ def _mentioned(errors: list[str], name: str) -> bool:
     return any(e.startswith((name + " ", name + "=", name + "_FILE")) for e in errors)
 
 
-def _read_secret(env: Mapping[str, str], name: str, errors: list[str]) -> str:
+def read_secret(env: Mapping[str, str], name: str, errors: list[str]) -> str:
     """Return NAME, or the content of the file NAME_FILE points at (mounted secrets)."""
     raw, file = env.get(name, ""), env.get(f"{name}_FILE", "")
     if raw and file:

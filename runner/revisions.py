@@ -80,7 +80,7 @@ def read_state(cfg: Config, script: ScriptDirectory, conn: Connection | None) ->
         return []
 
     try:
-        with _lent(cfg, conn), EnvironmentContext(cfg, script, fn=capture, dont_mutate=True):
+        with lent(cfg, conn), EnvironmentContext(cfg, script, fn=capture, dont_mutate=True):
             script.run_env()
     except (RunnerError, DBAPIError):
         raise
@@ -206,7 +206,7 @@ def run_step(cfg: Config, script: ScriptDirectory, dest: str, downgrade: bool,
     def steps(rev: Any, context: Any) -> Any:
         return script._downgrade_revs(dest, rev) if downgrade else script._upgrade_revs(dest, rev)
 
-    with _lent(cfg, conn), EnvironmentContext(cfg, script, fn=steps, as_sql=False,
+    with lent(cfg, conn), EnvironmentContext(cfg, script, fn=steps, as_sql=False,
                                               starting_rev=None, destination_rev=dest):
         script.run_env()
 
@@ -246,7 +246,7 @@ class _Branchable(Connection):
 
 
 @contextlib.contextmanager
-def _lent(cfg: Config, conn: Connection | None) -> Iterator[None]:
+def lent(cfg: Config, conn: Connection | None) -> Iterator[None]:
     """Hand conn to env.py through config.attributes['connection'] for the block."""
     if conn is not None and type(conn) is Connection:
         conn.__class__ = _Branchable  # a subclass adding connect(): same object, same state

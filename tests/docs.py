@@ -13,16 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runner import config, exitcodes
-from runner.cli import COMMANDS
+from runner.registry import COMMANDS
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _commands() -> str:
     rows = ["| command | what it does |", "| --- | --- |"]
-    for name, (synopsis, what, _) in COMMANDS.items():
-        usage = f"{name} {synopsis}".strip().replace("|", "\\|")
-        rows.append(f"| `{usage}` | {what} |")
+    for name, command in COMMANDS.items():
+        usage = f"{name} {command.synopsis}".strip().replace("|", "\\|")
+        rows.append(f"| `{usage}` | {command.help} |")
     return "\n".join(rows)
 
 

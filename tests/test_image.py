@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from runner.registry import COMMANDS
 from tests.conftest import REPO, Database, assert_no_secrets, wait_for
 from tests.docker_harness import (
     RUNNER_USER,
@@ -151,8 +152,11 @@ def test_image_contents(runner_image: str) -> None:
               "python -c 'import uv' 2>/dev/null && echo HAS-UV; "
               "touch /written 2>/dev/null && echo ROOT-WRITABLE; touch /tmp/ok && echo TMP-OK; "
               "ls $(python -c 'import botocore, os; print(os.path.dirname(botocore.__file__))')/data; "
-              "python -m runner.fastpath check")
+              "python -m runner.fastpath check; "
+              # the entrypoint routes a word to the runner unless a program has that name
+              f"for c in {' '.join(COMMANDS)}; do type -P $c >/dev/null && echo SHADOWED-$c; done; true")
     r = run(runner_image, ["bash", "-c", script], {})
+    assert "SHADOWED" not in r.out, r.out
     assert r.code == 0, r.err
     lines = r.out.split()
     # botocore keeps S3, STS (web identity) and its shared data files; no other service model

@@ -11,8 +11,9 @@ import argparse
 import sys
 
 from runner.context import Run
-from runner.errors import ConfigError, TargetsFailed
+from runner.errors import TargetsFailed
 from runner.fleet import pool, results, shard, table, targets
+from runner.fleet.task import Task
 
 
 def run(run: Run, args: argparse.Namespace) -> None:
@@ -31,7 +32,7 @@ def run(run: Run, args: argparse.Namespace) -> None:
         where = f" (index {place[0]} of {place[1]}: {len(mine)} of the fleet's {len(fleet)})"
     run.log("fleet.start", f"{args.command} over {len(mine)} targets{where} with {workers} worker "
             "processes", targets=len(mine), parallel=workers, fail_fast=args.fail_fast)
-    tasks = [pool.Task(t.name, t.url, t.tenant, args.command, _options(args)) for t in mine]
+    tasks = [Task(t.name, t.url, t.tenant, args.command, _options(args)) for t in mine]
     done = 0
 
     def on_result(result: pool.Result) -> None:
@@ -58,11 +59,8 @@ def _options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    """Refuse a bad downgrade once, before any target (the same checks as commands.downgrade)."""
-    if args.command != "downgrade":
-        return
-    if args.confirm is not None and args.confirm != args.to:
-        raise ConfigError(f"downgrade --to {args.to!r} is not confirmed (--confirm {args.confirm!r}): "
-                          "set the confirmation to the same revision to roll back")
-    if args.to == "base" and not args.yes:
-        raise ConfigError("downgrade --to base removes every migrated object: add --yes to confirm")
+    """Refuse a bad downgrade once, before any target (the same checks as a single downgrade)."""
+    if args.command == "downgrade":
+        from runner.commands import check_downgrade
+
+        check_downgrade(args.to, args.yes, args.confirm)

@@ -10,7 +10,6 @@ its running statement, which rolls back.
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -24,6 +23,7 @@ from typing import Any
 
 from runner.config import Settings
 from runner.context import Run
+from runner.fleet.task import Task
 
 # imported once by the forkserver: every worker starts with them loaded
 PRELOAD = ["runner.fleet.worker", "runner.migrate", "runner.lock", "runner.wait", "runner.revisions",
@@ -33,17 +33,6 @@ SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 POLL = 0.5  # seconds: how often a cancelled fleet looks for workers that started after the signal
 
 Result = dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class Task:
-    """What the main process sends a worker for one target."""
-
-    name: str
-    url: str = dataclasses.field(repr=False)  # may carry a password: never printed
-    tenant: str | None
-    command: str
-    options: dict[str, Any]  # the command's flags: to, yes, confirm, check
 
 
 def run_all(run: Run, tasks: list[Task], workers: int, fail_fast: bool, backups: bool,

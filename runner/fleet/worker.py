@@ -9,6 +9,8 @@ RUN_DEADLINE arrives as a wall-clock time, so every target stops at the same mom
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import io
 import os
@@ -19,14 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner import cancellation, commands, db, dburl
+from runner import cancellation, db, dburl, registry
 from runner.cancellation import Cancel
-from runner.cli import failure
 from runner.config import Settings
 from runner.context import Run
 from runner.exitcodes import ExitCode
-from runner.fleet.pool import Task
+from runner.fleet.task import Task
 from runner.log import EventLog
+from runner.outcome import failure
 from runner.redact import redact
 from runner.report import finish
 
@@ -120,16 +122,9 @@ def _execute(task: Task) -> dict[str, Any]:
 
 
 def _dispatch(run: Run, task: Task) -> None:
-    o = task.options
-    match task.command:
-        case "upgrade":
-            commands.upgrade(run, o["to"])
-        case "downgrade":
-            commands.downgrade(run, o["to"], o["yes"], o["confirm"])
-        case "status":  # the main process prints one table for the fleet
-            commands.status(run, o["check"], out=io.StringIO())
-        case _:
-            raise AssertionError(task.command)
+    args = argparse.Namespace(command=task.command, **task.options)
+    with contextlib.redirect_stdout(io.StringIO()):  # status: the main process prints one table
+        registry.handler(task.command)(run, args)
 
 
 def _remaining(deadline_at: float | None) -> float:

@@ -56,24 +56,24 @@ def preflight(run: Run, downgrade: bool) -> None:
 
 
 def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:
-    from runner.ledger import admin
+    """status: one line about the newest run (nothing when the ledger is off or unreadable)."""
+    if run.settings.history_table == "off":
+        return
+    from runner.ledger import render
+    from runner.ledger.recording import reason
+    from runner.ledger.store import Store
 
-    admin.print_last_run(run, state, out)
-
-
-def history(run: Run, limit: int, fmt: str) -> None:
-    from runner.ledger import admin
-
-    admin.history(run, limit, fmt)
-
-
-def stamp(run: Run, revision: str, yes: bool) -> None:
-    from runner.ledger import admin
-
-    admin.stamp(run, revision, yes)
-
-
-def repair(run: Run, revisions: list[str]) -> None:
-    from runner.ledger import admin
-
-    admin.repair(run, revisions)
+    store = Store(run, state.version_schema)
+    try:
+        with store.session() as conn:
+            rows = store.latest(conn, 1) if store.exists(conn) else []
+    except Exception as exc:  # noqa: BLE001 - status reports the database, the ledger is extra
+        run.log.warning("ledger.unavailable", f"cannot read the ledger {store.where} ({reason(exc)})")
+        return
+    finally:
+        store.close()
+    print(render.last_run(rows[0] if rows else None), file=out)
+    if rows:
+        last = render.record(rows[0])
+        run.summary["last_run"] = {k: last[k] for k in ("run_id", "command", "outcome", "exit_code",
+                                                        "started")}

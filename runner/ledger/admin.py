@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import IO
 
@@ -9,22 +10,24 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.engine import Connection
 
-from runner import commands, db, revisions
+from runner import db, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, PreflightRefused
+from runner.flow import load, locked, ready_state
 from runner.ledger import edits, render
 from runner.ledger.recording import GRANTS_HINT, Tracker, reason, tracker_of
 from runner.ledger.store import Store
-from runner.revisions import DbState, fmt
+from runner.revisions import fmt
 
 
-def history(run: Run, limit: int, fmt_: str, out: IO[str] | None = None) -> None:
+def history(run: Run, args: argparse.Namespace, out: IO[str] | None = None) -> None:
     """Print the newest runs first, as a table or JSON; changes nothing, takes no lock."""
+    limit, fmt_ = args.limit, args.format
     if limit < 1:
         raise ConfigError(f"history --limit {limit}: give a number of runs, at least 1")
     _require_ledger(run, "history")
-    cfg, script = commands._load(run)
-    store = Store(run, commands._ready_state(run, cfg, script).version_schema)
+    cfg, script = load(run)
+    store = Store(run, ready_state(run, cfg, script).version_schema)
     try:
         with store.session() as conn:
             rows = store.latest(conn, limit) if store.exists(conn) else []
@@ -44,33 +47,14 @@ def history(run: Run, limit: int, fmt_: str, out: IO[str] | None = None) -> None
     run.summary.update(outcome="listed", runs=len(rows))
 
 
-def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:
-    """status: one line about the newest run (nothing when the ledger is off or unreadable)."""
-    if run.settings.history_table == "off":
-        return
-    store = Store(run, state.version_schema)
-    try:
-        with store.session() as conn:
-            rows = store.latest(conn, 1) if store.exists(conn) else []
-    except Exception as exc:  # noqa: BLE001 - status reports the database, the ledger is extra
-        run.log.warning("ledger.unavailable", f"cannot read the ledger {store.where} ({reason(exc)})")
-        return
-    finally:
-        store.close()
-    print(render.last_run(rows[0] if rows else None), file=out)
-    if rows:
-        last = render.record(rows[0])
-        run.summary["last_run"] = {k: last[k] for k in ("run_id", "command", "outcome", "exit_code",
-                                                        "started")}
-
-
-def stamp(run: Run, revision: str, yes: bool) -> None:
-    """Set the version table to revision without running any migration, under the lock."""
-    if not yes:
+def stamp(run: Run, args: argparse.Namespace) -> None:
+    """Set the version table to REV without running any migration, under the lock."""
+    revision = args.revision
+    if not args.yes:
         raise ConfigError(f"stamp {revision} sets the database's revision without running any "
                           "migration: check the schema matches it, then add --yes to confirm")
-    cfg, script = commands._load(run)
-    with commands._locked(run, cfg, script, commands._ready_state(run, cfg, script)) as state:
+    cfg, script = load(run)
+    with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         revisions.check_known(script, state.heads)
         goal = revisions.resolve(script, revision, state.heads)
         run.summary.update({"from": fmt(state.heads), "target": fmt(goal)})
@@ -94,11 +78,12 @@ def stamp(run: Run, revision: str, yes: bool) -> None:
     run.summary.update(to=fmt(after), outcome="stamped")
 
 
-def repair(run: Run, wanted: list[str]) -> None:
+def repair(run: Run, args: argparse.Namespace) -> None:
     """Re-record the checksums of applied revisions whose scripts were edited (reviewed), under the lock."""
+    wanted: list[str] = args.revisions
     _require_ledger(run, "repair")
-    cfg, script = commands._load(run)
-    with commands._locked(run, cfg, script, commands._ready_state(run, cfg, script)) as state:
+    cfg, script = load(run)
+    with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         revisions.check_known(script, state.heads)
         tracker = tracker_of(run)
         if tracker is None or tracker.recorded is None:  # tracker: HISTORY_TABLE is not off

@@ -10,6 +10,7 @@ models, drift, report. `plan --scratch` reuses scratch, steps and capture.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from typing import IO, Any
@@ -25,6 +26,11 @@ from runner.verify.fingerprint import Table
 from runner.verify.report import ERROR, NOTE, WARN, Finding, relative, short, write
 from runner.verify.roundtrip import Markers, RoundTrips, markers
 from runner.verify.scratch import Scratch, scratch_database, server_run
+
+
+def command(run: Run, args: argparse.Namespace) -> None:
+    """`verify`: see verify()."""
+    verify(run, from_rev=args.from_rev, against=args.against, fmt=args.format)
 
 
 def verify(run: Run, from_rev: str | None, against: str | None, fmt: str,
@@ -52,7 +58,7 @@ def verify(run: Run, from_rev: str | None, against: str | None, fmt: str,
 def plan_scratch(run: Run, target: str, out: IO[str]) -> None:
     """Print the SQL `upgrade --to target` would run, captured by migrating a scratch database
     from the live database's revision (for revisions offline mode cannot render)."""
-    from runner.commands import _plan as preflight  # the same refusals as plain `plan`
+    from runner.flow import plan as preflight  # the same refusals as plain `plan`
 
     server_run(run)
     script = revisions.load_scripts(_config(run))

@@ -43,7 +43,7 @@ def live_url(run: Run, var: str) -> DbUrl:
     if var == "DATABASE_URL" and run.settings.database_url.database:
         return run.settings.database_url
     errors: list[str] = []
-    text = config._read_secret(os.environ, var, errors)
+    text = config.read_secret(os.environ, var, errors)
     if errors:
         raise ConfigError(errors[0])
     if not text:

@@ -129,8 +129,8 @@ def run_env(cfg: Config, script: ScriptDirectory, conn: Connection | None,
     """Run env.py once with fn giving the steps (a list, or a generator: Alembic asks for the
     next step only after applying, stamping and, per migration, committing the previous one)."""
     try:
-        # lent as the runner lends it (revisions._lent): also to env.py files that call connect()
-        with revisions._lent(cfg, conn), EnvironmentContext(cfg, script, fn=fn, destination_rev=destination,
+        # lent as the runner lends it (revisions.lent): also to env.py files that call connect()
+        with revisions.lent(cfg, conn), EnvironmentContext(cfg, script, fn=fn, destination_rev=destination,
                                                              dont_mutate=dont_mutate):
             script.run_env()
         if conn is not None and conn.in_transaction():
