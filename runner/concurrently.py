@@ -41,12 +41,18 @@ class Hook:
         if (conn.get_execution_options().get("runner_control") or not STATEMENT.match(statement)
                 or not getattr(dbapi, "autocommit", False)):
             return
-        with dbapi.cursor() as cur:
-            cur.execute(_READ)
-            current = int(cur.fetchone()[0])
-            if current == 0 or current >= self.want_ms:  # off (env.py's choice) or already longer
-                return
-            cur.execute(_SET, (f"{self.want_ms}ms",))
+        try:
+            cur = dbapi.cursor()
+            try:
+                cur.execute(_READ)
+                current = int(cur.fetchone()[0])
+                if current == 0 or current >= self.want_ms:  # off (env.py's choice) or already longer
+                    return
+                cur.execute(_SET, (f"{self.want_ms}ms",))
+            finally:
+                cur.close()
+        except Exception:  # noqa: BLE001 - a driver that cannot do this: the statement runs as it is
+            return
         self.previous[id(dbapi)] = current
 
     def after(self, conn: Connection, cursor: Any, *args: Any) -> None:
@@ -62,8 +68,11 @@ class Hook:
     def _restore(self, dbapi: Any) -> None:
         previous = self.previous.pop(id(dbapi), None)
         if previous is not None:
-            with dbapi.cursor() as cur:
+            cur = dbapi.cursor()
+            try:
                 cur.execute(_SET, (f"{previous}ms",))
+            finally:
+                cur.close()
 
 
 @contextlib.contextmanager
