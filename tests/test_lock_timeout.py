@@ -12,7 +12,16 @@ import pytest
 
 from runner import config, lockschedule
 from runner.errors import ConfigError
-from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from tests.conftest import (
+    NEWEST,
+    REPO,
+    Database,
+    finish,
+    run_runner,
+    runner_env,
+    start_runner,
+    wait_for,
+)
 from tests.pgcluster import APP_PASSWORD
 
 pytestmark = pytest.mark.every_major  # lock and cancel behaviour differs between majors
@@ -179,6 +188,7 @@ def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:
                   "'ix_items_note'::regclass") == "true"
 
 
+@pytest.mark.pg(NEWEST)  # the hook is the same on every major; CONCURRENTLY's waits are tested on each above
 def test_concurrently_keeps_migration_lock_timeout_under_the_escalating_schedule(at) -> None:
     """CREATE INDEX CONCURRENTLY blocks no application query, and its wait for an older snapshot
     obeys lock_timeout: it keeps MIGRATION_LOCK_TIMEOUT instead of the schedule's 100 ms, so a
