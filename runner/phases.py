@@ -128,19 +128,21 @@ def step_guard(script: ScriptDirectory, read: Callable[[], list[dict[str, Any]]]
         if revisions.lookup(script, revision) is None or phase_of(script, revision) != POST:
             return  # a grouped step of a branched chain: checked before the run
         stuck = read()
-        if stuck:
-            raise PreflightRefused(backfill_message([revision], stuck))
+        if stuck:  # earlier revisions of this run are applied: the database stays at the last one
+            raise PreflightRefused(backfill_message([revision], stuck, "the database stays at the "
+                                                    "last revision applied"))
 
     return check
 
 
-def backfill_message(post: list[str], stuck: list[dict[str, Any]]) -> str:
+def backfill_message(post: list[str], stuck: list[dict[str, Any]],
+                     outcome: str = "nothing was changed") -> str:
     names = "; ".join(f"{b['name']} (revision {b.get('revision') or 'unknown'}, {b['state']}, "
                       f"{b.get('rows_done') or 0} rows done)" for b in stuck)
     return (f"post-deploy revision(s) {', '.join(post)} must not run while a backfill is "
             f"unfinished: {names}. Finish it first: rerun the pre-deploy phase ('upgrade --phase "
-            "pre-deploy'), which resumes a backfill from its checkpoint, then the post-deploy "
-            "phase; nothing was changed")
+            f"pre-deploy'), which resumes a backfill from its checkpoint, then the post-deploy "
+            f"phase; {outcome}")
 
 
 def _blocked_message(blocked: dict[str, list[str]]) -> str:

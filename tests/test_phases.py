@@ -103,6 +103,7 @@ def test_all_never_runs_post_deploy_past_an_unfinished_backfill(database: Databa
     r = run_runner(["upgrade"], phases_env(db, PHASES_LEAVE_BACKFILL="1"))
     assert r.code == 7, r.err
     assert "post-deploy revision(s) p003 must not run while a backfill is unfinished" in r.err
+    assert "the database stays at the last revision applied" in r.err
     assert db.version() == "p002" and columns(db) == "full_name,id,name"
     r = run_runner(["upgrade"], phases_env(db))
     assert r.code == 7 and "users_full_name" in r.err, r.err
