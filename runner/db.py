@@ -27,8 +27,9 @@ def _ms(seconds: float) -> str:
     return f"{int(seconds * 1000)}ms"
 
 
-def session_options(run: Run, migrating: bool) -> str:
-    """Return libpq `options` (-c name=value ...) for a runner connection."""
+def session_options(run: Run, migrating: bool, lock_timeout: float | None = None) -> str:
+    """Return libpq `options` (-c name=value ...) for a runner connection; a migrating one gets
+    lock_timeout (an attempt's, runner.lockschedule), by default the schedule's longest."""
     opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT}
     if run.server_version >= 140000:
         opts["client_connection_check_interval"] = CHECK_INTERVAL
@@ -37,19 +38,19 @@ def session_options(run: Run, migrating: bool) -> str:
         opts["idle_session_timeout"] = "0"
     if migrating:
         s = run.settings
-        opts["lock_timeout"] = _ms(s.migration_lock_timeout)
+        opts["lock_timeout"] = _ms(lock_timeout if lock_timeout is not None else _longest(s))
         opts["statement_timeout"] = _ms(s.migration_statement_timeout)
     return " ".join(f"-c {k}={v}" for k, v in opts.items())
 
 
 def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool = False,
-           connect_timeout: float = 10.0) -> Engine:
+           connect_timeout: float = 10.0, lock_timeout: float | None = None) -> Engine:
     """Return the pool-less engine for one purpose (wait, lock, migrate, cancel, ...).
 
     Pool-less: every connect() is a new server session with the settings below. The engine
     itself is kept for the run, so SQLAlchemy initialises its dialect once, not per connection.
     """
-    key = (purpose, autocommit, migrating, int(connect_timeout), run.server_version,
+    key = (purpose, autocommit, migrating, int(connect_timeout), run.server_version, lock_timeout,
            run.settings.database_url.render(hide_password=False))
     cached = run.engines.get(key)
     if cached is not None:
@@ -59,7 +60,7 @@ def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool 
     if run.server_version:  # unknown before the first successful connection
         own = run.settings.database_url.libpq_params().get("options")
         # the URL's own options (e.g. -c search_path=app) come first; ours win on a clash
-        args["options"] = " ".join(filter(None, (own, session_options(run, migrating))))
+        args["options"] = " ".join(filter(None, (own, session_options(run, migrating, lock_timeout))))
     kw: dict[str, Any] = {"poolclass": NullPool, "connect_args": args}
     if autocommit:
         kw["isolation_level"] = "AUTOCOMMIT"
@@ -101,9 +102,10 @@ def lost_connection_error(exc: BaseException) -> ConnectionLost | None:
                           "run again once the server is back")
 
 
-def libpq_environment(run: Run) -> dict[str, str]:
-    """Return PGAPPNAME/PGOPTIONS so engines that env.py builds itself get the same protection."""
-    return {"PGAPPNAME": run.app_name("migrate"), "PGOPTIONS": session_options(run, True)}
+def libpq_environment(run: Run, lock_timeout: float | None = None) -> dict[str, str]:
+    """Return PGAPPNAME/PGOPTIONS so engines that env.py builds itself get the same protection
+    (and the same attempt's lock_timeout)."""
+    return {"PGAPPNAME": run.app_name("migrate"), "PGOPTIONS": session_options(run, True, lock_timeout)}
 
 
 def cancel_own_statements(run: Run) -> int:
@@ -125,5 +127,12 @@ def install_statement_guard(run: Run) -> None:
             run.cancel.check()
 
 
-def apply_libpq_environment(run: Run) -> None:
-    os.environ.update(libpq_environment(run))
+def apply_libpq_environment(run: Run, lock_timeout: float | None = None) -> None:
+    os.environ.update(libpq_environment(run, lock_timeout))
+
+
+def _longest(settings: Any) -> float:
+    """The schedule's longest lock_timeout, for migrating connections outside its attempts."""
+    from runner.lockschedule import ceiling
+
+    return ceiling(settings)

@@ -40,7 +40,10 @@ def answer(run: Run, args: argparse.Namespace) -> bool:
     if in_recovery or read_only == "on":
         return False  # the full path waits, or migrates, or refuses: its decisions, its messages
     behind = list(versions or ()) != list(facts.heads)
-    if behind and not (kind == "upgrade" and _waited_for_another_copy(run, facts)):
+    # behind the head in a deploy phase, the leader stops short of the head: the gate's waiters
+    # would wait for it in turn; the full path decides what the phase applies (runner.phases)
+    gated = kind == "upgrade" and run.settings.deploy_phase == "all"
+    if behind and not (gated and _waited_for_another_copy(run, facts)):
         return False
     run.cancel.check()
     run.server_version = server_version
@@ -121,7 +124,7 @@ def _report(run: Run, kind: str, head: str, took: float) -> None:
     run.log("db.ready", f"database {target} is ready", server_version=run.server_version, attempts=1)
     run.durations["wait"] = took
     if kind == "upgrade":
-        run.summary.update({"from": head, "target": head})
+        run.summary.update({"phase": run.settings.deploy_phase, "from": head, "target": head})
         run.log("migrate.noop", f"database already at {head}: nothing to do")
         run.summary.update(to=head, outcome="nothing to do", applied=[])
     else:
