@@ -41,6 +41,8 @@ class DbState:
 
 def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     """Build the Alembic Config; sqlalchemy.url comes from DATABASE_URL."""
+    import runner.online  # noqa: F401 - registers op.create_index_online & co. before env.py runs
+
     cfg = Config(str(settings.alembic_config), stdout=stdout or sys.stdout)
     if not cfg.file_config.has_section(cfg.config_ini_section):
         raise ConfigError(f"ALEMBIC_CONFIG={settings.alembic_config} has no [alembic] section: "
