@@ -73,7 +73,7 @@ def render_sql(s: Session, value: Any) -> str:
     """SQL text as given, or an SQLAlchemy expression rendered with its values inline."""
     if isinstance(value, str):
         return value
-    return str(value.compile(dialect=s.ctx.dialect, compile_kwargs={"literal_binds": True}))
+    return s.compile(value, literal_binds=True)
 
 
 def render_set(s: Session, values: Mapping[str, Any] | str, key: str) -> str:

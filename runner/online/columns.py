@@ -34,7 +34,7 @@ def add(s: Session, table_name: str, column: sa.Column[Any], *, schema: str | No
     if not column.nullable and default is None:
         raise MigrationFailed(f"{s.what}: a NOT NULL column needs a server_default: the application "
                               "code that runs before this deploy inserts rows without it")
-    name, type_sql = column.name, column.type.compile(dialect=s.ctx.dialect)
+    name, type_sql = column.name, s.compile(column.type)
     add_sql = f"ALTER TABLE {table.sql} ADD COLUMN {quote(name)} {type_sql}"
     if catalog.column(s.conn, table, name) is None:
         if default is not None and backfill_value is None and stored_once(s, type_sql, default):
@@ -67,7 +67,8 @@ def default_sql(s: Session, column: sa.Column[Any]) -> str | None:
     if column.server_default is None:
         return None
     ddl = s.ctx.dialect.ddl_compiler(s.ctx.dialect, None)
-    return ddl.get_column_default_string(column)
+    default = ddl.get_column_default_string(column)
+    return None if default is None else s.plain(default)
 
 
 def stored_once(s: Session, type_sql: str, default: str) -> bool:

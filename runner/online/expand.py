@@ -157,7 +157,7 @@ def source_column(s: Session, table: Table, name: str) -> Column:
 
 
 def sql_type(s: Session, type_: Any) -> str:
-    return str(sa.types.to_instance(type_).compile(dialect=s.ctx.dialect))
+    return s.compile(sa.types.to_instance(type_))
 
 
 def conversions(s: Session, old: str, new: str, old_type: str, new_type: str, type_: Any,

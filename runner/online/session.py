@@ -132,15 +132,29 @@ class Session:
         return self.ctx.version_table_schema
 
     # -- statements --------------------------------------------------------------------------
+    @property
+    def percents_doubled(self) -> bool:
+        """Whether the driver reads % as a parameter marker (psycopg2, psycopg: `pyformat`)."""
+        return self.ctx.dialect.paramstyle in ("pyformat", "format")
+
     def sql(self, statement: str) -> CursorResult[Any]:
-        """Run one statement as written (no parameters: `%` and `:` need no escaping)."""
+        """Run one statement as written: its `%` and `:` reach the server as they are."""
+        if self.percents_doubled:
+            statement = statement.replace("%", "%%")
         return self.conn.exec_driver_sql(statement)
 
     def query(self, statement: str, **params: Any) -> CursorResult[Any]:
         return self.conn.execute(sa.text(statement), params)
 
-    def compile(self, element: sa.schema.ExecutableDDLElement) -> str:
-        return str(element.compile(dialect=self.ctx.dialect))
+    def compile(self, element: Any, **kw: Any) -> str:
+        """SQL text of a DDL construct or an expression (values inline), as the server reads it."""
+        if isinstance(element, sa.types.TypeEngine):
+            return self.plain(str(element.compile(dialect=self.ctx.dialect)))
+        return self.plain(str(element.compile(dialect=self.ctx.dialect, compile_kwargs=kw)))
+
+    def plain(self, compiled: str) -> str:
+        """SQLAlchemy's compiled text without the `%%` it writes for pyformat drivers."""
+        return compiled.replace("%%", "%") if self.percents_doubled else compiled
 
     def side(self) -> Connection:
         """A second connection of the same engine (autocommit), e.g. to watch the first."""
@@ -156,11 +170,13 @@ class Session:
         self.sql(f"SET lock_timeout = '{ms(seconds)}ms'")
 
     def close(self) -> None:
-        with contextlib.suppress(sa.exc.DBAPIError):
+        """Put lock_timeout back and close the second connection (best effort: after a signal or
+        a lost connection there is nothing left to restore)."""
+        with contextlib.suppress(Exception):
             if self._session_lock_timeout is not None:
                 self.query("SELECT set_config('lock_timeout', :v, false)", v=self._session_lock_timeout)
         if self._side is not None:
-            with contextlib.suppress(sa.exc.DBAPIError):
+            with contextlib.suppress(Exception):
                 self._side.close()
 
     # -- steps -------------------------------------------------------------------------------
