@@ -588,7 +588,7 @@ def test_deadline_sigterm_and_kill_9_stop_a_backfill_that_reruns_resume_exactly_
     is updated exactly once (hits = 1; the backfill has no WHERE that would hide a second pass)."""
     env = backfill_env(database.url)
     assert run_runner(["upgrade", "--to", "b001"], env).code == 0
-    deadline = run_runner(["upgrade"], {**env, "RUN_DEADLINE": "3s"})
+    deadline = run_runner(["upgrade"], {**env, "RUN_DEADLINE": "2500ms"})
     assert deadline.code == 9, deadline.err
 
     before = rows_done(database)
@@ -616,8 +616,11 @@ def test_deadline_sigterm_and_kill_9_stop_a_backfill_that_reruns_resume_exactly_
     assert database.sql("SELECT state || ' ' || rows_done FROM runner_backfills") == "done 6000"
 
 
-def test_kill_9_mid_index_build_then_a_rerun_rebuilds_it(database: Database) -> None:
-    env = scenario_env(database.url)
+def test_kill_9_mid_index_build_rerun_rebuilds_it_and_a_held_lock_exits_8(database: Database) -> None:
+    """A kill -9 while CREATE INDEX CONCURRENTLY waits: the rerun drops the INVALID leftover and
+    builds it again. Then a table lock held elsewhere: retries naming the holder, exit 8, the
+    database at the last applied revision."""
+    env = scenario_env(database.url, LOCK_RETRY_ATTEMPTS="2", LOCK_RETRY_MAX_WAIT="100ms")
     assert run_runner(["upgrade", "--to", "n002"], env).code == 0
     with snapshot_held(database.url):  # the build waits for it, INVALID meanwhile
         proc = start_runner(["upgrade", "--to", "n003"], env)
@@ -634,18 +637,15 @@ def test_kill_9_mid_index_build_then_a_rerun_rebuilds_it(database: Database) -> 
     assert database.sql("SELECT count(*) FROM pg_indexes WHERE indexname LIKE 'ix_orders_account%'") == "1"
     assert '"online.leftover"' in rerun.err, rerun.err
 
-
-def test_lock_retries_exhausted_exit_8_naming_the_blocker(database: Database) -> None:
-    env = scenario_env(database.url, LOCK_RETRY_ATTEMPTS="2", LOCK_RETRY_MAX_WAIT="100ms")
-    assert run_runner(["upgrade", "--to", "n001"], env).code == 0
-    with session_holding(database.url, "LOCK TABLE orders IN ACCESS SHARE MODE") as holder:
-        result = run_runner(["upgrade", "--to", "n002"], env)
+    with session_holding(database.url, "LOCK TABLE accounts IN ACCESS SHARE MODE") as holder:
+        result = run_runner(["upgrade", "--to", "n004"], env)
     assert result.code == 8, result.err
     retry = [json.loads(line) for line in result.lines if '"online.retry"' in line]
     assert len(retry) == 1 and f"pid {holder}" in retry[0]["blockers"][0], result.err
     assert f"pid {holder}" in result.summary()["msg"] and "exit 8" in result.summary()["msg"]
-    assert database.version() == "n001"
-    assert database.sql("SELECT count(*) FROM information_schema.columns WHERE column_name = 'ref'") == "0"
+    assert database.version() == "n003"
+    assert database.sql("SELECT count(*) FROM information_schema.columns "
+                        "WHERE column_name = 'email_address'") == "0"
 
 
 class Writer(threading.Thread):
