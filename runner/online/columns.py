@@ -17,7 +17,6 @@ import sqlalchemy as sa
 
 from runner.errors import MigrationFailed
 from runner.online import backfill, catalog, constraints
-from runner.online.catalog import Table
 from runner.online.session import Session
 from runner.sqlname import quote
 
@@ -85,10 +84,3 @@ def stored_once(s: Session, type_sql: str, default: str) -> bool:
         return False
     finally:
         s.rollback()
-
-
-def existing(s: Session, table: Table, name: str) -> catalog.Column:
-    column = catalog.column(s.conn, table, name)
-    if column is None:
-        raise MigrationFailed(f"{s.what}: column {name} of {table} does not exist")
-    return column
