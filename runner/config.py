@@ -291,6 +291,31 @@ class Settings:
     verify_lint: str = setting("VERIFY_LINT", "error", "`verify`: lint findings are `error` (exit 13), "
                                "`warn` (reported only) or `off`.", choice("error", "warn", "off"),
                                group="verify")
+    # -- online operations (docs/online.md) ---------------------------------------------------------
+    online_index_wait_timeout: float = setting(
+        "ONLINE_INDEX_WAIT_TIMEOUT", "10m", "How long one CREATE/DROP INDEX CONCURRENTLY of an online "
+        "operation may wait, in total, for transactions older than it (those waits do not block the "
+        "application; its wait for the table lock follows the lock_timeout schedule). Then it is "
+        "cancelled and the run exits 8 naming those transactions.", duration(WEEK), group="online")
+    online_backfill_batch_size: int = setting(
+        "ONLINE_BACKFILL_BATCH_SIZE", "1000", "Rows in a backfill's first batch; later batches are "
+        "sized to take ONLINE_BACKFILL_BATCH_TIME.", integer(1, 1_000_000), group="online")
+    online_backfill_max_batch_size: int = setting(
+        "ONLINE_BACKFILL_MAX_BATCH_SIZE", "50000", "Most rows in one backfill batch (each batch holds "
+        "its rows' locks until it commits).", integer(1, 1_000_000), group="online")
+    online_backfill_batch_time: float = setting(
+        "ONLINE_BACKFILL_BATCH_TIME", "150ms", "The time each backfill batch (one transaction) aims "
+        "at: the batch size follows it.", duration(60.0), group="online")
+    online_backfill_pause: float = setting(
+        "ONLINE_BACKFILL_PAUSE", "20ms", "Pause between two backfill batches (0: none).",
+        duration(60.0, zero=True), group="online")
+    online_backfill_max_replication_lag: float = setting(
+        "ONLINE_BACKFILL_MAX_REPLICATION_LAG", "10s", "A backfill waits between batches while a "
+        "streaming replica (pg_stat_replication) lags more than this; 0 turns the check off.",
+        duration(3600.0, zero=True), group="online")
+    online_backfill_progress_interval: float = setting(
+        "ONLINE_BACKFILL_PROGRESS_INTERVAL", "5s", "How often a backfill logs its progress (rows done "
+        "of the estimated total, rows/s, ETA).", duration(3600.0), group="online")
     # -- fleets ------------------------------------------------------------------------------------
     targets_file: Path | None = setting(
         "TARGETS_FILE", "", "Fleet mode: one target per line (a full URL, or a name substituted into "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -13,8 +12,8 @@ from alembic.script import ScriptDirectory
 
 from runner import concurrently, db, indexes, lockschedule, revisions
 from runner.context import Run
-from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, PreflightRefused
-from runner.redact import redact
+from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, RunnerError
+from runner.redact import redact, scrub_query
 
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
@@ -28,9 +27,6 @@ CROSS JOIN LATERAL unnest(pg_blocking_pids(w.pid)) AS bp(pid)
 JOIN pg_stat_activity b ON b.pid = bp.pid
 WHERE w.application_name = :app
 """)
-
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|(?<![\w$])\d+(?:\.\d+)?\b", re.S)
-
 
 class _LockTimeout(Exception):
     def __init__(self, revision: str, attempt: int, message: str) -> None:
@@ -48,11 +44,6 @@ def db_message(exc: BaseException) -> str:
     orig = getattr(exc, "orig", exc)
     first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
     return redact(first)
-
-
-def scrub_query(query: str) -> str:
-    """Drop literal values from a query text: they may be bind values or secrets."""
-    return " ".join(_LITERALS.sub("?", query or "").split())[:160]
 
 
 def apply_steps(run: Run, cfg: Config, script: ScriptDirectory, plan: list[tuple[str, str]],
@@ -118,7 +109,7 @@ def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, de
     try:
         with db.connect(run, "migrate", migrating=True, lock_timeout=attempt.lock_timeout) as conn:
             revisions.run_step(cfg, script, dest, downgrade, conn)
-    except PreflightRefused:
+    except RunnerError:  # raised on purpose (preflight, online operations): it says what to do
         raise
     except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
         run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
