@@ -8,6 +8,8 @@ shared by this module; each test works in a database of its own.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -199,3 +201,101 @@ def test_fault_codes_are_documented() -> None:
     for needle in ("| 11, retriable |", "| 12 after `DB_AUTH_TIMEOUT`", "| 143 / 130 |",
                    "INVALID_INDEX_POLICY"):
         assert needle in doc, f"docs/faults.md does not mention {needle}"
+
+
+# -- a runner whose machine vanishes: no FIN, no RST (issue 23, item 16) ---------------------------
+
+@pytest.mark.every_major
+def test_runner_sessions_ask_the_server_for_keepalives(database: Database) -> None:
+    """Every runner session sets the server's side of TCP keepalives (and tcp_user_timeout)."""
+    import sqlalchemy as sa
+
+    from runner import db as rdb
+    from runner import dburl
+    from runner.config import Settings
+    from runner.context import Run
+    from runner.log import EventLog
+
+    run = Run(settings=Settings(database_url=dburl.parse(database.url)), log=EventLog(), command="status")
+    run.server_version = int(database.sql("SHOW server_version_num"))
+    with rdb.connect(run, "lock", autocommit=True) as conn:
+        got = {name: conn.execute(sa.text(f"SHOW {name}")).scalar_one() for name in
+               ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+                "tcp_user_timeout")}
+    assert got == {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "5",
+                   "tcp_keepalives_count": "3", "tcp_user_timeout": "20000"}  # ms
+
+
+def require_iptables() -> None:
+    """Skip (or, with CI=true, fail) when packets cannot be dropped on the loopback interface."""
+    import shutil
+    import subprocess
+
+    problem = None
+    if not shutil.which("iptables"):
+        problem = "iptables is not installed (apt-get install iptables; docker.io depends on it)"
+    elif os.geteuid() != 0:
+        problem = "dropping packets with iptables needs root"
+    elif subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True).returncode:
+        problem = "iptables cannot list the INPUT chain here"
+    if problem is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true requires iptables for the vanished-runner test: {problem}", pytrace=False)
+    pytest.skip(problem)
+
+
+@contextlib.contextmanager
+def dropped(ports: list[int], server_port: int) -> Iterator[None]:
+    """Drop every packet between these client ports and the server on the loopback interface, as
+    a network partition would: nothing arrives, nothing is refused."""
+    import subprocess
+
+    rules = [rule for port in ports for rule in (
+        ["-i", "lo", "-p", "tcp", "--sport", str(port), "--dport", str(server_port), "-j", "DROP"],
+        ["-i", "lo", "-p", "tcp", "--sport", str(server_port), "--dport", str(port), "-j", "DROP"])]
+    added = []
+    try:
+        for rule in rules:
+            subprocess.run(["iptables", "-w", "-I", "INPUT", *rule], check=True)
+            added.append(rule)
+        yield
+    finally:
+        for rule in added:
+            subprocess.run(["iptables", "-w", "-D", "INPUT", *rule], check=False)
+
+
+def test_vanished_runner_loses_the_lock_within_30s(runner_image: str, database: Database) -> None:
+    """A runner in a container holds the migration lock mid-revision; its container is frozen and
+    its network cut without a FIN or RST (dropped on lo): the server ends its sessions itself
+    (server-side keepalives), so a second runner gets the lock within 30 s, not ~2 hours."""
+    from tests.docker_harness import docker, start_container
+    from tests.test_image import SLOWPOKE, container_env
+
+    require_iptables()
+    db = database
+    env = container_env(db, ALEMBIC_CONFIG="/scenario/alembic.ini", SLOWPOKE_SLEEP="600")
+    box = start_container(runner_image, ["upgrade"], env, volumes=[f"{SLOWPOKE}:/scenario:ro"])
+    try:
+        def slow_revision_running() -> bool:
+            assert box.proc.poll() is None, box.wait().err
+            return sleeping(db)
+
+        wait_for(slow_revision_running, timeout=60, every=0.2, what="the slow revision never started")
+        ports = [int(p) for p in db.sql("SELECT client_port FROM pg_stat_activity WHERE "
+                                        "application_name LIKE 'migration-runner/%'").split()]
+        assert len(ports) >= 2, ports  # the lock's session and the migration's, at least
+        with dropped(ports, db.cluster.port):
+            docker("pause", box.name)  # the machine is gone: no new connection either
+            t0 = time.monotonic()
+            second = start_runner(["upgrade"], runner_env(
+                db.url, ALEMBIC_CONFIG=str(SLOWPOKE / "alembic.ini"), LOCK_WAIT_TIMEOUT="40s"))
+            seen = read_until(second, "lock.acquired")
+            took = time.monotonic() - t0
+            r = finish(second, timeout=60)
+    finally:
+        docker("unpause", box.name, check=False)
+        box.kill()
+    assert took < 30, f"the vanished runner kept the lock for {took:.0f}s"
+    assert r.code == 0, seen + r.err
+    assert db.version() == "s001"
