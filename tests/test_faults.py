@@ -9,10 +9,13 @@ shared by this module; each test works in a database of its own.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -97,32 +100,49 @@ def test_restart_while_waiting_for_the_lock_reconnects(fresh: Database) -> None:
     assert db.version() == "0005"
 
 
-def test_hung_server_mid_migration_exits_9_at_the_deadline(fresh: Database) -> None:
+def backend_of(db: Database, query: str) -> int:
+    return int(db.sql(f"SELECT pid FROM pg_stat_activity WHERE query LIKE '{query}%' AND state = 'active'"))
+
+
+@pytest.mark.parametrize("stop", ["deadline", "SIGTERM"])
+def test_hung_server_mid_migration_still_reports_and_exits(fresh: Database, tmp_path: Path,
+                                                           stop: str) -> None:
     """A backend that stops answering (SIGSTOP: its TCP connection stays up, so keepalives never
-    end it, and the cancel request waits too): RUN_DEADLINE still ends the run, exit 9, within
-    the hard-exit grace; once the backend resumes, its transaction is gone."""
-    import os
-    import signal
-
-    from runner.cancellation import HARD_EXIT_AFTER
-
+    end it, and the cancel request waits too): RUN_DEADLINE (or SIGTERM) still ends the run
+    within 5 s, with its summary line, its termination message and its ledger row ended from a
+    fresh connection; once the backend resumes, its transaction is gone."""
     db = fresh
-    env = runner_env(db.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="60", RUN_DEADLINE="3s")
+    message = tmp_path / "termination-log"
+    deadline = 6 if stop == "deadline" else 0
+    env = runner_env(db.url, ALEMBIC_CONFIG=LAB, LAB_MODE="sleep", LAB_SLEEP="60", LOG_FORMAT="json",
+                     RUN_DEADLINE=f"{deadline}s", TERMINATION_MESSAGE_PATH=str(message))
     assert run_runner(["upgrade", "--to", "l001"], env).code == 0
+    t0 = time.monotonic()
     proc = start_runner(["upgrade"], env)
     wait_for(lambda: sleeping(db))
-    pid = int(db.sql("SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' "
-                     "AND state = 'active'"))
-    t0 = time.monotonic()
+    pid = backend_of(db, "SELECT pg_sleep")
     os.kill(pid, signal.SIGSTOP)
     try:
+        if stop == "SIGTERM":
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
         r = finish(proc, timeout=60)
         took = time.monotonic() - t0
+        row = db.sql("SELECT outcome, exit_code, finished_at IS NOT NULL FROM runner_history "
+                     "ORDER BY started_at DESC LIMIT 1")  # read while the backend is still stopped
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert r.code == 9, r.err
-    assert "exiting without further cleanup" in r.err and "Traceback" not in r.err
-    assert took < 3 + HARD_EXIT_AFTER + 8, took
+    code, outcome = (9, "deadline") if stop == "deadline" else (143, "interrupted")
+    assert r.code == code, r.err
+    assert took < deadline + 5, f"{took:.1f}s: the Job would have killed it first"
+    summary, written = r.summary(), json.loads(message.read_bytes())
+    assert summary["exit_code"] == written["exit_code"] == code and summary["run_id"] == written["run_id"]
+    assert "and the run did not stop within 2s: the database did not answer the cancel" in summary["msg"]
+    assert ("RUN_DEADLINE" if stop == "deadline" else "SIGTERM") in written["error"]
+    assert "ledger" not in written, "the row was ended from a fresh connection"
+    assert sum('"event": "summary"' in line for line in r.lines) == 1, "reported once, not by both threads"
+    assert row == f"{outcome}|{code}|t", "the ledger row must not stay 'running'"
+    assert "Traceback" not in r.err
     wait_for(lambda: not sleeping(db), what="the resumed backend kept running its statement")
     assert db.version() == "l001" and "public.l002_done" not in db.tables()
 

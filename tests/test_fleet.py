@@ -243,6 +243,85 @@ def test_signal_stops_every_worker_at_a_clean_revision(database: Database, sig: 
         assert r.summary()["outcomes"] == {"interrupted": 3, "not started": 3}
 
 
+# -- a server that stops answering: the deadline still reports every result -----------------------
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first, then the parent's pid)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """Every live descendant of root: the fleet's forkserver and resource tracker, their workers."""
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(_stat(pid)[1]), []).append(int(pid))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of pids that are still running (a zombie has finished)."""
+    left = []
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            if _stat(pid)[0] != "Z":
+                left.append(pid)
+    return left
+
+
+def test_hung_server_at_the_deadline_keeps_every_result(database: Database, tmp_path: Path) -> None:
+    """Two tenants' backends stopped (SIGSTOP) mid-revision when RUN_DEADLINE comes: the fleet
+    still exits 9 within 5 s of it, its summary and termination message keep the three results
+    that completed, report the two stuck tenants as interrupted (their ledger rows ended) and the
+    rest as not started, and no process of the run (workers, forkserver, resource tracker)
+    outlives it."""
+    done, stuck, later = ["t0", "t1", "t2"], ["t3", "t4"], ["t5", "t6"]
+    tenants = done + stuck + later
+    database.sql("; ".join(f"CREATE SCHEMA {t}" for t in tenants))
+    env = runner_env(database.url, ALEMBIC_CONFIG=TENANTS, LOG_FORMAT="json")
+    assert run_runner(["upgrade", "--parallel", "3"], {**env, "TARGET_SCHEMAS": ",".join(done)}).code == 0
+    message, deadline = tmp_path / "termination-log", 8
+    t0 = time.monotonic()
+    proc = start_runner(["upgrade", "--parallel", "2"], {
+        **env, "TARGET_SCHEMAS": ",".join(tenants), "TENANT_SLEEP": "60",
+        "RUN_DEADLINE": f"{deadline}s", "TERMINATION_MESSAGE_PATH": str(message)})
+    pids: list[int] = []
+    try:
+        wait_for(lambda: sleeping(database) == 2, what="the two tenants never reached revision t002")
+        pids = [int(p) for p in database.sql("SELECT pid FROM pg_stat_activity WHERE query LIKE "
+                                             "'SELECT pg_sleep%' AND state = 'active'").split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        tree = process_tree(proc.pid)
+        assert time.monotonic() - t0 < deadline, "too slow to stop the backends before the deadline"
+        assert len(tree) >= 4, tree  # forkserver, resource tracker, two workers
+        r = finish(proc, timeout=60)
+        took = time.monotonic() - t0
+        rows = database.sql(" UNION ALL ".join(
+            f"SELECT outcome || ',' || exit_code || ',' || (finished_at IS NOT NULL) FROM {t}.runner_history"
+            for t in stuck))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        proc.kill()
+    assert r.code == ExitCode.RUN_DEADLINE, r.err
+    assert took < deadline + 5, f"{took:.1f}s: the Job's activeDeadlineSeconds would have ended it"
+    assert alive(tree) == [], "a process of the run outlived it"
+    summary, written = r.summary(), json.loads(message.read_bytes())
+    expected = {"nothing to do": 3, "interrupted": 2, "not started": 2}
+    assert summary["outcomes"] == written["outcomes"] == expected, r.err
+    assert {f["target"]: f["exit_code"] for f in written["failed"]} == {t: 9 for t in stuck}
+    assert rows.split() == ["deadline,9,true"] * 2, "the stuck tenants' ledger rows must be ended"
+    assert all(line.startswith("{") for line in r.lines), "a line that is not an event (a warning?)"
+    assert sum('"event": "summary"' in line for line in r.lines) == 1
+    wait_for(lambda: sleeping(database) == 0, what="the resumed backends kept running their statements")
+    assert [schema_version(database, t) for t in tenants] == ["t003"] * 3 + ["t001"] * 2 + [""] * 2
+
+
 # -- bad input: one line, exit 2, nothing touched --------------------------------------------------
 @pytest.mark.parametrize("bad_line,extra,problem", [
     ("two words", {}, "TARGETS_FILE line 2 is malformed"),
