@@ -20,7 +20,7 @@ import pytest
 from kubernetes_validate import utils as kv
 
 from runner import config
-from runner.cancellation import HARD_EXIT_AFTER
+from runner.cancellation import EXIT_WITHIN
 from runner.exitcodes import DESCRIPTIONS, ExitCode, non_retriable
 from tests.conftest import (
     REPO,
@@ -204,10 +204,10 @@ def test_job_deadlines_and_termination_message_are_consistent(directory: str) ->
         env = resolve_env(c, docs)
         run_deadline = config.parse_duration(env["RUN_DEADLINE"])
         assert run_deadline > 0, "the Job's runner must stop itself before the Job's deadline"
-        assert run_deadline + HARD_EXIT_AFTER + STARTUP_MARGIN <= spec["activeDeadlineSeconds"], \
+        assert run_deadline + EXIT_WITHIN + STARTUP_MARGIN <= spec["activeDeadlineSeconds"], \
             "RUN_DEADLINE leaves no room for cancel + rollback before activeDeadlineSeconds"
-        # SIGTERM (deadline, deletion, drain): cancel, roll back, release, exit within 20 s
-        assert pod["terminationGracePeriodSeconds"] >= HARD_EXIT_AFTER + 10
+        # SIGTERM (deadline, deletion, drain): cancel, roll back, release, exit within EXIT_WITHIN
+        assert pod["terminationGracePeriodSeconds"] >= EXIT_WITHIN + 10
         assert env["TERMINATION_MESSAGE_PATH"] == c["terminationMessagePath"] == "/dev/termination-log"
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["podReplacementPolicy"] == "Failed"

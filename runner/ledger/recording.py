@@ -102,6 +102,8 @@ class Tracker:
         try:
             if (code == 0 and not self.started) or self.broken:
                 return
+            if self.run.ending.abandoned:  # the backstop reports: a fresh connection, short timeouts
+                self.store.reopen_short()
             row = self.row(code, error)
 
             def write(conn: Connection) -> None:
@@ -134,6 +136,7 @@ class Tracker:
             return True
         except Exception as exc:  # noqa: BLE001 - the ledger never changes a run's outcome
             self.broken = True
+            self.run.summary["ledger"] = f"not recorded: could not {what} ({reason(exc)})"
             self.run.log.warning("ledger.unavailable", f"could not {what} in {self.store.where} "
                                  f"({reason(exc)}); this run goes on without the ledger and keeps "
                                  f"its exit code ({GRANTS_HINT})")

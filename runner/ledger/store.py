@@ -82,6 +82,7 @@ class Store:
         self.table = run.settings.history_table
         self.schema = schema  # None: the connection's current schema, resolved on first use
         self._conn: Connection | None = None
+        self._timeouts = "SET lock_timeout = '5s'; SET statement_timeout = '20s'"
 
     @property
     def where(self) -> str:
@@ -94,7 +95,7 @@ class Store:
         if self._conn is None:
             conn = db.connect(self.run, "ledger", autocommit=True, connect_timeout=5)
             try:
-                conn.execute(sa.text("SET lock_timeout = '5s'; SET statement_timeout = '20s'"))
+                conn.execute(sa.text(self._timeouts))
                 if self.schema is None:  # where Alembic put the version table on this connection
                     self.schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
                     if self.schema is None:
@@ -109,6 +110,12 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    def reopen_short(self) -> None:
+        """Leave the kept session alone (the stuck main thread may be using it) and make the next
+        one new and short-lived: the run ends without waiting for a server that stopped answering."""
+        self._conn = None
+        self._timeouts = "SET lock_timeout = '1s'; SET statement_timeout = '1s'"
 
     def close(self) -> None:
         """End the ledger's session (the run is over, or the connection failed)."""
