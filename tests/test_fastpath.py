@@ -241,6 +241,45 @@ def test_read_only_database_is_not_answered_for(sample: Path, at_head: Database)
     assert "read-only" in r.err
 
 
+SEARCH_PATH_ENV = {
+    "runner's connection": "from alembic import context\n"
+    "context.configure(connection=context.config.attributes['connection'], transaction_per_migration=True)\n"
+    "with context.begin_transaction():\n    context.run_migrations()\n",
+    "env.py's own engine": "from alembic import context\nfrom sqlalchemy import engine_from_config, pool\n"
+    "cfg = context.config\n"
+    "engine = engine_from_config(cfg.get_section(cfg.config_ini_section, {}), prefix='sqlalchemy.', "
+    "poolclass=pool.NullPool)\n"
+    "with engine.connect() as connection:\n"
+    "    context.configure(connection=connection, transaction_per_migration=True)\n"
+    "    with context.begin_transaction():\n        context.run_migrations()\n",
+}
+
+
+@pytest.mark.parametrize("env_py", list(SEARCH_PATH_ENV))
+def test_pgoptions_search_path_is_one_place_for_the_version_table(tmp_path: Path, database: Database,
+                                                                   env_py: str) -> None:
+    """PGOPTIONS=-c search_path=app: the version table is read, locked, migrated and recorded there,
+    by the runner's connections and by an engine env.py builds itself, fast path or not."""
+    ini = scripts(tmp_path, SEARCH_PATH_ENV[env_py])
+    (tmp_path / "versions/x002.py").write_text(
+        'from alembic import op\nrevision = "x002"\ndown_revision = "x001"\n\n\n'
+        'def upgrade():\n    op.execute("CREATE TABLE things (id int)")\n')
+    database.sql("CREATE SCHEMA app")
+    options = {"PGOPTIONS": "-c search_path=app"}
+    first = run(ini, ["upgrade"], database.url, **options)
+    assert first.code == 0 and first.summary()["applied"] == ["x001", "x002"], first.err
+    assert database.tables() == {"app.alembic_version", "app.things", "app.runner_history",
+                                 "app.runner_history_revisions"}
+    assert database.sql("SELECT version_num FROM app.alembic_version") == "x002"
+    assert record_facts(ini, "--strict").returncode == 0
+    for fast in ("on", "off"):
+        again = run(ini, ["upgrade"], database.url, FAST_PATH=fast, **options)
+        assert again.code == 0 and again.summary()["outcome"] == "nothing to do", again.err
+        assert answered_from_facts(again) == (fast == "on")
+    assert database.tables() == {"app.alembic_version", "app.things", "app.runner_history",
+                                 "app.runner_history_revisions"}
+
+
 # -- recording: from env.py itself, or not at all ----------------------------------------------------
 def scripts(tmp_path: Path, env_py: str) -> Path:
     """A one-revision script directory with this env.py; return its alembic.ini."""
