@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import IO
 
+from alembic.script import ScriptDirectory
+
 from runner import db, ledger, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending
@@ -51,14 +53,14 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     state = ready_state(run, cfg, script)
     goal = resolve_target(run, script, state, target, downgrade)
     if set(state.heads) == set(goal):
-        return _nothing_to_do(run, state)
+        return _nothing_to_do(run, script, state, downgrade)
     # 2. the lock, then look again: another copy may have migrated meanwhile
     from runner.migrate import apply_steps  # off the no-op fast path, like the lock
 
     with locked(run, cfg, script, state, goal) as state:
         revisions.check_known(script, state.heads)
         if set(state.heads) == set(goal):
-            return _nothing_to_do(run, state)
+            return _nothing_to_do(run, script, state, downgrade)
         check_direction(script, state.heads, goal, downgrade)
         # 3. migrate, one transaction per revision
         plan = revisions.steps(script, state.heads, goal, downgrade)
@@ -200,6 +202,8 @@ def _backup_before(run: Run, state: DbState) -> None:
         run.summary["backup"] = take(run, state)["key"]
 
 
-def _nothing_to_do(run: Run, state: DbState) -> None:
+def _nothing_to_do(run: Run, script: ScriptDirectory, state: DbState, downgrade: bool) -> None:
+    if not downgrade:  # an edited applied revision refuses a no-op too (exit 7), read-only
+        ledger.check_noop(run, script, state)
     run.log("migrate.noop", f"database already at {fmt(state.heads)}: nothing to do")
     run.summary.update(to=fmt(state.heads), outcome="nothing to do", applied=[])
