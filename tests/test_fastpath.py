@@ -23,7 +23,7 @@ from runner.fastpath import facts as F
 from runner.fastpath import record
 from tests.conftest import REPO, Database, run_runner, runner_env
 from tests.installed_app import InstalledApp
-from tests.pgcluster import Cluster
+from tests.pgcluster import APP_PASSWORD, Cluster
 from tests.result import Result
 
 VERSIONS_SCENARIO = REPO / "tests/scenarios/fastpath_versions"
@@ -267,6 +267,26 @@ def test_applied_revision_edited_is_refused_on_a_no_op_too(own_sample: Path, dat
     assert run(own_sample, ["repair", "0003"], database.url).code == 0
     repaired = run(own_sample, ["upgrade"], database.url)
     assert repaired.code == 0 and answered_from_facts(repaired), repaired.err
+
+
+def test_without_a_ledger_or_without_select_on_it_the_fast_path_still_answers(
+        sample: Path, database: Database) -> None:
+    """Nothing to compare, as on the full path: a database migrated with HISTORY_TABLE=off, then
+    one whose role may not read the ledger."""
+    assert run(sample, ["upgrade"], database.url, HISTORY_TABLE="off").code == 0
+    noop = run(sample, ["upgrade"], database.url)  # HISTORY_TABLE on: the ledger does not exist
+    assert noop.code == 0 and answered_from_facts(noop), noop.err
+    assert "public.runner_history" not in database.tables()
+    assert run(sample, ["upgrade", "--to", "0005"], database.url, FAST_PATH="off").code == 0
+    database.sql("CREATE TABLE runner_history_revisions (revision text PRIMARY KEY, checksum text)")
+    database.sql(f"CREATE ROLE fp_reader LOGIN PASSWORD '{APP_PASSWORD}'; GRANT USAGE ON SCHEMA public "
+                 "TO fp_reader; GRANT SELECT ON alembic_version TO fp_reader")
+    try:
+        url = database.cluster.url(database.name, user="fp_reader", password=APP_PASSWORD)
+        unreadable = run(sample, ["upgrade"], url)
+        assert unreadable.code == 0 and answered_from_facts(unreadable), unreadable.err
+    finally:
+        database.sql("DROP OWNED BY fp_reader; DROP ROLE fp_reader", check=False)
 
 
 def test_oversized_facts_file_is_ignored_unread(own_sample: Path, at_head: Database) -> None:

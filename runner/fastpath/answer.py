@@ -20,16 +20,16 @@ from runner.sqlname import qualified
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's minimum): a server that is slow to answer gets the full path
 _QUERY = ("SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
-          "current_setting('server_version_num')::int, array(SELECT version_num FROM {table}), {ledger}")
-# the ledger's revisions table, named as runner.ledger.store names it (next to the version table),
-# when it exists and may be read
-_LEDGER = ("(SELECT CASE WHEN to_regclass(t) IS NULL THEN NULL WHEN has_table_privilege(t, 'SELECT') "
-           "THEN t END FROM format('%%I.%%I', coalesce(%(schema)s, current_schema()), %(ledger)s) t)")
-# facts.chain_digest() computed by the server: one row out, whatever the number of revisions.
-# A second statement, only when there is a ledger: SQL cannot name a table that may not exist
-# (query_to_xml could, but needs a server built with libxml)
-_CHAIN = ("SELECT encode(sha256(convert_to(coalesce(string_agg(revision || ' ' || checksum, E'\\n' "
-          "ORDER BY revision COLLATE \"C\"), ''), 'UTF8')), 'hex') FROM {ledger}")
+          "current_setting('server_version_num')::int, array(SELECT version_num FROM {table}), {chain}")
+# facts.chain_digest() computed by the server over the ledger's revisions table (named as
+# runner.ledger.store names it: next to the version table): one value back, whatever the number
+# of revisions
+_CHAIN = ("(SELECT encode(sha256(convert_to(coalesce(string_agg(revision || ' ' || checksum, E'\\n' "
+          "ORDER BY revision COLLATE \"C\"), ''), 'UTF8')), 'hex') FROM {ledger})")
+# undefined_table, insufficient_privilege: asked again without the ledger, which succeeds only if
+# the ledger was what is missing or unreadable (then, as on the full path, nothing to compare).
+# SQL cannot name a table that may not exist (query_to_xml could, but needs libxml)
+_NO_LEDGER = ("42P01", "42501")
 
 
 def answer(run: Run, args: argparse.Namespace) -> bool:
@@ -101,33 +101,34 @@ def _facts(run: Run) -> Facts | None:
 
 
 def _probe(run: Run, facts: Facts, ledger: bool) -> tuple[Any, ...] | None:
-    """Connect once and read readiness, the version table and, with ledger and when there is one,
-    the digest of its checksums (None without one, HISTORY_TABLE=off, or no SELECT on it: then
-    there is nothing to compare, as on the full path); None on any failure."""
+    """Connect once and read readiness, the version table and, with ledger, the digest of the
+    ledger's checksums (None without a ledger, HISTORY_TABLE=off, or no SELECT on it); None on
+    any failure."""
     try:
         import psycopg2
     except ImportError:
         return None
     params = {**run.settings.database_url.libpq_params(), "application_name": run.app_name("wait"),
               "connect_timeout": CONNECT_TIMEOUT, "keepalives": 1}
-    table = run.settings.history_table
-    names = {"schema": facts.version_table_schema, "ledger": f"{table}_revisions"}
-    query = _QUERY.format(table=_table(facts).replace("%", "%%"),  # %: psycopg2's placeholders
-                          ledger=_LEDGER if ledger and table != "off" else "NULL")
+    history = run.settings.history_table
+    queries = [_QUERY.format(table=_table(facts), chain=_CHAIN.format(ledger=qualified(
+        facts.version_table_schema, f"{history}_revisions")))] if ledger and history != "off" else []
+    queries.append(_QUERY.format(table=_table(facts), chain="NULL"))
     try:
         conn = psycopg2.connect(**params)
     except Exception:  # noqa: BLE001 - whatever went wrong, the full path retries and explains it
         return None
     try:
-        conn.autocommit = True  # no BEGIN: one round trip, two with a ledger to compare
+        conn.autocommit = True  # one round trip, no BEGIN (a failed statement aborts nothing)
         with conn.cursor() as cur:
-            cur.execute(query, names)
-            *row, revisions = cur.fetchone()
-            chain = None
-            if revisions and list(row[3] or ()) == list(facts.heads):  # format('%I.%I'): quoted
-                cur.execute(_CHAIN.format(ledger=revisions))
-                chain = cur.fetchone()[0]
-            return (*row, chain)
+            for query in queries:
+                try:
+                    cur.execute(query)
+                    return cur.fetchone()
+                except psycopg2.Error as exc:
+                    if query is queries[-1] or exc.pgcode not in _NO_LEDGER:
+                        raise
+        return None
     except Exception:  # noqa: BLE001 - e.g. no version table yet: not at the target
         return None
     finally:
