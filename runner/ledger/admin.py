@@ -116,7 +116,6 @@ def _rebuild(run: Run, tracker: Tracker, heads: tuple[str, ...]) -> None:
     applied = sorted(tracker.applied(heads))
     old: dict[str, str | None] = {}
     tracker.attempt("read the ledger", lambda conn: old.update(tracker.store.old_checksums(conn)))
-    tracker.broken = False  # a failed read leaves "old" unknown; the rebuild may still work
     run.log.warning("ledger.rebuild", f"the ledger {tracker.store.where}_revisions lost its checksum "
                     f"column ({tracker.damage['checksum']}): rebuilding it with the checksums of the "
                     f"{len(applied)} applied revision(s) in these scripts")

@@ -221,7 +221,7 @@ class Store:
 
     def all_runs(self, conn: Connection) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute(sa.text(
-            f"SELECT {', '.join(RUN_COLUMNS)} FROM {self.runs}")).mappings()]  # written back as read
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM {self.runs}")).mappings()]  # put back as they are
 
     def put_back(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Write rows read before a restore back (the restore replaced the table with the backup's:
