@@ -60,7 +60,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     goal = phases.goal(script, state.heads, wanted, phase)  # a broken phase order: exit 7 here
     if set(state.heads) == set(goal):
         _note_other_phase(run, script, state, wanted, phase)
-        return _nothing_to_do(run, state)
+        return _nothing_to_do(run, script, state, downgrade)
     # 2. the lock, then look again: another copy may have migrated meanwhile
     from runner.migrate import apply_steps  # off the no-op fast path, like the lock
 
@@ -68,7 +68,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         revisions.check_known(script, state.heads)
         goal = phases.goal(script, state.heads, wanted, phase)
         if set(state.heads) == set(goal):
-            return _nothing_to_do(run, state)
+            return _nothing_to_do(run, script, state, downgrade)
         check_direction(script, state.heads, wanted, downgrade)
         # 3. migrate, one transaction per revision (the phase's revisions only)
         plan, guard = _steps(run, script, state, wanted, phase, downgrade)
@@ -258,6 +258,8 @@ def _backup_before(run: Run, state: DbState) -> None:
         run.summary["backup"] = take(run, state)["key"]
 
 
-def _nothing_to_do(run: Run, state: DbState) -> None:
+def _nothing_to_do(run: Run, script: ScriptDirectory, state: DbState, downgrade: bool) -> None:
+    if not downgrade:  # an edited applied revision refuses a no-op too (exit 7), read-only
+        ledger.check_noop(run, script, state)
     run.log("migrate.noop", f"database already at {fmt(state.heads)}: nothing to do")
     run.summary.update(to=fmt(state.heads), outcome="nothing to do", applied=[])

@@ -68,9 +68,9 @@ def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool 
     args: dict[str, Any] = dict(_KEEPALIVES, application_name=run.app_name(purpose),
                                 connect_timeout=max(1, int(connect_timeout)))
     if run.server_version:  # unknown before the first successful connection
-        own = run.settings.database_url.libpq_params().get("options")
-        # the URL's own options (e.g. -c search_path=app) come first; ours win on a clash
-        args["options"] = " ".join(filter(None, (own, session_options(run, migrating, lock_timeout))))
+        # the caller's options (e.g. -c search_path=app) come first; ours win on a clash
+        args["options"] = " ".join(filter(None, (caller_options(run),
+                                                 session_options(run, migrating, lock_timeout))))
     kw: dict[str, Any] = {"poolclass": NullPool, "connect_args": args}
     if autocommit:
         kw["isolation_level"] = "AUTOCOMMIT"
@@ -112,10 +112,31 @@ def lost_connection_error(exc: BaseException) -> ConnectionLost | None:
                           "run again once the server is back")
 
 
+def caller_options(run: Run) -> str | None:
+    """The libpq options the caller chose, taken as libpq takes them on a connection without
+    explicit options (the first one of a run, the fast path's, the gate's): DATABASE_URL's
+    `options`, else PGOPTIONS. Every runner connection extends them, and so does the PGOPTIONS
+    env.py's own engines get, so a search_path set either way finds the version table in the
+    same schema for the wait, the lock, the migration and the ledger."""
+    return run.settings.database_url.libpq_params().get("options") or _caller_pgoptions()
+
+
+def _caller_pgoptions() -> str | None:
+    current = os.environ.get("PGOPTIONS")
+    if _exported and current == _exported["set"]:  # ours, written over the caller's
+        return _exported["caller"] or None
+    return current or None
+
+
+_exported: dict[str, str] = {}  # the PGOPTIONS apply_libpq_environment set, and the caller's before
+
+
 def libpq_environment(run: Run, lock_timeout: float | None = None) -> dict[str, str]:
     """Return PGAPPNAME/PGOPTIONS so engines that env.py builds itself get the same protection
-    (and the same attempt's lock_timeout)."""
-    return {"PGAPPNAME": run.app_name("migrate"), "PGOPTIONS": session_options(run, True, lock_timeout)}
+    (the caller's PGOPTIONS kept first, and the same attempt's lock_timeout)."""
+    return {"PGAPPNAME": run.app_name("migrate"),
+            "PGOPTIONS": " ".join(filter(None, (caller_options(run),
+                                                session_options(run, True, lock_timeout))))}
 
 
 def cancel_own_statements(run: Run) -> int:
@@ -138,7 +159,9 @@ def install_statement_guard(run: Run) -> None:
 
 
 def apply_libpq_environment(run: Run, lock_timeout: float | None = None) -> None:
-    os.environ.update(libpq_environment(run, lock_timeout))
+    env = libpq_environment(run, lock_timeout)
+    _exported.update(set=env["PGOPTIONS"], caller=_caller_pgoptions() or "")
+    os.environ.update(env)
 
 
 def _longest(settings: Any) -> float:

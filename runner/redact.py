@@ -62,6 +62,8 @@ def redact_data(value: Any) -> Any:
         return [redact_data(v) for v in value]
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, (bytes, bytearray, memoryview)):  # e.g. a bytea column: hex, as psql shows it
+        return redact("\\x" + bytes(value).hex())
     return redact(str(value))
 
 
