@@ -9,23 +9,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from runner import keepalives
 from runner.context import Run
 from runner.errors import ConnectionLost
 from runner.log import one_line
 from runner.redact import redact
 
-# TCP keepalives so a backend whose runner vanished without closing its socket goes away
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-               "keepalives_count": 3}
 CHECK_INTERVAL = "2s"  # client_connection_check_interval: a killed runner's query stops this fast
-# The server's side of the same: a runner whose machine vanished (node crash, network partition:
-# no FIN, no RST) loses its sessions, and with them the migration lock, within idle + count x
-# interval = 20 s instead of the server kernel's default (about two hours on Linux).
-# tcp_user_timeout (PG 12+) bounds what the server sent and never got acknowledged, where
-# keepalives do not apply. A partition shorter than count x interval (15 s) ends nothing.
-SERVER_KEEPALIVES = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "5",
-                     "tcp_keepalives_count": "3"}
-SERVER_USER_TIMEOUT = "20s"
 IDLE_IN_TX_TIMEOUT = "10min"
 # admin_shutdown, crash_shutdown, cannot_connect_now: the server is going down or starting up
 _LOST_SQLSTATES = ("57P01", "57P02", "57P03")
@@ -38,9 +28,9 @@ def _ms(seconds: float) -> str:
 def session_options(run: Run, migrating: bool, lock_timeout: float | None = None) -> str:
     """Return libpq `options` (-c name=value ...) for a runner connection; a migrating one gets
     lock_timeout (an attempt's, runner.lockschedule), by default the schedule's longest."""
-    opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT, **SERVER_KEEPALIVES}
+    opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT, **keepalives.SERVER}
     if run.server_version >= 120000:
-        opts["tcp_user_timeout"] = SERVER_USER_TIMEOUT
+        opts["tcp_user_timeout"] = keepalives.SERVER_USER_TIMEOUT
     if run.server_version >= 140000:
         opts["client_connection_check_interval"] = CHECK_INTERVAL
         # the lock session idles for the whole migration: a server-wide idle_session_timeout
@@ -65,7 +55,7 @@ def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool 
     cached = run.engines.get(key)
     if cached is not None:
         return cached
-    args: dict[str, Any] = dict(_KEEPALIVES, application_name=run.app_name(purpose),
+    args: dict[str, Any] = dict(keepalives.CLIENT, application_name=run.app_name(purpose),
                                 connect_timeout=max(1, int(connect_timeout)))
     if run.server_version:  # unknown before the first successful connection
         # the caller's options (e.g. -c search_path=app) come first; ours win on a clash

@@ -246,6 +246,34 @@ def test_runner_sessions_ask_the_server_for_keepalives(database: Database) -> No
                    "tcp_keepalives_count": "3", "tcp_user_timeout": "20000"}  # ms
 
 
+def test_the_start_up_gate_session_asks_for_keepalives_and_keeps_pgoptions(
+        database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gate's session idles for the whole of its leader's run: without server keepalives a
+    vanished leader would hold it for the kernel's two hours, and every later copy exit 4."""
+    import psycopg2
+
+    from runner import dburl
+    from runner.config import Settings
+    from runner.context import Run
+    from runner.fastpath.answer import gate_params
+    from runner.log import EventLog
+
+    monkeypatch.setenv("PGOPTIONS", "-c search_path=gate_test")
+    run = Run(settings=Settings(database_url=dburl.parse(database.url)), log=EventLog(), command="upgrade")
+    conn = psycopg2.connect(**gate_params(run))
+    try:
+        with conn.cursor() as cur:
+            got = {}
+            for name in ("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count",
+                         "search_path"):
+                cur.execute(f"SHOW {name}")
+                got[name] = cur.fetchone()[0]
+    finally:
+        conn.close()
+    assert got == {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "5",
+                   "tcp_keepalives_count": "3", "search_path": "gate_test"}
+
+
 def require_iptables() -> None:
     """Skip (or, with CI=true, fail) when packets cannot be dropped on the loopback interface."""
     import shutil

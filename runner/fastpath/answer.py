@@ -12,8 +12,10 @@ answers, the log events, summary and termination message are those of the full p
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
+from runner import keepalives
 from runner.context import Run
 from runner.fastpath.facts import Facts, FactsError, FactsTooLarge, facts_path, load, mismatch
 from runner.sqlname import qualified
@@ -67,8 +69,18 @@ def _waited_for_another_copy(run: Run, facts: Facts) -> bool:
     """Behind the head: when another copy is migrating, wait for it here, cheaply (runner.gate)."""
     from runner import gate
 
-    params = {**run.settings.database_url.libpq_params(), "keepalives": 1}
+    params = gate_params(run)
     return gate.lead_or_wait(run, params, facts.version_table_schema, facts.version_table, facts.heads)
+
+
+def gate_params(run: Run) -> dict[str, Any]:
+    """Connection keywords for the start-up gate's session, which idles while its leader migrates:
+    server keepalives end a vanished leader's session, and the gate with it, within seconds
+    (runner.keepalives); the caller's options (URL, else PGOPTIONS) stay first, as libpq takes them."""
+    own = run.settings.database_url.libpq_params()
+    caller = own.get("options") or os.environ.get("PGOPTIONS")
+    return {**own, **keepalives.CLIENT,
+            "options": " ".join(filter(None, (caller, keepalives.server_options())))}
 
 
 def _eligible(run: Run, args: argparse.Namespace) -> str | None:
