@@ -18,21 +18,28 @@ from alembic.config import Config
 from runner.errors import ConfigError
 from runner.verify import fingerprint, lint
 from tests.conftest import MAJORS, REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
-from tests.pgcluster import Cluster
+from tests.pgcluster import APP_PASSWORD, Cluster
 from tests.result import Result
 
 HAZARDS = str(REPO / "tests/scenarios/verify_hazards/alembic.ini")
 ROUNDTRIP = str(REPO / "tests/scenarios/verify_roundtrip/alembic.ini")
 SLOWPOKE = str(REPO / "tests/scenarios/slowpoke/alembic.ini")
 TWO_HEADS = str(REPO / "tests/scenarios/twoheads/alembic.ini")
+HOSTILE = str(REPO / "tests/scenarios/verify_hostile/alembic.ini")
+TEMPLATE_CHAIN = REPO / "tests/scenarios/verify_template/alembic.ini"
 
 
 def verify_env(pg: Cluster, **extra: str) -> dict[str, str]:
-    return runner_env(None, VERIFY_DATABASE_URL=pg.url("postgres"), **extra)
+    return runner_env(None, **{"VERIFY_DATABASE_URL": pg.url("postgres"), **extra})
 
 
 def scratch_databases(pg: Cluster) -> list[str]:
     out = pg.psql(r"SELECT datname FROM pg_database WHERE datname LIKE 'runner\_verify\_%' ORDER BY 1")
+    return out.split() if out else []
+
+
+def scratch_roles(pg: Cluster) -> list[str]:
+    out = pg.psql(r"SELECT rolname FROM pg_roles WHERE rolname LIKE 'runner\_verify\_%' ORDER BY 1")
     return out.split() if out else []
 
 
@@ -143,7 +150,8 @@ def test_drift_of_a_live_database_read_only(pg: Cluster, database: Database) -> 
 def test_sigterm_and_deadline_drop_the_scratch_database(pg: Cluster) -> None:
     now = time.strftime("%Y%m%d%H%M%S", time.gmtime())
     stale, busy = "runner_verify_20000101000000_deadbeef", f"runner_verify_{now}_0badcafe"
-    pg.psql(f"CREATE DATABASE {stale}")
+    pg.psql(f"CREATE ROLE {stale}")  # its role too (SIGKILLed before it could drop either)
+    pg.psql(f"CREATE DATABASE {stale} OWNER {stale}")
     pg.psql(f"CREATE DATABASE {busy}")  # another verify's, right now: never touched
     try:
         env = verify_env(pg, ALEMBIC_CONFIG=SLOWPOKE, SLOWPOKE_SLEEP="60", VERIFY_LINT="off")
@@ -155,13 +163,14 @@ def test_sigterm_and_deadline_drop_the_scratch_database(pg: Cluster) -> None:
         t0 = time.monotonic()
         r = finish(proc, timeout=30)
         assert r.code == 143 and time.monotonic() - t0 < 10, r.err
-        assert "stale scratch database runner_verify_20000101000000_deadbeef" in r.err
-        assert scratch_databases(pg) == [busy]
+        assert "stale scratch database runner_verify_20000101000000_deadbeef and its role" in r.err
+        assert scratch_databases(pg) == [busy] and scratch_roles(pg) == []
         r = run_runner(["verify", "--run-deadline", "2s"], env)
         assert r.code == 9, r.err
-        assert scratch_databases(pg) == [busy]
+        assert scratch_databases(pg) == [busy] and scratch_roles(pg) == []
     finally:
         pg.psql(f"DROP DATABASE IF EXISTS {stale}", check=False)
+        pg.psql(f"DROP ROLE IF EXISTS {stale}", check=False)
         pg.psql(f"DROP DATABASE IF EXISTS {busy}", check=False)
 
 
@@ -294,3 +303,113 @@ def test_compose_verify_service_is_wired() -> None:
     assert verify["depends_on"]["db"]["condition"] == "service_healthy"
     assert verify["environment"]["VERIFY_DATABASE_URL"].endswith("@db:5432/postgres")
     assert verify["read_only"] is True and verify["restart"] == "no"
+
+
+def test_revisions_run_as_a_least_privilege_role(pg: Cluster) -> None:
+    """A downgrade that drops another database and a revision that runs a program on the server
+    both fail as findings; nothing outside the scratch database changes, and the throwaway role
+    is gone afterwards."""
+    victim, marker = f"victim_{int(time.time() * 1000) % 10**8}", pg.root / "pwned"
+    pg.psql(f"CREATE DATABASE {victim}")
+    try:
+        r = run_runner(["verify", "--format", "json"], verify_env(
+            pg, ALEMBIC_CONFIG=HOSTILE, VERIFY_LINT="off", HOSTILE_VICTIM=victim, HOSTILE_MARKER=str(marker)))
+        assert r.code == 13, r.err
+        failed = {f["revision"]: f["message"] for f in report(r)["findings"] if f["check"] == "migration"}
+        assert failed.keys() == {"x001", "x002"}, failed
+        assert failed["x001"].startswith("downgrade failed: InsufficientPrivilege: must be owner of database")
+        assert failed["x002"].startswith("upgrade failed: InsufficientPrivilege: permission denied to COPY "
+                                         "to or from an external program")
+        assert "a role that owns only the scratch database" in failed["x002"]
+        assert pg.psql(f"SELECT count(*) FROM pg_database WHERE datname = '{victim}'") == "1"
+        assert not marker.exists()
+        assert scratch_databases(pg) == [] and scratch_roles(pg) == []
+    finally:
+        pg.psql(f"DROP DATABASE IF EXISTS {victim}", check=False)
+
+
+def test_template_setup_and_extensions_start_the_chain_where_it_starts(pg: Cluster, tmp_path: Path) -> None:
+    """A chain whose first revision alters a table the application creates itself: from a
+    template (objects handed to the revisions' role) or from a setup script; an untrusted
+    extension created by the admin connection first."""
+    template = f"tmpl_{int(time.time() * 1000) % 10**8}"
+    pg.psql(f"CREATE DATABASE {template}")
+    pg.psql("CREATE TABLE legacy (id bigint PRIMARY KEY, name text)", template)
+    try:
+        setup = str(TEMPLATE_CHAIN.parent / "setup.py")
+        for extra in ({"VERIFY_TEMPLATE": template}, {"VERIFY_SETUP": setup}):
+            r = run_runner(["verify", "--format", "json"], verify_env(
+                pg, ALEMBIC_CONFIG=str(TEMPLATE_CHAIN), VERIFY_LINT="off", VERIFY_EXTENSIONS="bloom",
+                **extra))
+            assert r.code == 0, (extra, r.out, r.err)
+            assert report(r)["summary"]["revisions"] == 1
+        # without the extension: the role may not create it, and the finding says what to do
+        r = run_runner(["verify", "--format", "json"], verify_env(
+            pg, ALEMBIC_CONFIG=str(TEMPLATE_CHAIN), VERIFY_LINT="off", VERIFY_TEMPLATE=template))
+        assert r.code == 13, r.err
+        [finding] = report(r)["findings"]
+        assert "permission denied to create extension" in finding["message"]
+        assert "VERIFY_EXTENSIONS" in finding["message"]
+        # a stamped template: verify cannot start from base
+        pg.psql("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY); "
+                "INSERT INTO alembic_version VALUES ('t001')", template)
+        r = run_runner(["verify"], verify_env(pg, ALEMBIC_CONFIG=str(TEMPLATE_CHAIN), VERIFY_LINT="off",
+                                              VERIFY_TEMPLATE=template, VERIFY_EXTENSIONS="bloom"))
+        assert r.code == 2 and "already at t001" in r.err and "Traceback" not in r.err, r.err
+        assert scratch_databases(pg) == [] and scratch_roles(pg) == []
+    finally:
+        pg.psql(f"DROP DATABASE IF EXISTS {template}", check=False)
+
+
+def test_setup_sql_runs_plain_sql_as_the_role(pg: Cluster, database: Database, tmp_path: Path) -> None:
+    from runner.verify import prepare
+
+    script = tmp_path / "setup.sql"
+    script.write_text("\\restrict abc\nCREATE TABLE a (id int);\n-- 100% plain SQL\n"
+                      "INSERT INTO a VALUES (1), (2);\n\\unrestrict abc\n")
+    engine = sa.create_engine(pg.url(database.name, driver="postgresql+psycopg2"), poolclass=sa.pool.NullPool)
+    with engine.connect() as conn:
+        prepare.setup(conn, script)
+    assert database.sql("SELECT count(*) FROM a") == "2"
+    script.write_text("CREATE TABLE b (id int);\n\\i other.sql\n")
+    with engine.connect() as conn, pytest.raises(ConfigError) as err:
+        prepare.setup(conn, script)
+    assert "line 2 is a psql meta-command (\\i)" in str(err.value)
+    script.write_text("CREATE TABLE c (id int); SELECT 1/0;")
+    with engine.connect() as conn, pytest.raises(ConfigError) as err:
+        prepare.setup(conn, script)
+    assert "DivisionByZero" in str(err.value) and database.sql("SELECT to_regclass('c')") == ""
+    engine.dispose()
+
+
+def test_a_named_role_must_be_least_privilege(pg: Cluster) -> None:
+    pg.psql(f"CREATE ROLE ci_migrator LOGIN PASSWORD '{APP_PASSWORD}'; "
+            f"CREATE ROLE ci_creator LOGIN CREATEDB PASSWORD '{APP_PASSWORD}'")
+    try:
+        r = run_runner(["verify"], verify_env(pg, VERIFY_LINT="off", VERIFY_ROLE_URL=pg.url(
+            "postgres", user="ci_migrator", password=APP_PASSWORD)))
+        assert "role=ci_migrator" in r.err and "Traceback" not in r.err, r.err
+        assert "verify: 5 revision(s) round-tripped" in r.out, r.out
+        assert scratch_roles(pg) == []
+        assert pg.psql("SELECT count(*) FROM pg_roles WHERE rolname = 'ci_migrator'") == "1"
+        r = run_runner(["verify"], verify_env(pg, VERIFY_LINT="off", VERIFY_ROLE_URL=pg.url(
+            "postgres", user="ci_creator", password=APP_PASSWORD)))
+        assert r.code == 2 and "VERIFY_ROLE_URL: the role ci_creator has CREATEDB" in r.err, r.err
+        assert scratch_databases(pg) == []
+    finally:
+        pg.psql("DROP ROLE IF EXISTS ci_migrator; DROP ROLE IF EXISTS ci_creator", check=False)
+
+
+@pytest.mark.every_major
+def test_an_admin_with_createdb_and_createrole_is_enough(pg: Cluster) -> None:
+    """No superuser anywhere: the CI example's admin role (PostgreSQL 16 changed what CREATEROLE
+    may do with the roles it creates)."""
+    pg.psql(f"CREATE ROLE verify_admin LOGIN CREATEDB CREATEROLE PASSWORD '{APP_PASSWORD}'")
+    try:
+        env = verify_env(pg, VERIFY_LINT="off", VERIFY_DATABASE_URL=pg.url(
+            "postgres", user="verify_admin", password=APP_PASSWORD))
+        r = run_runner(["verify"], env)
+        assert "verify: 5 revision(s) round-tripped" in r.out and "Traceback" not in r.err, r.err
+        assert scratch_databases(pg) == [] and scratch_roles(pg) == []
+    finally:
+        pg.psql("DROP ROLE IF EXISTS verify_admin", check=False)

@@ -64,7 +64,7 @@ def plan_scratch(run: Run, target: str, out: IO[str]) -> None:
     script = revisions.load_scripts(_config(run))
     with scratch_database(run) as scratch:
         cfg = revisions.alembic_config(scratch.run.settings)
-        with run.cancel.on_cancel(lambda: db.cancel_own_statements(scratch.run)):
+        with run.cancel.on_cancel(scratch.cancel):
             env = _facts(scratch, cfg, script)
             heads = drift.read_heads(run, run.settings.database_url, "DATABASE_URL",
                                      (env.version_schema, env.version_table))
@@ -107,8 +107,12 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
            marks: dict[str, Markers], url: Any, against: str | None, binary: Any,
            summary: dict[str, Any]) -> list[Finding]:
     cfg = revisions.alembic_config(scratch.run.settings)
-    with run.cancel.on_cancel(lambda: db.cancel_own_statements(scratch.run)):
+    with run.cancel.on_cancel(scratch.cancel):
         env = _facts(scratch, cfg, script)
+        if env.heads:
+            raise ConfigError(f"the fresh scratch database is already at {revisions.fmt(env.heads)} "
+                              "(VERIFY_TEMPLATE or VERIFY_SETUP stamped it): verify walks the chain "
+                              "from its start; leave the version table out of the template")
         version: Table = (env.version_schema, env.version_table)
         exclude = [version]
         if run.settings.history_table != "off":  # the ledger's tables live next to the version table

@@ -26,10 +26,12 @@ from sqlalchemy.engine import Connection
 
 from runner import db
 from runner.errors import RunnerError
+from runner.migrate import sqlstate
 from runner.verify import capture, fingerprint, steps
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.lint import RevisionSql
 from runner.verify.report import ERROR, NOTE, Finding, relative
+from runner.verify.role import INSUFFICIENT_PRIVILEGE
 from runner.verify.scratch import Scratch
 
 
@@ -180,6 +182,10 @@ class RoundTrips:
         hint = ""
         if phase == DOWN and isinstance(exc, NotImplementedError):
             hint = '; if it cannot be undone, declare it: runner_irreversible = "reason"'
+        elif sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
+            hint = ("; verify runs revisions as a role that owns only the scratch database (not a "
+                    "superuser, no CREATEDB or CREATEROLE): an extension it may not create goes in "
+                    "VERIFY_EXTENSIONS or VERIFY_TEMPLATE")
         what = "rebuilding the scratch database: upgrade" if phase == REBUILD else phase
         self._finding(ERROR, "migration", f"{what} failed: {steps.describe(exc)}{hint}", rev)
         if phase in (FIRST, REBUILD):
