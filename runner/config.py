@@ -309,6 +309,18 @@ class Settings:
         "VERIFY_SETUP", "", "`verify`: a `.sql` file, or a `.py` file defining `setup(connection)`, "
         "run on every fresh scratch database before the first revision, as the revisions' role.",
         setup_file, shown="(none)", value=None, group="verify")
+    verify_roundtrip: str = setting(
+        "VERIFY_ROUNDTRIP", "error", "`verify`: `error`: a downgrade that fails or does not undo its "
+        "upgrade fails verify; `warn`: reported as warnings; `off`: upgrades only (lint, observed "
+        "locks, models and drift still checked).", choice("error", "warn", "off"), group="verify")
+    verify_locks: str = setting(
+        "VERIFY_LOCKS", "error", "`verify`: findings from the locks and rewrites each revision was "
+        "observed to take are `error` (exit 13 when they fail), `warn` (reported only) or `off` (not "
+        "observed).", choice("error", "warn", "off"), group="verify")
+    verify_max_lock_hold: float = setting(
+        "VERIFY_MAX_LOCK_HOLD", "3s", "`verify --against`: the longest a revision may hold a lock that "
+        "blocks the application (SHARE or stronger on an existing table), estimated from the live "
+        "table's size; above it the finding is an error.", duration(3600.0, pg=True), group="verify")
     # -- fleets ------------------------------------------------------------------------------------
     targets_file: Path | None = setting(
         "TARGETS_FILE", "", "Fleet mode: one target per line (a full URL, or a name substituted into "

@@ -1,0 +1,391 @@
+"""Observe what each revision step really does to the tables: locks, rewrites, scans.
+
+Static lint reads SQL text; this reads PostgreSQL. For every step of the walk (upgrade,
+downgrade, upgrade again) it takes one snapshot of the step's own backend when its transaction
+begins and one just before it commits (SQLAlchemy's begin/commit events, on env.py's connection
+whatever engine it came from):
+
+- locks: pg_locks rows of pg_backend_pid() on relations (granted; a lock is held until commit,
+  so the commit-time snapshot has every lock the transaction took);
+- rewrites: pg_class.relfilenode changed between the two snapshots (a table rewrite, or a
+  TRUNCATE when the table was not read);
+- scans: pg_stat_get_xact_numscans() grew (a sequential scan of the whole table: a validation
+  scan, an index build, an UPDATE without a usable index, a rewrite).
+
+A step that runs inside one transaction with its neighbours (env.py without
+transaction_per_migration) gets the difference between the snapshots at its start and its end.
+
+Statements that run outside a transaction (`autocommit_block()`: CREATE INDEX CONCURRENTLY,
+ALTER TYPE ... ADD VALUE, VACUUM) have no commit to observe: their locks are sampled from a second
+connection every millisecond or so while the statement runs (a lock held for less than that can
+be missed), and relfilenode is compared before and after the statement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from runner import db
+from runner.context import Run
+
+MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
+         "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
+STRONG = MODES.index("ShareLock")  # from here on the lock blocks writes (ACCESS EXCLUSIVE: reads too)
+DML = "RowExclusiveLock"  # INSERT, UPDATE, DELETE
+
+_RELATIONS = r"""
+SELECT 'r', c.oid::bigint, format('%I.%I', n.nspname, c.relname), c.relkind::text, c.relfilenode::bigint,
+       pg_stat_get_xact_numscans(c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid >= 16384 AND c.relkind IN ('r', 'p', 'm')
+  AND n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema'
+"""
+_SNAPSHOT = _RELATIONS + r"""
+UNION ALL
+SELECT 'l', l.relation::bigint, l.mode, NULL, NULL, NULL FROM pg_locks l
+WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted AND l.relation >= 16384
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+_SAMPLE = ("SELECT relation::bigint, mode FROM pg_locks WHERE pid = %s AND locktype = 'relation' "
+           "AND granted AND relation >= 16384")
+
+
+def mode_name(mode: str) -> str:
+    """'AccessExclusiveLock' -> 'ACCESS EXCLUSIVE' (as PostgreSQL's documentation names it)."""
+    words = "".join(f" {c}" if c.isupper() else c for c in mode.removesuffix("Lock")).strip()
+    return words.upper()
+
+
+def strongest(modes: Iterator[str] | list[str] | set[str]) -> str | None:
+    found = sorted(modes, key=MODES.index)
+    return found[-1] if found else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Relation:
+    name: str  # schema.table, quoted where needed (format('%I.%I')), as the fingerprint names it
+    kind: str  # relkind: r, p, m
+    filenode: int
+    scans: int  # this backend's sequential scans of it not yet flushed to the statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    relations: dict[int, Relation]
+    locks: dict[int, frozenset[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Touch:
+    """What one transaction (or one statement outside a transaction) did to one table."""
+
+    relation: str  # its name when the transaction began
+    modes: frozenset[str]  # lock modes it took
+    new_filenode: bool
+    scans: int | None  # None: not observable (outside a transaction)
+    dropped: bool = False
+
+    @property
+    def mode(self) -> str | None:
+        return strongest(self.modes)
+
+    @property
+    def strong(self) -> bool:
+        return self.mode is not None and MODES.index(self.mode) >= STRONG
+
+    @property
+    def rewritten(self) -> bool:
+        """A new relfilenode with the old rows read: a rewrite (without a read: TRUNCATE)."""
+        return self.new_filenode and self.scans != 0
+
+    @property
+    def scanned(self) -> bool:
+        return bool(self.scans)
+
+
+@dataclasses.dataclass
+class Transaction:
+    touched: list[Touch]
+    statement: str | None = None  # set when it was one statement outside a transaction (sampled)
+
+
+@dataclasses.dataclass
+class StepObservation:
+    revision: str
+    step: str  # upgrade, downgrade, upgrade again
+    before: frozenset[str]  # the tables that existed when the step began
+    transactions: list[Transaction] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+    complete: bool = False
+
+
+def diff(before: Snapshot, after: Snapshot) -> list[Touch]:
+    """What happened to each table between two snapshots of one transaction."""
+    touched = []
+    for oid in sorted(set(before.relations) | set(after.locks)):
+        old, new = before.relations.get(oid), after.relations.get(oid)
+        if old is None:
+            continue  # created in this transaction: nobody else can be using it
+        modes = after.locks.get(oid, frozenset()) - before.locks.get(oid, frozenset())
+        if new is None:
+            touched.append(Touch(old.name, modes, False, 0, dropped=True))
+            continue
+        scans = new.scans - old.scans if new.scans >= old.scans else new.scans
+        if modes or scans or new.filenode != old.filenode:
+            touched.append(Touch(old.name, modes, new.filenode != old.filenode, scans))
+    return touched
+
+
+class Observer:
+    """Collects one StepObservation per step of the walk (install with observing())."""
+
+    def __init__(self, scratch: Run) -> None:
+        self.scratch = scratch
+        self.steps: list[StepObservation] = []
+        self._current: StepObservation | None = None
+        self._baseline: Snapshot | None = None
+        self._started = 0.0
+        self._monitor: Connection | None = None
+        self._outside: _Sampler | None = None
+
+    # -- driven by the walk ------------------------------------------------------------------------
+    def arm(self, revision: str, step: str, conn: Connection) -> None:
+        """A step is about to run on conn."""
+        self._baseline, self._started = None, time.monotonic()
+        if conn.in_transaction() and not _autocommit(conn):  # runs inside a transaction already open
+            self._baseline = snapshot(conn)
+        before = _names(self._baseline) if self._baseline is not None else frozenset()
+        self._current = StepObservation(revision, step, before)
+
+    def finish(self, conn: Connection) -> StepObservation | None:
+        """The step ran: close what is still open (one transaction for several steps)."""
+        found = self._current
+        if found is None:
+            return None
+        if self._baseline is not None and conn.in_transaction():
+            self._end(snapshot(conn))
+        found.seconds, found.complete = time.monotonic() - self._started, True
+        self.steps.append(found)
+        self._current, self._baseline = None, None
+        return found
+
+    def abort(self) -> None:
+        """The step failed: what it did is rolled back; keep nothing of it."""
+        self._stop_sampler()
+        self._current, self._baseline = None, None
+
+    def close(self) -> None:
+        self.abort()
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):
+                self._monitor.close()
+        self._monitor = None
+
+    # -- SQLAlchemy events ---------------------------------------------------------------------------
+    def on_begin(self, conn: Connection) -> None:
+        if self._current is not None and not _autocommit(conn):
+            self._baseline = snapshot(conn)
+            if not self._current.before:
+                self._current.before = _names(self._baseline)
+
+    def on_commit(self, conn: Connection) -> None:
+        if self._current is not None and self._baseline is not None and not _autocommit(conn):
+            self._end(snapshot(conn))
+
+    def on_rollback(self, conn: Connection) -> None:
+        if self._current is not None and not _autocommit(conn):
+            self._baseline = None
+
+    def on_statement(self, conn: Connection, statement: str) -> None:
+        """A statement is about to run: outside a transaction, watch it from a second connection."""
+        if self._current is None or not _autocommit(conn):
+            return
+        monitor = self._monitor_connection()
+        self._outside = _Sampler(monitor, _backend_pid(conn), statement)
+
+    def on_statement_done(self, failed: bool = False) -> None:
+        sampler, self._outside = self._outside, None
+        if sampler is None or self._current is None:
+            return
+        touched = sampler.stop()
+        if not failed and touched:
+            self._current.transactions.append(Transaction(touched, sampler.statement))
+
+    # -- helpers --------------------------------------------------------------------------------------
+    def _end(self, end: Snapshot) -> None:
+        assert self._current is not None and self._baseline is not None
+        touched = diff(self._baseline, end)
+        if touched:
+            self._current.transactions.append(Transaction(touched))
+        self._baseline = None
+
+    def _stop_sampler(self) -> None:
+        if self._outside is not None:
+            self._outside.stop()
+            self._outside = None
+
+    def _monitor_connection(self) -> Connection:
+        if self._monitor is None:
+            self._monitor = db.connect(self.scratch, "verify-observe", autocommit=True, connect_timeout=10)
+        return self._monitor
+
+
+def snapshot(conn: Connection) -> Snapshot:
+    """Read the tables and this backend's locks, inside conn's transaction (a driver cursor: no
+    SQLAlchemy events, nothing captured for the lint)."""
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(_SNAPSHOT)
+        return _parse(cursor.fetchall())
+    finally:
+        cursor.close()
+
+
+def _parse(rows: list[tuple[Any, ...]]) -> Snapshot:
+    relations: dict[int, Relation] = {}
+    locks: dict[int, set[str]] = {}
+    for row in rows:
+        if row[0] == "r":
+            relations[row[1]] = Relation(row[2], row[3], row[4], row[5] or 0)
+        else:
+            locks.setdefault(row[1], set()).add(row[2])
+    return Snapshot(relations, {oid: frozenset(m) for oid, m in locks.items()})
+
+
+def _names(snap: Snapshot) -> frozenset[str]:
+    return frozenset(r.name for r in snap.relations.values())
+
+
+def _autocommit(conn: Connection) -> bool:
+    dbapi = conn.connection.dbapi_connection
+    return bool(getattr(dbapi, "autocommit", False))
+
+
+def _backend_pid(conn: Connection) -> int:
+    dbapi = conn.connection.dbapi_connection
+    get = getattr(dbapi, "get_backend_pid", None)  # psycopg2
+    if get is not None:
+        return int(get())
+    info = getattr(dbapi, "info", None)  # psycopg 3
+    if info is not None and getattr(info, "backend_pid", None):
+        return int(info.backend_pid)
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute("SELECT pg_backend_pid()")
+        return int(cursor.fetchone()[0])
+    finally:
+        cursor.close()
+
+
+class _Sampler:
+    """Poll one backend's table locks from the monitor connection while its statement runs."""
+
+    def __init__(self, monitor: Connection, pid: int, statement: str) -> None:
+        self.statement, self.pid = statement, pid
+        self._cursor = monitor.connection.cursor()
+        self._cursor.execute(_RELATIONS)
+        self._before = _parse(self._cursor.fetchall())
+        self._seen: dict[int, set[str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="verify-lock-sampler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pause, started = 0.0005, time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self._cursor.execute(_SAMPLE, (self.pid,))
+                for oid, mode in self._cursor.fetchall():
+                    self._seen.setdefault(oid, set()).add(mode)
+            except Exception:  # noqa: BLE001 - sampling is best effort; the statement is what matters
+                return
+            # every ~ms at first; a long statement (waiting for old snapshots) is sampled less often
+            self._stop.wait(pause if time.monotonic() - started < 0.2 else 0.01)
+
+    def stop(self) -> list[Touch]:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self._cursor.execute(_RELATIONS)
+            after = _parse(self._cursor.fetchall())
+            self._cursor.close()
+        except Exception:  # noqa: BLE001 - the monitor connection died: report what was sampled
+            after = self._before
+        touched = []
+        for oid, old in self._before.relations.items():
+            modes = frozenset(self._seen.get(oid, ()))
+            new = after.relations.get(oid)
+            moved = new is not None and new.filenode != old.filenode
+            if modes or moved:
+                touched.append(Touch(old.name, modes, moved, None, dropped=new is None))
+        return touched
+
+
+# -- installation ---------------------------------------------------------------------------------------
+_active: Observer | None = None
+_installed = False
+
+
+@contextlib.contextmanager
+def observing(observer: Observer | None) -> Iterator[Observer | None]:
+    """Route SQLAlchemy's events to observer while the block runs (None: observe nothing)."""
+    global _active
+    if observer is None:
+        yield None
+        return
+    _install()
+    _active = observer
+    try:
+        yield observer
+    finally:
+        _active = None
+        observer.close()
+
+
+def _install() -> None:
+    global _installed
+    if _installed:
+        return
+    sa.event.listen(Engine, "begin", lambda conn: _route(conn, "on_begin"))
+    sa.event.listen(Engine, "commit", lambda conn: _route(conn, "on_commit"))
+    sa.event.listen(Engine, "rollback", lambda conn: _route(conn, "on_rollback"))
+    sa.event.listen(Engine, "before_cursor_execute", _before_execute)
+    sa.event.listen(Engine, "after_cursor_execute", _after_execute)
+    sa.event.listen(Engine, "handle_error", _on_error)
+    _installed = True
+
+
+def _ours(conn: Connection) -> bool:
+    return _active is not None and not conn.get_execution_options().get("runner_control")
+
+
+def _route(conn: Connection, method: str) -> None:
+    if _ours(conn):
+        getattr(_active, method)(conn)
+
+
+def _before_execute(conn: Connection, cursor: Any, statement: str, *args: Any) -> None:
+    if _ours(conn):
+        assert _active is not None
+        _active.on_statement(conn, statement)
+
+
+def _after_execute(conn: Connection, *args: Any) -> None:
+    if _ours(conn):
+        assert _active is not None
+        _active.on_statement_done()
+
+
+def _on_error(context: Any) -> None:
+    conn = getattr(context, "connection", None)
+    if conn is not None and _ours(conn):
+        assert _active is not None
+        _active.on_statement_done(failed=True)
