@@ -484,13 +484,17 @@ def test_locks_and_rewrites_hidden_from_the_lint_are_observed(pg: Cluster) -> No
     assert r.code == 13, r.err
     doc = report(r)
     assert sorted(findings(doc)) == [("error", "locks", "h002", "table-rewrite")] * 2 + [
-        ("error", "locks", "h003", "table-rewrite")]  # and nothing from the lint
-    assert doc["summary"]["statements_linted"] >= 4 and doc["summary"]["upgraded"] == 3
+        ("error", "locks", "h003", "table-rewrite"), ("error", "locks", "h004", "table-rewrite")]
+    # ... and nothing from the lint
+    assert doc["summary"]["statements_linted"] >= 4 and doc["summary"]["upgraded"] == 4
     for f in doc["findings"]:
         assert f["observed"]["lock"] == "ACCESS EXCLUSIVE" and f["observed"]["rewrite"] is True
         assert f["instead"] == "op.alter_column_type_expand / op.alter_column_type_contract"
-    assert sorted((f["revision"], f["observed"]["relation"]) for f in doc["findings"]) == [
-        ("h002", "public.accounts"), ("h002", "public.tiny"), ("h003", "public.tiny")]
+    seen = sorted((f["revision"], f["observed"]["relation"], f["observed"]["sampled"])
+                  for f in doc["findings"])
+    assert seen == [
+        ("h002", "public.accounts", False), ("h002", "public.tiny", False), ("h003", "public.tiny", False),
+        ("h004", "public.accounts", True)]  # outside a transaction: sampled from a second connection
     assert scratch_databases(pg) == [] and scratch_roles(pg) == []
 
 
@@ -523,7 +527,8 @@ def test_against_weighs_by_live_sizes_read_only_without_locks(pg: Cluster, datab
     found = {(f["revision"], f["observed"]["relation"]): f for f in doc["findings"] if f["check"] == "locks"}
     assert {k: f["severity"] for k, f in found.items()} == {("h002", "public.accounts"): "error",
                                                             ("h002", "public.tiny"): "error",
-                                                            ("h003", "public.tiny"): "note"}, found
+                                                            ("h003", "public.tiny"): "note",
+                                                            ("h004", "public.accounts"): "error"}, found
     big = found[("h002", "public.accounts")]
     assert big["observed"]["live_rows"] == 20000 and big["observed"]["live_bytes"] > 1_000_000
     assert big["observed"]["estimated_hold_s"] > 0.001

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import IO, Any
 
 from alembic.script import ScriptDirectory
@@ -145,9 +146,13 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
         summary.update(revisions=trips.round_tripped, irreversible=trips.irreversible,
                        upgraded=trips.upgraded)
         if observer is not None:
+            t0 = time.perf_counter()
             applied = revisions.ancestors(script, live.heads) if live is not None else set()
             findings += _locks(run, scratch, trips, observer.steps, marks, url if live else None,
                                against or "", applied, {t for _, t in exclude}, summary, observed)
+            # what observing cost this run (the walk's waits and the findings; not --against's reads)
+            summary["observation_s"] = round(observer.spent + time.perf_counter() - t0
+                                             - summary.get("weighing_s", 0.0), 3)
         findings += _models(trips, env.has_models, summary)  # at head: before any rebuild
         if live is not None:
             expected = trips.kept if trips.kept is not None else trips.fingerprint_at(live.heads)
@@ -173,6 +178,7 @@ def _locks(run: Run, scratch: Scratch, trips: RoundTrips, observations: list[Ste
                 for o in observations]
     settings = run.settings
     if url is not None:
+        t0 = time.perf_counter()
         sizes = weigh.read_sizes(run, url, against, [r.relation for _, recs in per_step for r in recs])
         heavy = any((r.rewritten or r.scanned_under_lock or r.full_update) and r.relation in sizes
                     for _, recs in per_step for r in recs)
@@ -181,6 +187,7 @@ def _locks(run: Run, scratch: Scratch, trips: RoundTrips, observations: list[Ste
             summary["rates_mb_s"] = rates.as_dict()
         for o, recs in per_step:
             hazards.estimate(recs, o, sizes, rates)
+        summary["weighing_s"] = round(time.perf_counter() - t0, 3)
     findings = []
     for o, recs in per_step:
         for rec in recs:

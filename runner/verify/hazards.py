@@ -60,7 +60,7 @@ class Record:
 
     @property
     def kind(self) -> str | None:
-        if self.rewritten and self._strong:
+        if self.rewritten:  # (a rewrite takes ACCESS EXCLUSIVE, even where sampling missed it)
             return "table-rewrite"
         if self.scanned_under_lock:
             return "scan-under-lock"
@@ -158,7 +158,7 @@ def _severity(rec: Record, kind: str, cap: float | None, applied: bool) -> tuple
 
 
 def _what(rec: Record, kind: str) -> str:
-    lock = mode_name(rec.mode) if rec.mode else "no lock seen"
+    lock = mode_name(rec.mode) if rec.mode else "a lock the sampling missed"
     waits = "reads and writes wait" if rec.mode == "AccessExclusiveLock" else "writes wait"
     how = " (sampled: it ran outside a transaction)" if rec.sampled else ""
     if kind == "table-rewrite":

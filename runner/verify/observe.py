@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -54,6 +55,7 @@ SELECT 'l', l.relation::bigint, l.mode, NULL, NULL, NULL FROM pg_locks l
 WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted AND l.relation >= 16384
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
+T = TypeVar("T")
 _SAMPLE = ("SELECT relation::bigint, mode FROM pg_locks WHERE pid = %s AND locktype = 'relation' "
            "AND granted AND relation >= 16384")
 
@@ -144,12 +146,27 @@ def diff(before: Snapshot, after: Snapshot) -> list[Touch]:
     return touched
 
 
+def _timed(method: Callable[..., T]) -> Callable[..., T]:
+    """Add the time a method takes to the observer's `spent`."""
+
+    @functools.wraps(method)
+    def timed(self: Observer, *args: Any, **kw: Any) -> T:
+        t0 = time.perf_counter()
+        try:
+            return method(self, *args, **kw)
+        finally:
+            self.spent += time.perf_counter() - t0
+
+    return timed
+
+
 class Observer:
     """Collects one StepObservation per step of the walk (install with observing())."""
 
     def __init__(self, scratch: Run) -> None:
         self.scratch = scratch
         self.steps: list[StepObservation] = []
+        self.spent = 0.0  # seconds the walk waited for the observation (its own cost, for the bench)
         self._current: StepObservation | None = None
         self._baseline: Snapshot | None = None
         self._started = 0.0
@@ -157,6 +174,7 @@ class Observer:
         self._outside: _Sampler | None = None
 
     # -- driven by the walk ------------------------------------------------------------------------
+    @_timed
     def arm(self, revision: str, step: str, conn: Connection) -> None:
         """A step is about to run on conn."""
         self._baseline, self._started = None, time.monotonic()
@@ -165,6 +183,7 @@ class Observer:
         before = _names(self._baseline) if self._baseline is not None else frozenset()
         self._current = StepObservation(revision, step, before)
 
+    @_timed
     def finish(self, conn: Connection) -> StepObservation | None:
         """The step ran: close what is still open (one transaction for several steps)."""
         found = self._current
@@ -190,12 +209,14 @@ class Observer:
         self._monitor = None
 
     # -- SQLAlchemy events ---------------------------------------------------------------------------
+    @_timed
     def on_begin(self, conn: Connection) -> None:
         if self._current is not None and not _autocommit(conn):
             self._baseline = snapshot(conn)
             if not self._current.before:
                 self._current.before = _names(self._baseline)
 
+    @_timed
     def on_commit(self, conn: Connection) -> None:
         if self._current is not None and self._baseline is not None and not _autocommit(conn):
             self._end(snapshot(conn))
@@ -204,6 +225,7 @@ class Observer:
         if self._current is not None and not _autocommit(conn):
             self._baseline = None
 
+    @_timed
     def on_statement(self, conn: Connection, statement: str) -> None:
         """A statement is about to run: outside a transaction, watch it from a second connection."""
         if self._current is None or not _autocommit(conn):
@@ -211,6 +233,7 @@ class Observer:
         monitor = self._monitor_connection()
         self._outside = _Sampler(monitor, _backend_pid(conn), statement)
 
+    @_timed
     def on_statement_done(self, failed: bool = False) -> None:
         sampler, self._outside = self._outside, None
         if sampler is None or self._current is None:
