@@ -56,6 +56,7 @@ WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted AND l.r
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 T = TypeVar("T")
+_FORCE_FLUSH = "SELECT pg_stat_force_next_flush();\n"
 _SAMPLE = ("SELECT relation::bigint, mode FROM pg_locks WHERE pid = %s AND locktype = 'relation' "
            "AND granted AND relation >= 16384")
 
@@ -172,6 +173,9 @@ class Observer:
         self._started = 0.0
         self._monitor: Connection | None = None
         self._outside: _Sampler | None = None
+        # the tables as they were committed last (their scan counters flushed since): the next
+        # transaction's baseline without reading it again; None when unknown (start, a failure)
+        self._known: Snapshot | None = None
 
     # -- driven by the walk ------------------------------------------------------------------------
     @_timed
@@ -179,7 +183,7 @@ class Observer:
         """A step is about to run on conn."""
         self._baseline, self._started = None, time.monotonic()
         if conn.in_transaction() and not _autocommit(conn):  # runs inside a transaction already open
-            self._baseline = snapshot(conn)
+            self._baseline = snapshot(conn, locks=False)
         before = _names(self._baseline) if self._baseline is not None else frozenset()
         self._current = StepObservation(revision, step, before)
 
@@ -212,14 +216,18 @@ class Observer:
     @_timed
     def on_begin(self, conn: Connection) -> None:
         if self._current is not None and not _autocommit(conn):
-            self._baseline = snapshot(conn)
+            # no locks yet (the transaction just began); the tables as the last commit left them,
+            # or read now (relfilenodes and scan counters only)
+            self._baseline = _fresh(self._known) if self._known is not None else snapshot(conn, locks=False)
             if not self._current.before:
                 self._current.before = _names(self._baseline)
 
     @_timed
     def on_commit(self, conn: Connection) -> None:
         if self._current is not None and self._baseline is not None and not _autocommit(conn):
-            self._end(snapshot(conn))
+            end = snapshot(conn, flush=True)
+            self._end(end)
+            self._known = end  # committed, and its scans sent before the next transaction begins
 
     def on_rollback(self, conn: Connection) -> None:
         if self._current is not None and not _autocommit(conn):
@@ -231,14 +239,17 @@ class Observer:
         if self._current is None or not _autocommit(conn):
             return
         monitor = self._monitor_connection()
-        self._outside = _Sampler(monitor, _backend_pid(conn), statement)
+        self._outside = _Sampler(monitor, _backend_pid(conn), statement, self._known)
 
     @_timed
-    def on_statement_done(self, failed: bool = False) -> None:
+    def on_statement_done(self, conn: Connection | None, failed: bool = False) -> None:
         sampler, self._outside = self._outside, None
         if sampler is None or self._current is None:
             return
-        touched = sampler.stop()
+        touched, after = sampler.stop()
+        self._known = None
+        if not failed and conn is not None and _flush_next(conn):
+            self._known = after  # its scans reach the statistics before the next transaction
         if not failed and touched:
             self._current.transactions.append(Transaction(touched, sampler.statement))
 
@@ -254,6 +265,7 @@ class Observer:
         if self._outside is not None:
             self._outside.stop()
             self._outside = None
+        self._known = None
 
     def _monitor_connection(self) -> Connection:
         if self._monitor is None:
@@ -261,12 +273,14 @@ class Observer:
         return self._monitor
 
 
-def snapshot(conn: Connection) -> Snapshot:
-    """Read the tables and this backend's locks, inside conn's transaction (a driver cursor: no
-    SQLAlchemy events, nothing captured for the lint)."""
+def snapshot(conn: Connection, locks: bool = True, flush: bool = False) -> Snapshot:
+    """Read the tables (and this backend's locks), inside conn's transaction (a driver cursor: no
+    SQLAlchemy events, nothing captured for the lint). flush: this backend's statistics are sent
+    as soon as the transaction ends, so the next one's scan counters start at zero."""
     cursor = conn.connection.cursor()
+    force = _FORCE_FLUSH if flush and _can_force_flush(conn) else ""
     try:
-        cursor.execute(_SNAPSHOT)
+        cursor.execute(force + (_SNAPSHOT if locks else _RELATIONS))
         return _parse(cursor.fetchall())
     finally:
         cursor.close()
@@ -281,6 +295,32 @@ def _parse(rows: list[tuple[Any, ...]]) -> Snapshot:
         else:
             locks.setdefault(row[1], set()).add(row[2])
     return Snapshot(relations, {oid: frozenset(m) for oid, m in locks.items()})
+
+
+def _fresh(snap: Snapshot) -> Snapshot:
+    """The committed tables as the next transaction's baseline: no locks held, no scan pending."""
+    return Snapshot({oid: dataclasses.replace(r, scans=0) for oid, r in snap.relations.items()}, {})
+
+
+def _can_force_flush(conn: Connection) -> bool:
+    """PostgreSQL 15+ keeps a backend's scan counters pending across transactions until it sends
+    them (pg_stat_force_next_flush() makes that happen at its next idle moment); 13 and 14 count
+    per transaction."""
+    return (conn.dialect.server_version_info or (0,)) >= (15,)
+
+
+def _flush_next(conn: Connection) -> bool:
+    """After a statement outside a transaction: have its scans sent before the next transaction;
+    return whether the next transaction's counters will start at zero."""
+    if not _can_force_flush(conn):
+        return True
+    try:
+        cursor = conn.connection.cursor()
+        cursor.execute(_FORCE_FLUSH)
+        cursor.close()
+    except Exception:  # noqa: BLE001 - then the next transaction reads its own baseline
+        return False
+    return True
 
 
 def _names(snap: Snapshot) -> frozenset[str]:
@@ -311,11 +351,13 @@ def _backend_pid(conn: Connection) -> int:
 class _Sampler:
     """Poll one backend's table locks from the monitor connection while its statement runs."""
 
-    def __init__(self, monitor: Connection, pid: int, statement: str) -> None:
+    def __init__(self, monitor: Connection, pid: int, statement: str, known: Snapshot | None) -> None:
         self.statement, self.pid = statement, pid
         self._cursor = monitor.connection.cursor()
-        self._cursor.execute(_RELATIONS)
-        self._before = _parse(self._cursor.fetchall())
+        if known is None:
+            self._cursor.execute(_RELATIONS)
+            known = _parse(self._cursor.fetchall())
+        self._before = known
         self._seen: dict[int, set[str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="verify-lock-sampler", daemon=True)
@@ -333,7 +375,8 @@ class _Sampler:
             # every ~ms at first; a long statement (waiting for old snapshots) is sampled less often
             self._stop.wait(pause if time.monotonic() - started < 0.2 else 0.01)
 
-    def stop(self) -> list[Touch]:
+    def stop(self) -> tuple[list[Touch], Snapshot]:
+        """Stop sampling; return what the statement did and the tables after it."""
         self._stop.set()
         self._thread.join(timeout=5)
         try:
@@ -349,7 +392,7 @@ class _Sampler:
             moved = new is not None and new.filenode != old.filenode
             if modes or moved:
                 touched.append(Touch(old.name, modes, moved, None, dropped=new is None))
-        return touched
+        return touched, after
 
 
 # -- installation ---------------------------------------------------------------------------------------
@@ -404,11 +447,11 @@ def _before_execute(conn: Connection, cursor: Any, statement: str, *args: Any) -
 def _after_execute(conn: Connection, *args: Any) -> None:
     if _ours(conn):
         assert _active is not None
-        _active.on_statement_done()
+        _active.on_statement_done(conn)
 
 
 def _on_error(context: Any) -> None:
     conn = getattr(context, "connection", None)
     if conn is not None and _ours(conn):
         assert _active is not None
-        _active.on_statement_done(failed=True)
+        _active.on_statement_done(conn, failed=True)
