@@ -1,23 +1,27 @@
 """Observe what each revision step really does to the tables: locks, rewrites, scans.
 
 Static lint reads SQL text; this reads PostgreSQL. For every step of the walk (upgrade,
-downgrade, upgrade again) it takes one snapshot of the step's own backend when its transaction
-begins and one just before it commits (SQLAlchemy's begin/commit events, on env.py's connection
-whatever engine it came from):
+downgrade, upgrade again) it takes a snapshot of the step's own backend just before its
+transaction commits (SQLAlchemy's commit event, on env.py's connection whatever engine it came
+from) and compares it with the tables as the previous commit left them (read when the
+transaction begins instead, after anything it did not observe):
 
 - locks: pg_locks rows of pg_backend_pid() on relations (granted; a lock is held until commit,
   so the commit-time snapshot has every lock the transaction took);
-- rewrites: pg_class.relfilenode changed between the two snapshots (a table rewrite, or a
-  TRUNCATE when the table was not read);
-- scans: pg_stat_get_xact_numscans() grew (a sequential scan of the whole table: a validation
-  scan, an index build, an UPDATE without a usable index, a rewrite).
+- rewrites: pg_class.relfilenode changed (a table rewrite, or a TRUNCATE when the table was not
+  read);
+- scans: pg_stat_get_xact_numscans() (a sequential scan of the whole table: a validation scan,
+  an index build, an UPDATE without a usable index, a rewrite). PostgreSQL 15+ keeps a backend's
+  counters pending across transactions until it sends them: the snapshot asks for them to be sent
+  (pg_stat_force_next_flush) so the next transaction's start from zero.
 
-A step that runs inside one transaction with its neighbours (env.py without
-transaction_per_migration) gets the difference between the snapshots at its start and its end.
+The walk gives every revision its own transaction (steps.run_env(per_migration=True)), so a
+step's locks are its own.
 
 Statements that run outside a transaction (`autocommit_block()`: CREATE INDEX CONCURRENTLY,
 ALTER TYPE ... ADD VALUE, VACUUM) have no commit to observe: their locks are sampled from a second
-connection every millisecond or so while the statement runs (a lock held for less than that can
+connection while the statement runs (at once, then 1, 2, 4 ... 32 ms apart: a statement takes its
+table locks as it starts and holds them to its end, but a lock taken and released in between can
 be missed), and relfilenode is compared before and after the statement.
 """
 
@@ -49,9 +53,15 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid >= 16384 AND c.relkind IN ('r', 'p', 'm')
   AND n.nspname NOT LIKE 'pg\_%' AND n.nspname <> 'information_schema'
 """
-_SNAPSHOT = _RELATIONS + r"""
-UNION ALL
-SELECT 'l', l.relation::bigint, l.mode, NULL, NULL, NULL FROM pg_locks l
+# every table this backend holds a lock on (a table read or changed is locked until commit), with
+# its name (NULL: dropped in this transaction), relfilenode and pending scan count
+_LOCKED = r"""
+SELECT l.relation::bigint, CASE WHEN c.oid IS NOT NULL THEN format('%I.%I', n.nspname, c.relname) END,
+       c.relkind::text, c.relfilenode::bigint,
+       pg_stat_get_xact_numscans(l.relation), l.mode
+FROM pg_locks l
+LEFT JOIN pg_class c ON c.oid = l.relation
+LEFT JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE l.pid = pg_backend_pid() AND l.locktype = 'relation' AND l.granted AND l.relation >= 16384
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
@@ -72,6 +82,10 @@ def strongest(modes: Iterator[str] | list[str] | set[str]) -> str | None:
     return found[-1] if found else None
 
 
+class ObservationFailed(RuntimeError):
+    """verify's own reads during a step failed: not the chain's fault."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Relation:
     name: str  # schema.table, quoted where needed (format('%I.%I')), as the fingerprint names it
@@ -84,6 +98,7 @@ class Relation:
 class Snapshot:
     relations: dict[int, Relation]
     locks: dict[int, frozenset[str]]
+    partial: bool = False  # only the tables this backend locked (the others did not change)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +148,7 @@ class StepObservation:
 def diff(before: Snapshot, after: Snapshot) -> list[Touch]:
     """What happened to each table between two snapshots of one transaction."""
     touched = []
-    for oid in sorted(set(before.relations) | set(after.locks)):
+    for oid in sorted(set(after.locks) if after.partial else set(before.relations) | set(after.locks)):
         old, new = before.relations.get(oid), after.relations.get(oid)
         if old is None:
             continue  # created in this transaction: nobody else can be using it
@@ -226,8 +241,9 @@ class Observer:
     def on_commit(self, conn: Connection) -> None:
         if self._current is not None and self._baseline is not None and not _autocommit(conn):
             end = snapshot(conn, flush=True)
+            baseline = self._baseline
             self._end(end)
-            self._known = end  # committed, and its scans sent before the next transaction begins
+            self._known = _merge(baseline, end)  # committed; its scans sent before the next transaction
 
     def on_rollback(self, conn: Connection) -> None:
         if self._current is not None and not _autocommit(conn):
@@ -280,8 +296,10 @@ def snapshot(conn: Connection, locks: bool = True, flush: bool = False) -> Snaps
     cursor = conn.connection.cursor()
     force = _FORCE_FLUSH if flush and _can_force_flush(conn) else ""
     try:
-        cursor.execute(force + (_SNAPSHOT if locks else _RELATIONS))
-        return _parse(cursor.fetchall())
+        cursor.execute(force + (_LOCKED if locks else _RELATIONS))
+        return _parse_locked(cursor.fetchall()) if locks else _parse(cursor.fetchall())
+    except Exception as exc:
+        raise ObservationFailed(f"verify could not read the locks and tables of a step: {exc}") from exc
     finally:
         cursor.close()
 
@@ -295,6 +313,29 @@ def _parse(rows: list[tuple[Any, ...]]) -> Snapshot:
         else:
             locks.setdefault(row[1], set()).add(row[2])
     return Snapshot(relations, {oid: frozenset(m) for oid, m in locks.items()})
+
+
+def _parse_locked(rows: list[tuple[Any, ...]]) -> Snapshot:
+    relations: dict[int, Relation] = {}
+    locks: dict[int, set[str]] = {}
+    for oid, name, kind, filenode, scans, mode in rows:
+        if name is not None and (kind not in ("r", "p", "m") or name.startswith(("pg_", '"pg_'))):
+            continue  # an index, a sequence, a temporary table
+        if name is not None:
+            relations[oid] = Relation(name, kind, filenode, scans or 0)
+        locks.setdefault(oid, set()).add(mode)
+    return Snapshot(relations, {oid: frozenset(m) for oid, m in locks.items()}, partial=True)
+
+
+def _merge(before: Snapshot, end: Snapshot) -> Snapshot:
+    """The tables after a transaction: before's, with what the end snapshot (partial) saw."""
+    relations = dict(before.relations)
+    for oid in end.locks:
+        if oid in end.relations:
+            relations[oid] = end.relations[oid]
+        else:
+            relations.pop(oid, None)  # dropped
+    return Snapshot(relations, {})
 
 
 def _fresh(snap: Snapshot) -> Snapshot:
@@ -364,7 +405,7 @@ class _Sampler:
         self._thread.start()
 
     def _run(self) -> None:
-        pause, started = 0.0005, time.monotonic()
+        pause = 0.001
         while not self._stop.is_set():
             try:
                 self._cursor.execute(_SAMPLE, (self.pid,))
@@ -372,8 +413,10 @@ class _Sampler:
                     self._seen.setdefault(oid, set()).add(mode)
             except Exception:  # noqa: BLE001 - sampling is best effort; the statement is what matters
                 return
-            # every ~ms at first; a long statement (waiting for old snapshots) is sampled less often
-            self._stop.wait(pause if time.monotonic() - started < 0.2 else 0.01)
+            # a statement takes its table locks as it starts and keeps them to the end: sample at
+            # once, then back off (1, 2, 4 ... 32 ms), so a long CONCURRENTLY build is not hammered
+            self._stop.wait(pause)
+            pause = min(pause * 2, 0.032)
 
     def stop(self) -> tuple[list[Touch], Snapshot]:
         """Stop sampling; return what the statement did and the tables after it."""

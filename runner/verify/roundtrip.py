@@ -30,7 +30,7 @@ from runner.migrate import sqlstate
 from runner.verify import capture, fingerprint, hazards, steps
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.lint import RevisionSql
-from runner.verify.observe import Observer
+from runner.verify.observe import ObservationFailed, Observer
 from runner.verify.report import ERROR, NOTE, WARN, Finding, relative
 from runner.verify.role import INSUFFICIENT_PRIVILEGE
 from runner.verify.scratch import Scratch
@@ -206,6 +206,8 @@ class RoundTrips:
             self.observer.abort()
         if isinstance(exc, _OwnError):
             raise exc.__cause__ or exc  # verify's own reads between steps: not the chain's fault
+        if _caused_by(exc, ObservationFailed):
+            raise exc  # verify's own reads during a step: not the chain's fault either
         if self._phase is None:  # env.py, before the first step (e.g. creating its version table)
             self.findings.append(Finding("migration", ERROR, "env.py failed before the first revision "
                                          f"ran: {steps.describe(exc)}"))
@@ -308,3 +310,13 @@ class RoundTrips:
             with contextlib.suppress(Exception):
                 self._conn.close()
         self._conn = None
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
