@@ -2,8 +2,8 @@
 
 Text: findings grouped by revision, most severe revision first (then chain order); inside a
 revision by check with counts, most severe first, at most GROUP_LINES lines per check (JSON has
-them all); failures that only follow from another finding are folded under it; the tables each
-revision was observed to lock; and a one-screen summary at the end.
+them all); failures that only follow from another finding are folded under it; the tables a
+revision was observed to lock, where that matters; and a one-screen summary at the end.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from runner.verify.units import human_bytes, human_rows, human_seconds
 ERROR, WARN, NOTE = "error", "warning", "note"
 SEVERITIES = (ERROR, WARN, NOTE)
 STATEMENT_CHARS = 240
-GROUP_LINES = 6  # findings shown per revision and check in the text report
+GROUP_LINES = 5  # findings shown per revision and check in the text report
 SUMMARY_REVISIONS = 12  # revisions named in the summary
 
 
@@ -155,7 +155,10 @@ def _group(rev: str | None, found: list[Finding], rows: list[dict[str, Any]]) ->
         for f in folded:
             if f.folded_into == check:
                 lines.append(f"      which also makes: {f.line(with_revision=False)}")
-    if rows:
+    # the table where the locks matter: a locks error or warning, a rewrite or a scan (a revision
+    # with brief locks only has its notes; the JSON has every row)
+    if rows and (any(f.check == "locks" and f.severity != NOTE for f in live)
+                 or any(r["rewrite"] or r["scan_under_lock"] for r in rows)):
         lines += _table(rows)
     return lines
 
