@@ -112,6 +112,26 @@ def identifier_or_off(raw: str) -> str:
     return raw
 
 
+def extension_names(raw: str) -> tuple[str, ...]:
+    items = tuple(x for x in re.split(r"[,\s]+", raw) if x)
+    if any(not re.fullmatch(r"[A-Za-z_][\w\-]{0,62}", x) for x in items):
+        raise ValueError("must be a comma-separated list of extension names, e.g. postgis,bloom")
+    return items
+
+
+def database_name(raw: str) -> str:
+    if len(raw.encode()) > 63 or any(ord(c) < 32 for c in raw) or not raw.strip():
+        raise ValueError("must be a database name (at most 63 bytes)")
+    return raw
+
+
+def setup_file(raw: str) -> Path:
+    found = path(raw)
+    if found.suffix not in (".sql", ".py"):
+        raise ValueError("must be a .sql file or a .py file defining setup(connection)")
+    return found
+
+
 def s3_uri(raw: str) -> str:
     if raw and not re.match(r"^s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/[^\x00-\x1f]*)?$", raw):
         raise ValueError("is not an S3 URI: use s3://BUCKET/PREFIX")
@@ -285,8 +305,10 @@ class Settings:
                             group="history")
     # -- verify ------------------------------------------------------------------------------------
     verify_database_url: DbUrl | None = setting(
-        "VERIFY_DATABASE_URL", "", "`verify`: a server where the runner may create and drop a "
-        "throwaway database (never the target). `VERIFY_DATABASE_URL_FILE` reads it from a file.",
+        "VERIFY_DATABASE_URL", "", "`verify`: the admin connection to a server where the runner may "
+        "create and drop a throwaway database and role (CREATEDB and CREATEROLE; never the target); "
+        "the revisions run as that least-privilege role. `VERIFY_DATABASE_URL_FILE` reads it from a "
+        "file.",
         secret=True, shown="(required for verify)", value=None, group="verify")
     verify_lint: str = setting("VERIFY_LINT", "error", "`verify`: lint findings are `error` (exit 13), "
                                "`warn` (reported only) or `off`.", choice("error", "warn", "off"),
@@ -316,6 +338,37 @@ class Settings:
     online_backfill_progress_interval: float = setting(
         "ONLINE_BACKFILL_PROGRESS_INTERVAL", "5s", "How often a backfill logs its progress (rows done "
         "of the estimated total, rows/s, ETA).", duration(3600.0), group="online")
+    verify_role_url: DbUrl | None = setting(
+        "VERIFY_ROLE_URL", "", "`verify`: run the revisions as this existing role (user and "
+        "password; host and port must be VERIFY_DATABASE_URL's) instead of a throwaway one. It must "
+        "be NOSUPERUSER NOCREATEDB NOCREATEROLE, and the VERIFY_DATABASE_URL role a member of it. "
+        "`VERIFY_ROLE_URL_FILE` reads it from a file.", secret=True, shown="(a throwaway role)",
+        value=None, group="verify")
+    verify_extensions: tuple[str, ...] = setting(
+        "VERIFY_EXTENSIONS", "", "`verify`: extensions created in the scratch database by the "
+        "VERIFY_DATABASE_URL role before the first revision (comma-separated), for chains that need "
+        "one the revisions' role may not create.", extension_names, shown="(none)", value=(),
+        group="verify")
+    verify_template: str | None = setting(
+        "VERIFY_TEMPLATE", "", "`verify`: create the scratch database from this template database on "
+        "the verify server (the tables a chain expects before its first revision).",
+        database_name, shown="(template1)", value=None, group="verify")
+    verify_setup: Path | None = setting(
+        "VERIFY_SETUP", "", "`verify`: a `.sql` file, or a `.py` file defining `setup(connection)`, "
+        "run on every fresh scratch database before the first revision, as the revisions' role.",
+        setup_file, shown="(none)", value=None, group="verify")
+    verify_roundtrip: str = setting(
+        "VERIFY_ROUNDTRIP", "error", "`verify`: `error`: a downgrade that fails or does not undo its "
+        "upgrade fails verify; `warn`: reported as warnings; `off`: upgrades only (lint, observed "
+        "locks, models and drift still checked).", choice("error", "warn", "off"), group="verify")
+    verify_locks: str = setting(
+        "VERIFY_LOCKS", "error", "`verify`: findings from the locks and rewrites each revision was "
+        "observed to take are `error` (exit 13 when they fail), `warn` (reported only) or `off` (not "
+        "observed).", choice("error", "warn", "off"), group="verify")
+    verify_max_lock_hold: float = setting(
+        "VERIFY_MAX_LOCK_HOLD", "3s", "`verify --against`: the longest a revision may hold a lock that "
+        "blocks the application (SHARE or stronger on an existing table), estimated from the live "
+        "table's size; above it the finding is an error.", duration(3600.0, pg=True), group="verify")
     # -- fleets ------------------------------------------------------------------------------------
     targets_file: Path | None = setting(
         "TARGETS_FILE", "", "Fleet mode: one target per line (a full URL, or a name substituted into "
@@ -352,7 +405,7 @@ class Settings:
 
 SETTINGS: tuple[Setting, ...] = tuple(f.metadata["setting"] for f in dataclasses.fields(Settings))
 _FIELDS = {f.metadata["setting"].env: f.name for f in dataclasses.fields(Settings)}
-_URL_SETTINGS = ("DATABASE_URL", "VERIFY_DATABASE_URL", "DATABASE_URL_TEMPLATE")
+_URL_SETTINGS = ("DATABASE_URL", "VERIFY_DATABASE_URL", "VERIFY_ROLE_URL", "DATABASE_URL_TEMPLATE")
 
 
 def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] | None = None,

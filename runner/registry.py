@@ -132,7 +132,7 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("[--to REV] [--scratch]", "print the SQL upgrade would run (offline, or captured "
                     "on a throwaway database with --scratch)", _plan, "runner.commands:plan"),
     "verify": Command("[--from REV] [--against [VAR]] [--format json]", "prove the chain safe on a "
-                      "throwaway database: round trips, lint, models, drift", _verify,
+                      "throwaway database: round trips, lint, observed locks, models, drift", _verify,
                       "runner.verify:command"),
     "backup": Command("", "back the database up to BACKUP_S3_URI now (under the lock)", _nothing,
                       "runner.commands:backup"),

@@ -41,6 +41,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "settings-brief": lambda: config.markdown_table(("core", "backup"), brief=True),
     "settings-fleet": lambda: config.markdown_table(("fleet",)),
     "settings-online": lambda: config.markdown_table(("online",)),
+    "settings-verify": lambda: config.markdown_table(("verify",)),
     "commands": _commands,
     "retriable-codes": _retriable,
     "non-retriable-codes": _non_retriable,

@@ -1,11 +1,14 @@
 """`verify`: prove a migration chain safe on a throwaway database before it reaches production.
 
-    chain hygiene -> scratch database -> round trips (SQL captured) -> models vs migrations
-    -> drift of a live database (--against) -> lint of the captured SQL -> findings, exit 13
+    chain hygiene -> scratch database and least-privilege role -> round trips (SQL captured,
+    locks and rewrites observed) -> models vs migrations -> drift of a live database (--against)
+    -> observed locks weighed by the live sizes -> lint of the captured SQL -> findings, exit 13
 
-Modules: scratch (the throwaway database), steps (env.py one revision at a time), capture (the
-SQL really executed), fingerprint (schema from pg_catalog, diff), roundtrip, lint (Squawk),
-models, drift, report. `plan --scratch` reuses scratch, steps and capture.
+Modules: scratch (the throwaway database), role (who runs the revisions), prepare (template,
+extensions, setup), steps (env.py one revision at a time), capture (the SQL really executed),
+observe (locks, rewrites, scans per step), hazards (findings from them), weigh (live sizes,
+estimated hold), fingerprint (schema from pg_catalog, diff), roundtrip, lint (Squawk), models,
+drift, report. `plan --scratch` reuses scratch, steps and capture.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import IO, Any
 
 from alembic.script import ScriptDirectory
@@ -21,10 +25,11 @@ from runner import db, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, PreflightRefused, VerifyFailed
 from runner.revisions import DbState
-from runner.verify import capture, drift, lint, models, steps
+from runner.verify import capture, drift, hazards, lint, models, steps, weigh
 from runner.verify.fingerprint import Table
-from runner.verify.report import ERROR, NOTE, WARN, Finding, relative, short, write
-from runner.verify.roundtrip import Markers, RoundTrips, markers
+from runner.verify.observe import Observer, StepObservation, observing
+from runner.verify.report import ERROR, NOTE, WARN, Finding, fold, relative, short, write
+from runner.verify.roundtrip import DOWN, FIRST, Markers, RoundTrips, markers
 from runner.verify.scratch import Scratch, scratch_database, server_run
 
 
@@ -43,16 +48,21 @@ def verify(run: Run, from_rev: str | None, against: str | None, fmt: str,
     binary = lint.squawk_binary() if settings.verify_lint != "off" else None
     findings, script = _chain(run)
     summary: dict[str, Any] = {"revisions": 0, "irreversible": 0, "statements_linted": 0,
-                               "lint": settings.verify_lint, "models": "not compared", "drift": None}
+                               "lint": settings.verify_lint, "models": "not compared", "drift": None,
+                               "roundtrip": settings.verify_roundtrip, "upgraded": 0,
+                               "locks": settings.verify_locks, "against": bool(against)}
+    observed: list[dict[str, Any]] = []
+    order: list[str] = []
     if script is not None:
         walked = _walk_set(script, from_rev)
         marks: dict[str, Markers] = {}
         for s in steps.topological(script):
             marks[s.revision], problems = markers(s)
             findings += problems
+            order.append(s.revision)
         with run.timed("verify"), scratch_database(run) as scratch:
-            findings += _check(run, scratch, script, walked, marks, url, against, binary, summary)
-    _finish(run, findings, summary, fmt, out)
+            findings += _check(run, scratch, script, walked, marks, url, against, binary, summary, observed)
+    _finish(run, fold(findings), summary, fmt, out, observed, order)
 
 
 def plan_scratch(run: Run, target: str, out: IO[str]) -> None:
@@ -64,7 +74,7 @@ def plan_scratch(run: Run, target: str, out: IO[str]) -> None:
     script = revisions.load_scripts(_config(run))
     with scratch_database(run) as scratch:
         cfg = revisions.alembic_config(scratch.run.settings)
-        with run.cancel.on_cancel(lambda: db.cancel_own_statements(scratch.run)):
+        with run.cancel.on_cancel(scratch.cancel):
             env = _facts(scratch, cfg, script)
             heads = drift.read_heads(run, run.settings.database_url, "DATABASE_URL",
                                      (env.version_schema, env.version_table))
@@ -105,10 +115,14 @@ def _walk_set(script: ScriptDirectory, from_rev: str | None) -> set[str] | None:
 
 def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str] | None,
            marks: dict[str, Markers], url: Any, against: str | None, binary: Any,
-           summary: dict[str, Any]) -> list[Finding]:
+           summary: dict[str, Any], observed: list[dict[str, Any]]) -> list[Finding]:
     cfg = revisions.alembic_config(scratch.run.settings)
-    with run.cancel.on_cancel(lambda: db.cancel_own_statements(scratch.run)):
+    with run.cancel.on_cancel(scratch.cancel):
         env = _facts(scratch, cfg, script)
+        if env.heads:
+            raise ConfigError(f"the fresh scratch database is already at {revisions.fmt(env.heads)} "
+                              "(VERIFY_TEMPLATE or VERIFY_SETUP stamped it): verify walks the chain "
+                              "from its start; leave the version table out of the template")
         version: Table = (env.version_schema, env.version_table)
         exclude = [version]
         if run.settings.history_table != "off":  # the ledger's tables live next to the version table
@@ -122,12 +136,23 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
                                     revisions.fmt(live.heads)))
             live = None
         order = [s.revision for s in steps.topological(script)]
+        observer = Observer(scratch.run) if run.settings.verify_locks != "off" else None
         trips = RoundTrips(scratch, cfg, script, exclude, env.version_table, marks,
-                           live.heads if live else None)
-        trips.walk([r for r in order if walked is not None and r not in walked],
-                   [r for r in order if walked is None or r in walked])
+                           live.heads if live else None, observer)
+        with observing(observer):
+            trips.walk([r for r in order if walked is not None and r not in walked],
+                       [r for r in order if walked is None or r in walked])
         findings += trips.findings
-        summary.update(revisions=trips.round_tripped, irreversible=trips.irreversible)
+        summary.update(revisions=trips.round_tripped, irreversible=trips.irreversible,
+                       upgraded=trips.upgraded)
+        if observer is not None:
+            t0 = time.perf_counter()
+            applied = revisions.ancestors(script, live.heads) if live is not None else set()
+            findings += _locks(run, scratch, trips, observer.steps, marks, url if live else None,
+                               against or "", applied, {t for _, t in exclude}, summary, observed)
+            # what observing cost this run (the walk's waits and the findings; not --against's reads)
+            summary["observation_s"] = round(observer.spent + time.perf_counter() - t0
+                                             - summary.get("weighing_s", 0.0), 3)
         findings += _models(trips, env.has_models, summary)  # at head: before any rebuild
         if live is not None:
             expected = trips.kept if trips.kept is not None else trips.fingerprint_at(live.heads)
@@ -142,6 +167,59 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
     return findings
 
 
+def _locks(run: Run, scratch: Scratch, trips: RoundTrips, observations: list[StepObservation],
+           marks: dict[str, Markers], url: Any, against: str, applied: set[str], skip: set[str],
+           summary: dict[str, Any], observed: list[dict[str, Any]]) -> list[Finding]:
+    """Findings from what each step was observed to do to existing tables, weighed by the live
+    database's sizes when there is one."""
+    existing = {o.revision: o.before for o in observations if o.step == FIRST}
+    per_step = [(o, hazards.records(o, existing.get(o.revision, o.before),
+                                    {n for n in _names(o) if n.rsplit(".", 1)[-1].strip('"') in skip}))
+                for o in observations]
+    settings = run.settings
+    if url is not None:
+        t0 = time.perf_counter()
+        sizes = weigh.read_sizes(run, url, against, [r.relation for _, recs in per_step for r in recs])
+        heavy = any((r.rewritten or r.scanned_under_lock or r.full_update) and r.relation in sizes
+                    for _, recs in per_step for r in recs)
+        rates = _calibrate(scratch) if heavy else None
+        if rates is not None:
+            summary["rates_mb_s"] = rates.as_dict()
+        for o, recs in per_step:
+            hazards.estimate(recs, o, sizes, rates)
+        summary["weighing_s"] = round(time.perf_counter() - t0, 3)
+    findings = []
+    for o, recs in per_step:
+        for rec in recs:
+            observed.append(rec.row())
+            if o.step not in (FIRST, DOWN):
+                continue
+            found = hazards.finding(rec, trips.file_of(o.revision), mode=settings.verify_locks,
+                                    cap=settings.verify_max_lock_hold if url is not None else None,
+                                    applied=o.revision in applied,
+                                    allow=marks.get(o.revision, Markers(None, {})).allow,
+                                    changes=trips.changes.get(o.revision, []))
+            if found is not None:
+                findings.append(found)
+    firsts = [r for o, recs in per_step if o.step == FIRST for r in recs]
+    summary.update(observed_tables=sum(1 for r in firsts if r.kind is not None),
+                   rewrites=sum(r.rewritten for r in firsts),
+                   scans_under_lock=sum(r.scanned_under_lock for r in firsts))
+    return findings
+
+
+def _names(o: StepObservation) -> set[str]:
+    return {t.relation for txn in o.transactions for t in txn.touched}
+
+
+def _calibrate(scratch: Scratch) -> weigh.Rates:
+    with db.connect(scratch.run, "verify-calibrate", connect_timeout=10) as conn:
+        rates = weigh.calibrate(conn)
+    scratch.server.log("verify.rates", "measured this server's rates for the estimates (MB/s)",
+                       **rates.as_dict())
+    return rates
+
+
 def _models(trips: RoundTrips, has_models: bool, summary: dict[str, Any]) -> list[Finding]:
     if not has_models:
         summary["models"] = "none"
@@ -153,10 +231,11 @@ def _models(trips: RoundTrips, has_models: bool, summary: dict[str, Any]) -> lis
     return [Finding("models", ERROR, models.describe(d)) for d in diffs]
 
 
-def _finish(run: Run, findings: list[Finding], summary: dict[str, Any], fmt: str, out: IO[str]) -> None:
+def _finish(run: Run, findings: list[Finding], summary: dict[str, Any], fmt: str, out: IO[str],
+            observed: list[dict[str, Any]], order: list[str]) -> None:
     counts = {sev: sum(f.severity == sev for f in findings) for sev in (ERROR, WARN, NOTE)}
     summary.update(errors=counts[ERROR], warnings=counts[WARN], notes=counts[NOTE])
-    write(findings, summary, fmt, out)
+    write(findings, summary, fmt, out, observed, order)
     run.summary.update(verify=summary)
     run.cancel.check()  # a signal during the lint: exit as interrupted, not with a verdict
     if counts[ERROR]:

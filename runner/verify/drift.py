@@ -1,7 +1,11 @@
 """Drift: compare a live database with the schema its own revision should have.
 
 The live database is only read: one REPEATABLE READ, READ ONLY transaction (its revision and
-its fingerprint from the same snapshot), no lock, no env.py, nothing written.
+its fingerprint from the same snapshot), no env.py, nothing written. The catalog reads take no
+lock on a table, except where PostgreSQL's deparsers print a definition (pg_get_indexdef,
+pg_get_constraintdef, pg_get_expr, pg_get_viewdef): they take ACCESS SHARE (the weakest lock,
+which conflicts only with ACCESS EXCLUSIVE) on the table concerned until the read ends; the
+session waits at most LIVE_LOCK_TIMEOUT for one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from runner import config, db, dburl
 from runner.context import Run
 from runner.dburl import DbUrl
 from runner.errors import ConfigError, NotReady
+from runner.migrate import sqlstate
 from runner.revisions import fmt
 from runner.sqlname import qualified
 from runner.verify import fingerprint
@@ -25,6 +30,8 @@ from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.report import ERROR, Finding
 from runner.wait import reason
 
+LIVE_LOCK_TIMEOUT = 5.0
+LOCK_NOT_AVAILABLE = "55P03"
 _VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
 
 
@@ -57,7 +64,7 @@ def live_url(run: Run, var: str) -> DbUrl:
 
 def read(run: Run, url: DbUrl, var: str, version: Table, exclude: list[Table]) -> Live:
     """Read the live database's revision and fingerprint, read-only, from one snapshot."""
-    with _read_only(run, url, var) as conn:
+    with read_only(run, url, var) as conn:
         heads = _heads(conn, version)
         fp = fingerprint.query(conn, exclude)
     run.log("verify.live", f"read the live database {url.safe_target} (read-only)", revision=fmt(heads))
@@ -66,12 +73,12 @@ def read(run: Run, url: DbUrl, var: str, version: Table, exclude: list[Table]) -
 
 def read_heads(run: Run, url: DbUrl, var: str, version: Table) -> tuple[str, ...]:
     """Read only the live database's revision(s), read-only."""
-    with _read_only(run, url, var) as conn:
+    with read_only(run, url, var) as conn:
         return _heads(conn, version)
 
 
 @contextlib.contextmanager
-def _read_only(run: Run, url: DbUrl, var: str) -> Iterator[sa.Connection]:
+def read_only(run: Run, url: DbUrl, var: str) -> Iterator[sa.Connection]:
     """A REPEATABLE READ, READ ONLY transaction on the live database, rolled back at the end."""
     live = dataclasses.replace(run, settings=dataclasses.replace(run.settings, database_url=url))
     try:
@@ -84,7 +91,17 @@ def _read_only(run: Run, url: DbUrl, var: str) -> Iterator[sa.Connection]:
         trans = conn.begin()
         try:
             conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+            # PostgreSQL's deparsers (pg_get_indexdef, pg_get_constraintdef, pg_get_expr,
+            # pg_get_viewdef) take ACCESS SHARE on the table they print: never wait long for one
+            conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{int(LIVE_LOCK_TIMEOUT * 1000)}ms'")
             yield conn
+        except sa.exc.DBAPIError as exc:
+            if sqlstate(exc) != LOCK_NOT_AVAILABLE:
+                raise
+            raise NotReady(f"{var}: reading {url.safe_target}'s index, constraint or view definitions "
+                           f"waited {LIVE_LOCK_TIMEOUT:g}s for a table another session holds in ACCESS "
+                           "EXCLUSIVE mode (a migration running there?): run verify --against again "
+                           "later") from None
         finally:
             trans.rollback()  # nothing to keep: it only read
 

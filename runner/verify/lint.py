@@ -41,6 +41,18 @@ EXCLUDED: dict[str, str] = {
     "ban-char-field": "style, not a migration hazard",
     "require-enum-value-ordering": "style, not a migration hazard",
 }
+# rule -> the online operation that does the same without the blocking lock
+INSTEAD: dict[str, str] = {
+    "require-concurrent-index-creation": "op.create_index_online",
+    "require-concurrent-index-deletion": "op.drop_index_online",
+    "adding-foreign-key-constraint": "op.create_foreign_key_online",
+    "adding-not-nullable-field": "op.set_not_null_online",
+    "changing-column-type": "op.alter_column_type_expand / op.alter_column_type_contract",
+    "renaming-column": "op.rename_column_expand / op.rename_column_contract",
+    "disallowed-unique-constraint": "op.create_unique_constraint_online",
+    "adding-field-with-default": "op.add_column_online",
+    "adding-required-field": "op.add_column_online",
+}
 NOT_PARSED = "syntax-error"  # Squawk's parser lags PostgreSQL's: the server ran it, so it is valid
 
 _NAME = r'(?:"(?:[^"]|"")+"|[A-Za-z_][\w$]*)'
@@ -147,7 +159,15 @@ def _finding(rev: RevisionSql, statement: str, item: dict, mode: str) -> Finding
         return Finding("lint", NOTE, f"allowed by runner_allow: {rev.allow[rule]}", rev.revision,
                        rev.file, rule, short(statement), message)
     return Finding("lint", ERROR if mode == "error" else WARN, message, rev.revision, rev.file, rule,
-                   short(statement), helptext)
+                   short(statement), helptext, instead=instead(rule, statement))
+
+
+def instead(rule: str, statement: str) -> str | None:
+    """The online operation to use instead of what a rule flags."""
+    if rule == "constraint-missing-not-valid":
+        foreign = re.search(r"\b(FOREIGN\s+KEY|REFERENCES)\b", statement, re.I)
+        return "op.create_foreign_key_online" if foreign else "op.create_check_constraint_online"
+    return INSTEAD.get(rule)
 
 
 def _run(binary: Path, files: list[str], pg_version: str) -> list[dict]:

@@ -5,17 +5,17 @@ upgrade r again. A revision may declare itself irreversible:
     runner_irreversible = "drops the legacy audit table; restore it from a backup instead"
 
 The whole walk is one env.py run: the steps come from a generator, which Alembic asks for the
-next step only once the previous one is applied (and, per migration, committed), so the
-fingerprints are read between steps, on env.py's own connection (inside its transaction when
-env.py runs every revision in one). A failing step ends that run; the walk rebuilds the scratch
-database and goes on with the next revision.
+next step only once the previous one is applied and committed (every revision in a transaction
+of its own, as `upgrade` runs them, whatever env.py's transaction_per_migration says), so the
+fingerprints are read between steps, on env.py's own connection. A failing step ends that run;
+the walk rebuilds the scratch database and goes on with the next revision.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import sqlalchemy as sa
@@ -26,10 +26,13 @@ from sqlalchemy.engine import Connection
 
 from runner import db
 from runner.errors import RunnerError
-from runner.verify import capture, fingerprint, steps
+from runner.migrate import sqlstate
+from runner.verify import capture, fingerprint, hazards, steps
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.lint import RevisionSql
-from runner.verify.report import ERROR, NOTE, Finding, relative
+from runner.verify.observe import ObservationFailed, Observer
+from runner.verify.report import ERROR, NOTE, WARN, Finding, relative
+from runner.verify.role import INSUFFICIENT_PRIVILEGE
 from runner.verify.scratch import Scratch
 
 
@@ -37,7 +40,8 @@ class _OwnError(Exception):
     """verify's own work between two steps failed (the cause is attached)."""
 
 
-FIRST, DOWN, AGAIN, REBUILD = "upgrade", "downgrade", "upgrade again (after its downgrade)", "rebuild"
+FIRST, DOWN, AGAIN, REBUILD = "upgrade", "downgrade", "upgrade again", "rebuild"
+_DOING = {AGAIN: "upgrade again (after its downgrade)", REBUILD: "rebuilding the scratch database: upgrade"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +75,13 @@ class RoundTrips:
     fingerprint at one given revision."""
 
     def __init__(self, scratch: Scratch, cfg: Config, script: ScriptDirectory, exclude: list[Table],
-                 version_table: str, marks: dict[str, Markers], keep_at: tuple[str, ...] | None) -> None:
+                 version_table: str, marks: dict[str, Markers], keep_at: tuple[str, ...] | None,
+                 observer: Observer | None = None) -> None:
         self.scratch, self.cfg, self.script = scratch, cfg, script
+        self.mode = scratch.server.settings.verify_roundtrip  # error, warn, off (upgrades only)
+        self.observer = observer
+        self.changes: dict[str, list[str]] = {}  # revision -> how its upgrade changed each table
+        self.upgraded = 0
         self.exclude, self.version_table, self.marks = exclude, version_table, marks
         self.keep_at = None if keep_at is None else frozenset(keep_at)
         self.kept: Fingerprint | None = None
@@ -96,7 +105,8 @@ class RoundTrips:
         with self._connection():
             while True:
                 try:
-                    steps.run_env(self.cfg, self.script, self._conn, lambda rev, ctx: self._steps(ctx))
+                    steps.run_env(self.cfg, self.script, self._conn, lambda rev, ctx: self._steps(ctx),
+                                  per_migration=True)
                 except RunnerError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a revision can raise anything: a finding
@@ -127,7 +137,7 @@ class RoundTrips:
     def _steps(self, context: Any) -> Iterator[RevisionStep]:
         conn = context.connection
         for rev in self._rebuild:
-            yield from self._step(rev, REBUILD)
+            yield from self._step(rev, REBUILD, conn)
             self.applied.append(rev)
         self._rebuild = []
         if self._before is None:
@@ -135,32 +145,55 @@ class RoundTrips:
         while self._todo:
             rev = self._todo[0]
             mark = self.marks.get(rev, Markers(None, {}))
+            before = self._before
             self._seen = capture.begin(self.version_table)
-            yield from self._step(rev, FIRST)
+            yield from self._step(rev, FIRST, conn)
             self._end_capture(rev)
             self.applied.append(rev)
-            if mark.irreversible:
+            if self.mode == "off":
+                pass
+            elif mark.irreversible:
                 self.irreversible += 1
                 self._finding(NOTE, "roundtrip", f"not round-tripped: declared irreversible "
                               f"({mark.irreversible})", rev)
             else:
-                yield from self._step(rev, DOWN)
-                for line in fingerprint.diff(self._before, self._fingerprint(conn, keep=False)):
-                    self._finding(ERROR, "roundtrip", f"the downgrade does not undo the upgrade: {line} "
-                                  "[after the downgrade, compared with before the upgrade]", rev)
-                yield from self._step(rev, AGAIN)
+                yield from self._step(rev, DOWN, conn)
+                for line in fingerprint.diff(before or {}, self._fingerprint(conn, keep=False)):
+                    self._finding(self._severity, "roundtrip", f"the downgrade does not undo the upgrade: "
+                                  f"{line} [after the downgrade, compared with before the upgrade]", rev)
+                yield from self._step(rev, AGAIN, conn)
                 self.round_tripped += 1
             self._before = self._fingerprint(conn)
+            self.changes[rev] = hazards.changes(before, self._before)
+            self.upgraded += 1
             self._todo.pop(0)
             self.scratch.server.log("verify.revision", f"{rev}: " + (
-                "upgraded (irreversible)" if mark.irreversible else "upgraded, downgraded, upgraded again"))
+                "upgraded" if self.mode == "off" else "upgraded (irreversible)" if mark.irreversible
+                else "upgraded, downgraded, upgraded again"))
 
-    def _step(self, rev: str, phase: str) -> Iterator[RevisionStep]:
+    @property
+    def _severity(self) -> str:
+        """Round-trip problems fail verify unless VERIFY_ROUNDTRIP=warn."""
+        return WARN if self.mode == "warn" else ERROR
+
+    def _step(self, rev: str, phase: str, conn: Connection) -> Iterator[RevisionStep]:
         self._phase, self._ran = (rev, phase), False
+        watch = self.observer if phase != REBUILD else None
+        if watch is not None:
+            self._own(lambda: watch.arm(rev, phase, conn))
         yield steps.step(self.script, rev, phase != DOWN, on_run=self._mark_ran)
         if not self._ran:  # a generator only works if Alembic applies each step before the next
             raise RuntimeError("Alembic asked for the next migration step before running this one")
+        if watch is not None:
+            self._own(lambda: watch.finish(conn))
         self._phase = None  # done: a failure from here on is not this step's
+
+    def _own(self, work: Callable[[], object]) -> None:
+        """verify's own reads between two steps: their failure is not the chain's."""
+        try:
+            work()
+        except Exception as exc:
+            raise _OwnError() from exc
 
     def _mark_ran(self) -> None:
         self._ran = True
@@ -169,8 +202,12 @@ class RoundTrips:
     def _failed(self, exc: BaseException) -> bool:
         """Record a failed step; return whether the walk can go on (rebuilt from empty)."""
         self.scratch.server.cancel.check()  # a signal or the deadline: stop, don't report
+        if self.observer is not None:
+            self.observer.abort()
         if isinstance(exc, _OwnError):
             raise exc.__cause__ or exc  # verify's own reads between steps: not the chain's fault
+        if _caused_by(exc, ObservationFailed):
+            raise exc  # verify's own reads during a step: not the chain's fault either
         if self._phase is None:  # env.py, before the first step (e.g. creating its version table)
             self.findings.append(Finding("migration", ERROR, "env.py failed before the first revision "
                                          f"ran: {steps.describe(exc)}"))
@@ -180,8 +217,13 @@ class RoundTrips:
         hint = ""
         if phase == DOWN and isinstance(exc, NotImplementedError):
             hint = '; if it cannot be undone, declare it: runner_irreversible = "reason"'
-        what = "rebuilding the scratch database: upgrade" if phase == REBUILD else phase
-        self._finding(ERROR, "migration", f"{what} failed: {steps.describe(exc)}{hint}", rev)
+        elif sqlstate(exc) == INSUFFICIENT_PRIVILEGE:
+            hint = ("; verify runs revisions as a role that owns only the scratch database (not a "
+                    "superuser, no CREATEDB or CREATEROLE): an extension it may not create goes in "
+                    "VERIFY_EXTENSIONS or VERIFY_TEMPLATE")
+        what = _DOING.get(phase, phase)
+        self._finding(self._severity if phase in (DOWN, AGAIN) else ERROR, "migration",
+                      f"{what} failed: {steps.describe(exc)}{hint}", rev, step=phase)
         if phase in (FIRST, REBUILD):
             return False  # what follows builds on it
         # the database is in no known state: start over from empty, then the next revision
@@ -198,13 +240,13 @@ class RoundTrips:
             return
         capture.end()
         executed = [s.sql for s in self._seen if not (s.version_table or s.catalog_read)]
-        self.sql.append(RevisionSql(rev, self._file(rev), executed,
+        self.sql.append(RevisionSql(rev, self.file_of(rev), executed,
                                     fingerprint.relation_names(self._before or {}),
                                     self.marks.get(rev, Markers(None, {})).allow))
         self._seen = None
 
-    def _finding(self, severity: str, check: str, message: str, rev: str) -> None:
-        self.findings.append(Finding(check, severity, message, rev, self._file(rev)))
+    def _finding(self, severity: str, check: str, message: str, rev: str, step: str | None = None) -> None:
+        self.findings.append(Finding(check, severity, message, rev, self.file_of(rev), step=step))
 
     # -- fingerprints --------------------------------------------------------------------------------
     def _fingerprint(self, conn: Connection, keep: bool = True) -> Fingerprint:
@@ -247,7 +289,8 @@ class RoundTrips:
         assert script is not None, rev
         return script
 
-    def _file(self, rev: str) -> str | None:
+    def file_of(self, rev: str) -> str | None:
+        """The revision's file, relative to the working directory."""
         return relative(self._script(rev).path)
 
     # -- the connection handed to env.py -----------------------------------------------------------
@@ -267,3 +310,13 @@ class RoundTrips:
             with contextlib.suppress(Exception):
                 self._conn.close()
         self._conn = None
+
+
+def _caused_by(exc: BaseException | None, kind: type[BaseException]) -> bool:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -125,13 +125,21 @@ def _script(script: ScriptDirectory, rev: str) -> Script:
 
 def run_env(cfg: Config, script: ScriptDirectory, conn: Connection | None,
             fn: Callable[[Any, Any], Iterable[Any]], destination: str | None = None,
-            dont_mutate: bool = False) -> None:
+            dont_mutate: bool = False, per_migration: bool = False) -> None:
     """Run env.py once with fn giving the steps (a list, or a generator: Alembic asks for the
-    next step only after applying, stamping and, per migration, committing the previous one)."""
+    next step only after applying, stamping and, per migration, committing the previous one);
+    per_migration: each revision in a transaction of its own, even when env.py says otherwise."""
+    context = EnvironmentContext(cfg, script, fn=fn, destination_rev=destination, dont_mutate=dont_mutate)
+    if per_migration:  # what `upgrade` does (one Alembic call per revision): each step's locks are its own
+        configure = context.configure
+
+        def per_revision(*args: Any, **kw: Any) -> None:
+            configure(*args, **{**kw, "transaction_per_migration": True})
+
+        context.configure = per_revision  # type: ignore[method-assign]  # alembic.context proxies to it
     try:
         # lent as the runner lends it (revisions.lent): also to env.py files that call connect()
-        with revisions.lent(cfg, conn), EnvironmentContext(cfg, script, fn=fn, destination_rev=destination,
-                                                             dont_mutate=dont_mutate):
+        with revisions.lent(cfg, conn), context:
             script.run_env()
         if conn is not None and conn.in_transaction():
             conn.commit()  # reading the version table autobegins; nothing else is left open
