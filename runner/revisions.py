@@ -25,6 +25,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
+from runner import owntables
 from runner.config import Settings
 from runner.errors import ConfigError, PreflightRefused, RunnerError
 from runner.redact import redact
@@ -41,7 +42,7 @@ class DbState:
 
 def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     """Build the Alembic Config; sqlalchemy.url comes from DATABASE_URL."""
-    from runner.online import state  # importing runner.online registers op.*_online for env.py
+    from runner import online  # noqa: F401 - importing it registers op.*_online for env.py
 
     cfg = Config(str(settings.alembic_config), stdout=stdout or sys.stdout)
     if not cfg.file_config.has_section(cfg.config_ini_section):
@@ -54,9 +55,7 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
     # for env.py's autogenerate filter (docs/history.md): the ledger's tables, the backfills' state
-    ledger = (settings.history_table, f"{settings.history_table}_revisions")
-    cfg.attributes["runner_tables"] = (*(ledger if settings.history_table != "off" else ()),
-                                       state.TABLE)
+    cfg.attributes["runner_tables"] = owntables.names(settings)
     return cfg
 
 
