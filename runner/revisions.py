@@ -27,7 +27,7 @@ from sqlalchemy.exc import DBAPIError, ProgrammingError
 
 from runner import owntables
 from runner.config import Settings
-from runner.errors import ConfigError, PreflightRefused, RunnerError
+from runner.errors import ConfigError, NeedsDatabase, PreflightRefused, RunnerError
 from runner.redact import redact
 
 
@@ -274,19 +274,27 @@ def offline_sql(cfg: Config, current: tuple[str, ...], target: str) -> str:
     start = ":".join(current) if len(current) == 1 else None
     try:
         command.upgrade(cfg, f"{start}:{target}" if start else target, sql=True)
-    except RunnerError:
-        raise
+    except RunnerError as exc:
+        failed = _failing_revision(exc) if isinstance(exc, NeedsDatabase) else None
+        if failed is None:
+            raise
+        operation = str(exc).partition(": ")[0]
+        raise _offline_refusal(failed, f"{operation}: an online operation, its steps depend on the "
+                               "catalog") from None
     except Exception as exc:
         failed = _failing_revision(exc)
         if failed is None:
             raise
-        rev, path = failed
-        raise PreflightRefused(
-            f"revision {rev} ({path}) cannot be rendered offline ({type(exc).__name__}: "
-            f"{redact((str(exc).strip().splitlines() or [''])[0])[:160]}): it needs a database; "
-            "use 'plan --scratch', which captures the SQL on a throwaway database "
-            "(VERIFY_DATABASE_URL)") from None
+        first = redact((str(exc).strip().splitlines() or [""])[0])[:160]
+        raise _offline_refusal(failed, f"{type(exc).__name__}: {first}") from None
     return buf.getvalue()
+
+
+def _offline_refusal(failed: tuple[str, str], why: str) -> PreflightRefused:
+    rev, path = failed
+    return PreflightRefused(f"revision {rev} ({path}) cannot be rendered offline ({why}): it needs a "
+                            "database; use 'plan --scratch', which captures the SQL on a throwaway "
+                            "database (VERIFY_DATABASE_URL)")
 
 
 def _failing_revision(exc: BaseException) -> tuple[str, str] | None:

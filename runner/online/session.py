@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection, CursorResult
 from runner import db, lockschedule
 from runner.config import Settings
 from runner.context import Run
-from runner.errors import LockRetriesExhausted, MigrationFailed
+from runner.errors import LockRetriesExhausted, MigrationFailed, NeedsDatabase
 from runner.lockschedule import Attempt
 from runner.log import EventLog
 from runner.redact import redact, scrub_query
@@ -247,9 +247,9 @@ def session(operations: Operations, what: str) -> Iterator[Session]:
     line naming the operation (exit 6); a lost connection stays what it is (exit 11)."""
     ctx = operations.get_context()
     if ctx.as_sql:
-        raise MigrationFailed(f"{what}: online operations read the catalog to decide each step and "
-                              "cannot be rendered as offline SQL: use `plan --scratch`, or run them "
-                              "against a database")
+        raise NeedsDatabase(f"{what}: online operations read the catalog to decide each step and "
+                            "cannot be rendered as offline SQL: use `plan --scratch`, or run them "
+                            "against a database")
     s = Session(ctx, run_of(ctx), what)
     with _outside_transaction(ctx, what):
         running = RUNNING.set(what)
