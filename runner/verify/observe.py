@@ -224,6 +224,7 @@ class Observer:
     def arm(self, revision: str, step: str, conn: Connection) -> None:
         """A step is about to run on conn."""
         self._baseline, self._started = None, time.monotonic()
+        self._opened, self._beginning = None, False
         if conn.in_transaction() and not _autocommit(conn):  # runs inside a transaction already open
             self._baseline = snapshot(conn, locks=False)
         before = _names(self._baseline) if self._baseline is not None else frozenset()

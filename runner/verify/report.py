@@ -30,7 +30,7 @@ SUMMARY_REVISIONS = 12  # revisions named in the summary
 class Finding:
     """One problem (or note) about the chain.
 
-    check: chain | migration | roundtrip | lint | locks | models | drift; severity: error (fails
+    check: chain | migration | roundtrip | lint | locks | phase | models | drift; severity: error (fails
     verify), warning or note. instead: the online operation that does the same without the
     blocking lock; step: the walk's step (upgrade, downgrade, upgrade again); observed: the
     table, lock, rewrite and live size behind a `locks` finding; folded_into: the check of the
