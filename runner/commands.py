@@ -177,7 +177,8 @@ def restore(run: Run, args: argparse.Namespace) -> None:
     client, loc = s3.client(run.settings, run.cancel), s3.Location.parse(run.settings.backup_s3_uri)
     with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         target = inspect_target(run)
-        manifest = resolve_backup(run, client, loc, target, which, from_database)
+        manifest = resolve_backup(run, client, loc, target, which, from_database,
+                                  args.from_other_database)
         tools = check_compatible(run, client, loc, manifest, target)
         run.log("restore.begin", f"restoring {manifest['key']} in one transaction",
                 source=manifest["database"], server_version=manifest["server_version"],

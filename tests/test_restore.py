@@ -440,6 +440,23 @@ def test_backups_of_other_and_all_databases(database: Database, s3_server: S3Ser
         assert r.code == 2 and len([x for x in r.lines if " ERROR " in x]) == 1, r.err
 
 
+def test_key_of_another_database_needs_from_other_database(database: Database, s3_server: S3Server,
+                                                           bucket: str) -> None:
+    """`restore --backup KEY` of another database's backup: exit 2 naming both databases, nothing
+    read or changed; with --from-other-database the copy is made (production into staging)."""
+    staging, prod = labelled(database, "staging"), labelled(new_database(database.cluster), "prod")
+    key = backup(prod, restore_env(prod, s3_server, bucket))
+    env = restore_env(staging, s3_server, bucket)
+    refused = run_runner(["restore", "--backup", key, "--yes"], env)
+    assert refused.code == 2, refused.err
+    errors = [line for line in refused.lines if " ERROR " in line]
+    assert len(errors) == 1 and f"backup of database '{prod.name}', not of '{staging.name}'" in errors[0]
+    assert "--from-other-database" in errors[0] and "restore.begin" not in refused.err
+    assert who(staging) == "staging"
+    ok(run_runner(["restore", "--backup", key, "--from-other-database", "--yes"], env))
+    assert who(staging) == "prod" and who(prod) == "prod"
+
+
 # -- pure logic ----------------------------------------------------------------------------------
 
 def good_manifest(**changes: Any) -> dict[str, Any]:

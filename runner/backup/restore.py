@@ -70,8 +70,12 @@ def inspect_target(run: Run) -> Target:
 # -- which backup ----------------------------------------------------------------------------------
 
 def resolve_backup(run: Run, client: Any, loc: Location, target: Target, which: str,
-            from_database: str | None = None) -> dict[str, Any]:
-    """Return the checked manifest of KEY, or of the newest backup of a database for 'latest'."""
+                   from_database: str | None = None, other_database: bool = False) -> dict[str, Any]:
+    """Return the checked manifest of KEY, or of the newest backup of a database for 'latest'.
+
+    A KEY of another database's backup is refused (exit 2) unless other_database
+    (--from-other-database): copying production into staging is legitimate, never by accident.
+    """
     if which == "latest":
         source = from_database or target.database
         chosen = pick_latest(s3.backups(run, client, loc, source), source,
@@ -82,7 +86,7 @@ def resolve_backup(run: Run, client: Any, loc: Location, target: Target, which: 
         return chosen
     key = _key(loc, which)
     try:
-        return s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
+        manifest = s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
     except BadManifest as exc:
         raise BackupFailed(f"--backup {which}: its manifest {key}{MANIFEST_SUFFIX} cannot be trusted "
                            f"({exc}): refusing to restore it; the database was not touched") from None
@@ -92,6 +96,12 @@ def resolve_backup(run: Run, client: Any, loc: Location, target: Target, which: 
             raise ConfigError(f"--backup {which}: no manifest {key}{MANIFEST_SUFFIX}, so no committed "
                               "backup: pick a key from 'python -m runner backups'") from None
         raise BackupFailed(s3.describe(exc, key)) from None
+    if manifest["database"] != target.database and not other_database:
+        raise ConfigError(f"--backup {which} is a backup of database {manifest['database']!r}, not of "
+                          f"{target.database!r} (the target): add --from-other-database to restore "
+                          f"{manifest['database']!r}'s data into {target.database!r}; nothing was "
+                          "changed")
+    return manifest
 
 
 def _key(loc: Location, which: str) -> str:
