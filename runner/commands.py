@@ -11,6 +11,7 @@ import sys
 from typing import IO
 
 from runner import db, ledger, revisions
+from runner.backup.layout import is_point
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending
 from runner.flow import check_direction, load, locked, ready_state
@@ -154,10 +155,13 @@ def backups(run: Run, args: argparse.Namespace) -> None:
     names = (s3.databases(run, client, loc) if all_databases
              else [from_database or run.settings.database_url.database or ""])
     found = newest([m for name in names for m in s3.backups(run, client, loc, name)])
-    print(f"{'key':<60} {'created':<25} {'size':>12} {'revision':<14} {'database':<20} server", file=out)
-    for m in found:
-        print(f"{m['key']:<60} {m['created']:<25} {m['size']:>12} {fmt(m['alembic_revision']):<14} "
-              f"{m['database']:<20} {m.get('system_identifier') or '-'}", file=out)
+    print(f"{'key':<60} {'kind':<6} {'created':<25} {'size':>12} {'revision':<14} {'database':<20} "
+          "server", file=out)
+    for m in found:  # a restore point: no size; its revision is the one before the migration
+        created = m["created"][:19] + m["created"][-6:]
+        print(f"{m['key']:<60} {'dump' if 'size' in m else 'point':<6} {created:<25} "
+              f"{m.get('size', '-'):>12} {fmt(m['alembic_revision']):<14} {m['database']:<20} "
+              f"{m.get('system_identifier') or '-'}", file=out)
     run.summary.update(backups=len(found), outcome="listed")
 
 
@@ -168,6 +172,10 @@ def restore(run: Run, args: argparse.Namespace) -> None:
     from runner.backup.restore import check_compatible, inspect_target, replay, resolve_backup
 
     which, from_database = args.backup, args.from_database
+    if is_point(which):  # a restore point: print how to recover to it, restore nothing
+        from runner.backup.point import show
+
+        return show(run, which, sys.stdout)
     if not args.yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
                           "add --yes to confirm")
@@ -192,13 +200,9 @@ def restore(run: Run, args: argparse.Namespace) -> None:
 
 
 def _backup_before(run: Run, state: DbState) -> None:
-    if run.settings.backup_mode == "off":
-        run.log.warning("backup.skipped", "BACKUP_MODE=off: migrating without a backup")
-        return
-    from runner.backup.take import take  # boto3 loads only when a backup is taken
+    from runner.backup.modes import before_migrating  # a dump, a restore point, both or nothing
 
-    with run.timed("backup"):
-        run.summary["backup"] = take(run, state)["key"]
+    before_migrating(run, state)
 
 
 def _nothing_to_do(run: Run, state: DbState) -> None:

@@ -31,7 +31,7 @@ import sqlalchemy as sa
 from runner import db, procs
 from runner.backup import s3, script
 from runner.backup.layout import MANIFEST_SUFFIX, Location
-from runner.backup.manifest import BadManifest, pick_latest, server_major
+from runner.backup.manifest import DUMP, BadManifest, kind, newest, pick_latest, server_major
 from runner.backup.session import Session
 from runner.backup.take import system_identifier
 from runner.context import Run
@@ -78,30 +78,42 @@ def resolve_backup(run: Run, client: Any, loc: Location, target: Target, which: 
     """
     if which == "latest":
         source = from_database or target.database
-        chosen = pick_latest(s3.backups(run, client, loc, source), source,
-                                       target.system_identifier)
+        found = s3.backups(run, client, loc, source)
+        chosen = pick_latest(found, source, target.system_identifier)
+        later = [m for m in newest(found) if kind(m) != DUMP and newest([m, chosen])[0] is m]
+        if later:
+            run.log("restore.newer_point", f"restore point {later[0]['key']} is newer than the "
+                    "dump being restored: 'restore --backup KEY' prints how to recover to it")
         if chosen.get("system_identifier") not in (None, target.system_identifier):
             run.log("restore.source", f"the backup was taken on another server (system identifier "
                     f"{chosen['system_identifier']}; this one: {target.system_identifier or 'unknown'})")
         return chosen
-    key = _key(loc, which)
-    try:
-        manifest = s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
-    except BadManifest as exc:
-        raise BackupFailed(f"--backup {which}: its manifest {key}{MANIFEST_SUFFIX} cannot be trusted "
-                           f"({exc}): refusing to restore it; the database was not touched") from None
-    except s3.S3_ERRORS as exc:
-        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code"))
-        if code in ("NoSuchKey", "404"):
-            raise ConfigError(f"--backup {which}: no manifest {key}{MANIFEST_SUFFIX}, so no committed "
-                              "backup: pick a key from 'python -m runner backups'") from None
-        raise BackupFailed(s3.describe(exc, key)) from None
+    manifest = read_key(run, client, loc, which)
+    if kind(manifest) != DUMP:
+        raise ConfigError(f"--backup {which} is a restore point, not a dump: 'restore --backup "
+                          f"{which}' alone prints its recovery settings")
     if manifest["database"] != target.database and not other_database:
         raise ConfigError(f"--backup {which} is a backup of database {manifest['database']!r}, not of "
                           f"{target.database!r} (the target): add --from-other-database to restore "
                           f"{manifest['database']!r}'s data into {target.database!r}; nothing was "
                           "changed")
     return manifest
+
+
+def read_key(run: Run, client: Any, loc: Location, which: str) -> dict[str, Any]:
+    """Return the checked manifest that --backup KEY names (a dump's or a restore point's)."""
+    key = _key(loc, which)
+    try:
+        return s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
+    except BadManifest as exc:
+        raise BackupFailed(f"--backup {which}: its manifest {key}{MANIFEST_SUFFIX} cannot be trusted "
+                           f"({exc}): refusing to use it; the database was not touched") from None
+    except s3.S3_ERRORS as exc:
+        code = str(getattr(exc, "response", {}).get("Error", {}).get("Code"))
+        if code in ("NoSuchKey", "404"):
+            raise ConfigError(f"--backup {which}: no manifest {key}{MANIFEST_SUFFIX}, so no committed "
+                              "backup: pick a key from 'python -m runner backups'") from None
+        raise BackupFailed(s3.describe(exc, key)) from None
 
 
 def _key(loc: Location, which: str) -> str:
