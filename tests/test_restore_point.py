@@ -95,7 +95,7 @@ def archiving() -> Iterator[Archiving]:
 def point_env(url: str, s3: S3Server | None = None, bucket: str | None = None,
               **extra: str) -> dict[str, str]:
     uri = {"BACKUP_S3_URI": f"s3://{bucket}/pitr", **s3.env()} if s3 and bucket else {}
-    return runner_env(url, BACKUP_MODE="restore-point", LOG_FORMAT="json", **uri, **extra)
+    return runner_env(url, **{"BACKUP_MODE": "restore-point", "LOG_FORMAT": "json", **uri, **extra})
 
 
 def app_url(db: Database) -> str:
@@ -199,13 +199,28 @@ def test_archiving_off_refuses_before_migrating(database: Database) -> None:
     assert database.version() == "" and "migrate.step" not in r.err
 
 
-def test_failing_archive_command_refuses(archiving: Archiving) -> None:
+def test_both_takes_the_dump_then_the_point(archiving: Archiving, s3_server: S3Server,
+                                           bucket: str) -> None:
+    db = archiving.database()
+    r = ok(run_runner(["upgrade", "--to", "0002"], point_env(db.url, s3_server, bucket, BACKUP_MODE="both",
+                                                              PG_DUMP_BIN=str(db.cluster.bin / "pg_dump"))))
+    summary = r.summary()
+    assert summary["backup"].endswith(".pgdump.zst") and summary["restore_point"]["archived"] is True
+    assert r.err.index("backup.done") < r.err.index("backup.restore_point") < r.err.index("migrate.step")
+    kinds = [line.split()[1] for line in ok(run_runner(["backups"], point_env(
+        db.url, s3_server, bucket))).out.splitlines()[1:]]
+    assert kinds == ["point", "dump"]
+
+
+def test_failing_archive_command_refuses(archiving: Archiving, s3_server: S3Server, bucket: str) -> None:
+    """With `both`, a failing archive is found before the dump: no object is written."""
     db = archiving.database()
     archiving.set_command("false")
     try:
         archiving.wait(healthy=False)
-        r = run_runner(["upgrade"], point_env(db.url))
+        r = run_runner(["upgrade"], point_env(db.url, s3_server, bucket, BACKUP_MODE="both"))
         assert r.code == 5, r.err
+        assert s3_server.keys(bucket) == [] and "backup.start" not in r.err
         error = r.summary()["msg"]
         assert "archiving is failing: the archiver could not archive WAL file 0000000" in error, error
         assert "see the server log for archive_command's error; nothing was migrated" in error
