@@ -168,7 +168,7 @@ def backups(run: Run, args: argparse.Namespace) -> None:
 def restore(run: Run, args: argparse.Namespace) -> None:
     """Replace the database's contents with a backup in one transaction, under the migration lock:
     KEY, or the newest backup of this database (or of --from-database) for 'latest'."""
-    from runner.backup import s3
+    from runner.backup import parallel, s3
     from runner.backup.restore import check_compatible, inspect_target, replay, resolve_backup
 
     which, from_database = args.backup, args.from_database
@@ -188,11 +188,16 @@ def restore(run: Run, args: argparse.Namespace) -> None:
         manifest = resolve_backup(run, client, loc, target, which, from_database,
                                   args.from_other_database)
         tools = check_compatible(run, client, loc, manifest, target)
-        run.log("restore.begin", f"restoring {manifest['key']} in one transaction",
+        jobs = parallel.jobs_for(run, manifest, target)  # 1: streamed, in one transaction
+        run.log("restore.begin", f"restoring {manifest['key']}" + (
+                " in one transaction" if jobs == 1 else f" with {jobs} jobs into a new database"),
                 source=manifest["database"], server_version=manifest["server_version"],
-                revision=fmt(manifest["alembic_revision"]), size=manifest["size"])
+                revision=fmt(manifest["alembic_revision"]), size=manifest["size"], jobs=jobs)
         with run.timed("restore"):
-            replay(run, client, loc, manifest, target, tools)
+            if jobs > 1:
+                parallel.restore(run, client, loc, manifest, target, tools, jobs)
+            else:
+                replay(run, client, loc, manifest, target, tools)
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
     run.summary.update({"backup": manifest["key"], "from": fmt(state.heads), "to": fmt(after),

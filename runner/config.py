@@ -276,9 +276,21 @@ class Settings:
         group="backup")
     archive_unverifiable: str = setting(
         "ARCHIVE_UNVERIFIABLE", "refuse", "`restore-point`/`both`, when the server does not let the "
-        "role see WAL archiving (pg_stat_archiver; managed services): `refuse` (exit 5) or `warn` "
-        "(record the time and WAL position, migrate, and say the archive was not checked).",
+        "role see WAL archiving (pg_stat_archiver, hidden by some managed services): `refuse` "
+        "(exit 5) or `warn` (record the time and WAL position, migrate, and say the archive was "
+        "not checked).",
         choice("refuse", "warn"), group="backup")
+    restore_jobs: int | None = setting(
+        "RESTORE_JOBS", "auto", "`restore`: parallel pg_restore jobs. Above 1 the backup is first "
+        "copied to BACKUP_WORKDIR and verified, restored into a new database with that many jobs, "
+        "and swapped in by renames (needs CREATEDB and ownership of the database; ends the other "
+        "sessions on it: docs/backups.md); 1 streams it into the database in one transaction. "
+        "`auto`: the CPUs available, falling back to 1 where a parallel restore cannot run.",
+        jobs, shown="auto (the CPUs available)", value=None, group="backup")
+    backup_workdir: Path | None = setting(
+        "BACKUP_WORKDIR", "", "Local directory for parallel restores' verified copy of the backup "
+        "(its size is checked and logged first).", path, shown="(the system's temporary directory)",
+        value=None, group="backup")
     pg_dump_bin: str = setting("PG_DUMP_BIN", "pg_dump", "pg_dump to use (at least the server's major "
                                "version).", text(MAX_PATH), group="backup")
     pg_restore_bin: str = setting("PG_RESTORE_BIN", "pg_restore", "pg_restore to use; `psql` is taken "

@@ -130,8 +130,8 @@ COMMANDS: dict[str, Command] = {
     "backups": Command("[--from-database NAME] [--all-databases]", "list committed backups, newest "
                        "first", _backups, "runner.commands:backups"),
     "restore": Command("--backup KEY|latest [--from-database NAME] [--from-other-database] --yes",
-                       "replace the database's contents with a verified backup, in one transaction "
-                       "(under the lock)",
+                       "replace the database's contents with a verified backup (under the lock): in "
+                       "parallel into a new database swapped in, or in one transaction",
                        _restore, "runner.commands:restore"),
     "history": Command("[--limit N] [--format json]", "the ledger: who migrated what, when, from "
                        "which image, newest first", _history, "runner.ledger.admin:history"),

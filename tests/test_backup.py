@@ -238,11 +238,12 @@ def test_old_pg_dump_refused(at_0002: Database, s3_server: S3Server, bucket: str
     assert s3_server.keys(bucket) == [] and db.version() == "0002"
 
 
-@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+@pytest.mark.parametrize("damage,jobs", [("tampered", "1"), ("tampered", "2"), ("truncated", "2")])
 def test_restore_refuses_a_damaged_backup(at_0002: Database, s3_server: S3Server, bucket: str,
-                                          damage: str) -> None:
+                                          damage: str, jobs: str) -> None:
+    """Streamed (the digest is checked before the COMMIT) or parallel (before anything else)."""
     db = at_0002
-    env = backup_env(db, s3_server, bucket)
+    env = backup_env(db, s3_server, bucket, RESTORE_JOBS=jobs)
     r = run_runner(["backup"], env)
     assert r.code == 0, r.err
     key = s3_server.keys(bucket)[0]
@@ -283,9 +284,10 @@ def test_five_runners_one_backup(at_0002: Database, s3_server: S3Server, bucket:
 
 def test_failed_restore_rolls_back(at_0002: Database, s3_server: S3Server, bucket: str,
                                    tmp_path: Path) -> None:
-    """The restore is one transaction: an error at its very end leaves the database as it was."""
+    """The restore is one transaction: an error at its very end leaves the database as it was
+    (RESTORE_JOBS=1: the streamed restore; a parallel one is in test_restore.py)."""
     db = at_0002
-    env = backup_env(db, s3_server, bucket)
+    env = backup_env(db, s3_server, bucket, RESTORE_JOBS="1")
     assert run_runner(["upgrade"], env).code == 0
     db.sql("CREATE TABLE marker (x int); INSERT INTO marker VALUES (42)")
     real = bindir(db.cluster.major) / "pg_restore"

@@ -98,6 +98,9 @@ def _check_common(data: dict[str, Any]) -> None:
 def _check_dump(data: dict[str, Any]) -> None:
     if data["size"] < 0 or not _SHA256.fullmatch(data["sha256"]):
         raise BadManifest("size or sha256 is malformed")
+    archive = data.get("archive_size")  # the archive before compression (since parallel restore)
+    if archive is not None and (not isinstance(archive, int) or isinstance(archive, bool) or archive < 0):
+        raise BadManifest("archive_size is not a size")
     if data["format"] != "custom" or data["compression"] not in COMPRESSIONS:
         raise BadManifest("format or compression is not one this runner writes")
     if data["key"].endswith(POINT_SUFFIX):

@@ -17,19 +17,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import threading
-from typing import IO, Any
+from typing import Any
 
 import sqlalchemy as sa
 
 from runner import db, procs
 from runner.backup import s3, script
+from runner.backup.feeder import Feeder
 from runner.backup.layout import MANIFEST_SUFFIX, Location
 from runner.backup.manifest import DUMP, BadManifest, kind, newest, pick_latest, server_major
 from runner.backup.session import Session
@@ -37,8 +36,6 @@ from runner.backup.take import system_identifier
 from runner.context import Run
 from runner.errors import BackupFailed, ConfigError
 
-CHUNK = 1 << 20
-PROGRESS_EVERY = 5.0
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}  # major: first minor with \restrict
 
 
@@ -137,6 +134,7 @@ def _key(loc: Location, which: str) -> str:
 class Tools:
     pg_restore: str
     psql: str
+    major: int = 0  # pg_restore's
 
 
 def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target) -> Tools:
@@ -175,7 +173,7 @@ def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, A
     if head["ContentLength"] != manifest["size"]:
         raise BackupFailed(f"backup {key} does not match its manifest (size {head['ContentLength']} "
                            f"vs {manifest['size']}): refusing to restore; the database was not touched")
-    return Tools(restore_path, psql)
+    return Tools(restore_path, psql, r_major)
 
 
 def _writes_restrict(version: tuple[int, int]) -> bool:
@@ -237,7 +235,7 @@ def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tool
         for fd in (out.fileno(), session.stdin):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes (Linux)
-        feeder = _Feeder(run, client, loc, manifest, stages[0].stdin)
+        feeder = Feeder(run, client, loc, manifest, stages[0].stdin)
         with run.cancel.on_cancel(lambda: procs.terminate(stages)):
             feeder.start()
             try:
@@ -265,72 +263,3 @@ def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tool
         return script.without_final_commit(tail)
     finally:
         procs.reap(stages, errs)
-
-
-class _Feeder(threading.Thread):
-    """GET the object once; hash and count it while copying it into the pipeline."""
-
-    def __init__(self, run: Run, client: Any, loc: Location, manifest: dict[str, Any],
-                 sink: IO[bytes]) -> None:
-        super().__init__(name="restore-feeder", daemon=True)
-        self.ctx, self.client, self.loc, self.manifest, self.sink = run, client, loc, manifest, sink
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.done = False
-        self.error: str | None = None
-        self.t0 = self._logged = self._waited = run.clock()
-        self._asking: float | None = None  # since when it waits for S3 (not for the pipeline)
-
-    def run(self) -> None:  # type: ignore[override]
-        m, clock = self.manifest, self.ctx.clock
-        try:
-            self._asking = clock()
-            body = self.client.get_object(Bucket=self.loc.bucket, Key=m["key"])["Body"]
-            while True:
-                self._asking = clock()
-                chunk = body.read(CHUNK)
-                self._asking = None
-                if not chunk:
-                    break
-                self.digest.update(chunk)
-                self.size += len(chunk)
-                self.sink.write(chunk)
-            self.done = True
-        except BrokenPipeError:
-            self.error = "the restore pipeline stopped reading"
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread, which rolls back
-            self.error = f"reading backup {m['key']} failed: {s3.describe(exc, m['key'])}"
-        finally:
-            with contextlib.suppress(OSError):
-                self.sink.close()
-
-    def tick(self) -> None:
-        """Called by the relay at least every second: progress, a stalled S3, cancellation."""
-        run, now = self.ctx, self.ctx.clock()
-        run.cancel.check()
-        if now - self._logged >= PROGRESS_EVERY:
-            self._logged = now
-            took = now - self.t0
-            run.log("restore.progress", f"{self.size / 1e6:.0f} of {self.manifest['size'] / 1e6:.0f} MB "
-                    "read", bytes=self.size, mb_per_s=round(self.size / 1e6 / max(took, 1e-9), 1),
-                    elapsed_s=round(took, 1))
-        asking, every = self._asking, s3.wait_log_every(run.settings)
-        if asking is not None and now - asking >= every and now - self._waited >= every:
-            self._waited = now
-            run.log.warning("s3.waiting", f"S3 has sent nothing of {self.manifest['key']} for "
-                            f"{now - asking:.0f}s; still waiting", s3_timeout_s=run.settings.s3_timeout)
-
-    def check_digest(self) -> None:
-        """Raise when the whole object was read and does not match the manifest."""
-        m = self.manifest
-        if self.done and (self.size != m["size"] or self.digest.hexdigest() != m["sha256"]):
-            raise BackupFailed(f"backup {m['key']} does not match its manifest (size {self.size} vs "
-                               f"{m['size']}, sha256 {self.digest.hexdigest()[:12]}… vs "
-                               f"{m['sha256'][:12]}…): refused; its transaction was rolled back, so "
-                               "the database was not touched")
-
-    def check_complete(self) -> None:
-        """Raise unless the whole object was read."""
-        if self.error or not self.done:
-            raise BackupFailed(f"{self.error or 'the backup was not read to its end'}: the restore was "
-                               "rolled back, the database is unchanged")

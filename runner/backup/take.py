@@ -68,6 +68,7 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
     manifest = {
         "manifest_version": VERSION, "key": key, "bucket": loc.bucket,
         "size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
+        "archive_size": stream.archive_size,
         "compression": settings.backup_compression, "pg_dump_version": pg_dump,
         "server_version": server, "system_identifier": sysid, "database": database,
         "database_size": size,
