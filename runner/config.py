@@ -280,6 +280,11 @@ class Settings:
         "(exit 5) or `warn` (record the time and WAL position, migrate, and say the archive was "
         "not checked).",
         choice("refuse", "warn"), group="backup")
+    backup_jobs: int = setting(
+        "BACKUP_JOBS", "1", "Parallel pg_dump jobs. Above 1: a directory-format dump, each table's "
+        "file shipped to S3 as pg_dump closes it (local disk in BACKUP_WORKDIR holds the files being "
+        "written: at worst the largest tables, uncompressed); 1 streams one archive, no local disk.",
+        integer(1, 64), group="backup")
     restore_jobs: int | None = setting(
         "RESTORE_JOBS", "auto", "`restore`: parallel pg_restore jobs. Above 1 the backup is first "
         "copied to BACKUP_WORKDIR and verified, restored into a new database with that many jobs, "
@@ -288,9 +293,9 @@ class Settings:
         "`auto`: the CPUs available, falling back to 1 where a parallel restore cannot run.",
         jobs, shown="auto (the CPUs available)", value=None, group="backup")
     backup_workdir: Path | None = setting(
-        "BACKUP_WORKDIR", "", "Local directory for parallel restores' verified copy of the backup "
-        "(its size is checked and logged first).", path, shown="(the system's temporary directory)",
-        value=None, group="backup")
+        "BACKUP_WORKDIR", "", "Local directory for parallel dumps' files and for restores' verified "
+        "copy of a backup (the space needed is checked and logged first).", path,
+        shown="(the system's temporary directory)", value=None, group="backup")
     pg_dump_bin: str = setting("PG_DUMP_BIN", "pg_dump", "pg_dump to use (at least the server's major "
                                "version).", text(MAX_PATH), group="backup")
     pg_restore_bin: str = setting("PG_RESTORE_BIN", "pg_restore", "pg_restore to use; `psql` is taken "

@@ -158,6 +158,60 @@ def test_pg_dump_killed_mid_stream(at_0002: Database, s3_server: S3Server, bucke
     assert db.version() == "0002" and "billing.customer_totals" not in db.tables()
 
 
+def test_parallel_dump_round_trip(at_0002: Database, s3_server: S3Server, bucket: str,
+                                  tmp_path: Path) -> None:
+    """BACKUP_JOBS=2: a directory-format dump whose files are shipped as pg_dump closes them
+    (large ones through zstd, small ones as they are), each recorded with its digest; nothing
+    stays on local disk; it restores both ways; a file changed in S3 is refused."""
+    db = at_0002
+    fill(db)
+    before = digest(db)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = backup_env(db, s3_server, bucket, LOG_FORMAT="json", BACKUP_JOBS="2", BACKUP_WORKDIR=str(work))
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    key = r.summary()["backup"]
+    assert key.endswith(".pgdir") and list(work.iterdir()) == []
+    body = s3_server.client.get_object(Bucket=bucket, Key=key + ".manifest.json")["Body"].read()
+    manifest = json.loads(body)
+    files = manifest["files"]
+    assert manifest["format"] == "directory" and {f["compression"] for f in files} == {"zstd", "none"}
+    stored = [f"{key}/{f['object']}" for f in files] + [key + ".manifest.json"]
+    assert sorted(stored) == s3_server.keys(bucket)
+    for jobs in ("1", "2"):
+        db.sql("CREATE TABLE marker (x int)")
+        restored = run_runner(["restore", "--backup", key, "--yes"], {**env, "RESTORE_JOBS": jobs})
+        assert restored.code == 0, restored.err
+        assert digest(db) == before and db.version() == "0002"
+    large = next(f for f in files if f["compression"] == "zstd")
+    s3_server.client.put_object(Bucket=bucket, Key=f"{key}/{large['object']}",
+                                Body=b"\0" * large["size"])
+    db.sql("CREATE TABLE marker (x int)")
+    refused = run_runner(["restore", "--backup", key, "--yes"], env)
+    assert refused.code == 5 and "does not match its manifest" in refused.err, refused.err
+    assert "public.marker" in db.tables() and list(work.iterdir()) == []
+
+
+def test_parallel_dump_that_fails_leaves_nothing(at_0002: Database, s3_server: S3Server, bucket: str,
+                                                 tmp_path: Path) -> None:
+    """pg_dump -Fd fails after its files were shipped: exit 5, nothing migrated, every object it
+    stored deleted (without a manifest it never was a backup), nothing left on local disk."""
+    db = at_0002
+    fill(db)
+    work = tmp_path / "work"
+    work.mkdir()
+    dump = wrapper(tmp_path, db, """\
+        "$REAL" "$@" && echo "pg_dump: error: failed on cue" >&2
+        exit 1
+        """)
+    r = run_runner(["upgrade"], backup_env(db, s3_server, bucket, PG_DUMP_BIN=dump, BACKUP_JOBS="2",
+                                           BACKUP_WORKDIR=str(work)))
+    assert r.code == 5 and "failed on cue" in r.err and "nothing was migrated" in r.err, r.err
+    assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
+    assert db.version() == "0002" and list(work.iterdir()) == []
+
+
 def cmdlines() -> list[str]:
     """Return every process's command line (what `ps` shows anyone on the host)."""
     out = []

@@ -673,6 +673,49 @@ def test_manifest_checks(changes: dict[str, Any], found_at: str | None, database
         parse(json.dumps(m).encode(), where, loc, database)
 
 
+def directory_manifest(**changes: Any) -> dict[str, Any]:
+    from runner.backup.manifest import files_digest
+
+    files = [{"name": "3001.dat", "object": "3001.dat.zst", "compression": "zstd", "size": 7,
+              "sha256": "1" * 64, "archive_size": 20},
+             {"name": "toc.dat", "object": "toc.dat", "compression": "none", "size": 5, "sha256": "2" * 64,
+              "archive_size": 5}]
+    files = changes.pop("files", files)
+    key = "team/app/shop/20260101T000000Z-abcdef12.pgdir"
+    return good_manifest(**{"key": key, "format": "directory", "files": files,
+                            "size": sum(f["size"] for f in files), "sha256": files_digest(files),
+                            **changes})
+
+
+@pytest.mark.parametrize("changes,problem", [
+    ({}, None),
+    ({"files": [{"name": "toc.dat", "object": "toc.dat", "compression": "none", "size": 5,
+                 "sha256": "2" * 64, "archive_size": 5}]}, None),
+    ({"files": []}, "has no list of files"),
+    ({"files": [{"name": "../../etc/passwd", "object": "x", "compression": "none", "size": 1,
+                 "sha256": "2" * 64, "archive_size": 1}]}, "not one pg_dump writes"),
+    ({"files": [{"name": "toc.dat", "object": "other.dat", "compression": "none", "size": 5,
+                 "sha256": "2" * 64, "archive_size": 5}]}, "its object or compression"),
+    ({"files": [{"name": "3001.dat", "object": "3001.dat", "compression": "none", "size": 5,
+                 "sha256": "2" * 64, "archive_size": 5}]}, "has no toc.dat"),
+    ({"sha256": "3" * 64}, "does not sum up its files"),
+    ({"key": "team/app/shop/20260101T000000Z-abcdef12.pgdump.zst"}, "key ends with .pgdir"),
+])
+def test_directory_manifest_checks(changes: dict[str, Any], problem: str | None) -> None:
+    """A directory-format dump (BACKUP_JOBS) lists its files; each name must be one pg_dump writes
+    (never a path), and the list must add up to the manifest's size and digest."""
+    from runner.backup.layout import Location
+    from runner.backup.manifest import BadManifest, parse
+
+    m = directory_manifest(**changes)
+    where, loc = m["key"] + ".manifest.json", Location.parse("s3://bkt/team/app")
+    if problem is None:
+        assert parse(json.dumps(m).encode(), where, loc)["format"] == "directory"
+        return
+    with pytest.raises(BadManifest, match=re.escape(problem)):
+        parse(json.dumps(m).encode(), where, loc)
+
+
 @pytest.mark.parametrize("body,problem", [(b"{", "not valid JSON"), (b"[1]", "not a JSON object"),
                                           (b"\xff", "not valid JSON")])
 def test_manifest_that_is_not_json(body: bytes, problem: str) -> None:

@@ -18,6 +18,7 @@ from urllib.parse import quote, unquote
 
 MANIFEST_SUFFIX = ".manifest.json"
 POINT_SUFFIX = ".restorepoint"  # a restore point's key: no object there, only its manifest
+DIR_SUFFIX = ".pgdir"  # a directory-format dump (BACKUP_JOBS): its files are KEY/NAME
 
 
 def is_point(key: str) -> bool:

@@ -13,11 +13,12 @@ values end up in an operator's recovery configuration, so each must match a stri
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from typing import Any
 
-from runner.backup.layout import MANIFEST_SUFFIX, POINT_SUFFIX, Location
+from runner.backup.layout import DIR_SUFFIX, MANIFEST_SUFFIX, POINT_SUFFIX, Location
 from runner.errors import ConfigError
 
 VERSION = 1
@@ -28,6 +29,7 @@ _SERVER_VERSION = re.compile(r"(\d+)(?:\.(\d+))?")
 _LSN = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
 _WAL_FILE = re.compile(r"[0-9A-F]{24}")
 POINT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,63}")  # what the runner names its points
+FILE_NAME = re.compile(r"toc\.dat|\d+\.dat(\.gz)?|blobs(_\d+)?\.toc|blob_\d+\.dat(\.gz)?")  # pg_dump -Fd
 _COMMON: dict[str, type | tuple[type, ...]] = {
     "manifest_version": int, "key": str, "bucket": str, "database": str, "created": str,
     "alembic_revision": list, "server_version": str,
@@ -99,12 +101,48 @@ def _check_dump(data: dict[str, Any]) -> None:
     if data["size"] < 0 or not _SHA256.fullmatch(data["sha256"]):
         raise BadManifest("size or sha256 is malformed")
     archive = data.get("archive_size")  # the archive before compression (since parallel restore)
-    if archive is not None and (not isinstance(archive, int) or isinstance(archive, bool) or archive < 0):
+    if archive is not None and not _is_size(archive):
         raise BadManifest("archive_size is not a size")
-    if data["format"] != "custom" or data["compression"] not in COMPRESSIONS:
+    if data["format"] not in ("custom", "directory") or data["compression"] not in COMPRESSIONS:
         raise BadManifest("format or compression is not one this runner writes")
     if data["key"].endswith(POINT_SUFFIX):
         raise BadManifest("a dump's key ends like a restore point's")
+    if (data["format"] == "directory") != data["key"].endswith(DIR_SUFFIX):
+        raise BadManifest(f"a directory-format dump's key ends with {DIR_SUFFIX}, and only its")
+    if data["format"] == "directory":
+        _check_files(data)
+
+
+def _check_files(data: dict[str, Any]) -> None:
+    """A directory-format dump lists its files; the restore reads exactly those, each checked."""
+    files = data.get("files")
+    if not isinstance(files, list) or not files:
+        raise BadManifest("a directory-format dump has no list of files")
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or \
+                not FILE_NAME.fullmatch(f["name"]):
+            raise BadManifest("a file name is not one pg_dump writes")
+        if f.get("compression") not in ("zstd", "none") or \
+                f.get("object") != f["name"] + (".zst" if f["compression"] == "zstd" else ""):
+            raise BadManifest(f"file {f['name']}: its object or compression is malformed")
+        if not (_is_size(f.get("size")) and _is_size(f.get("archive_size"))
+                and isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"])):
+            raise BadManifest(f"file {f['name']}: size or sha256 is malformed")
+    names = [f["name"] for f in files]
+    if len(set(names)) != len(names) or "toc.dat" not in names:
+        raise BadManifest("the list of files repeats a name or has no toc.dat")
+    if data["size"] != sum(f["size"] for f in files) or data["sha256"] != files_digest(files):
+        raise BadManifest("size or sha256 does not sum up its files")
+
+
+def files_digest(files: list[dict[str, Any]]) -> str:
+    """The digest of a directory-format dump: sha256 over each stored object's name, size, sha256."""
+    return hashlib.sha256("".join(f"{f['object']} {f['size']} {f['sha256']}\n"
+                                  for f in files).encode()).hexdigest()
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_point(data: dict[str, Any]) -> None:

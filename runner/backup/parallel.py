@@ -102,12 +102,16 @@ def restore(run: Run, client: Any, loc: Location, manifest: dict[str, Any], targ
     """Fetch and verify, restore with jobs into a new database, swap it in (see the docstring)."""
     where = Path(tempfile.mkdtemp(prefix=f"runner-restore-{run.run_id}-", dir=fetch.workdir(run)))
     try:
-        archive = where / "backup.pgdump"
         t0 = run.clock()
-        fetch.to_file(run, client, loc, manifest, archive)
+        if manifest["format"] == "directory":  # one file per table: fetched several at a time
+            archive = where / "dump"
+            fetch.to_dir(run, client, loc, manifest, archive)
+        else:
+            archive = where / "backup.pgdump"
+            fetch.to_file(run, client, loc, manifest, archive)
         fetched = run.clock() - t0
         run.log("restore.fetched", f"{manifest['key']} verified (size and sha256) into a local copy",
-                bytes=archive.stat().st_size, seconds=round(fetched, 1))
+                seconds=round(fetched, 1))
         staging = Staging(run, target.database)
         staging.sweep()
         staging.create()

@@ -22,12 +22,13 @@ import re
 import shutil
 import subprocess
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
 from runner import db, procs
-from runner.backup import s3, script
+from runner.backup import fetch, s3, script
 from runner.backup.feeder import Feeder
 from runner.backup.layout import MANIFEST_SUFFIX, Location
 from runner.backup.manifest import DUMP, BadManifest, kind, newest, pick_latest, server_major
@@ -161,6 +162,9 @@ def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, A
         raise BackupFailed(f"psql ({p_text}) is older than PG_RESTORE_BIN ({r_text}), whose scripts "
                            "use a psql command it lacks (\\restrict): put the psql of the same "
                            "release next to PG_RESTORE_BIN. The database was not touched")
+    if manifest["format"] == "directory":
+        _check_files(run, client, loc, manifest)
+        return Tools(restore_path, psql, r_major)
     try:
         head = s3.call(run, f"reading {loc.uri(key)}",
                        lambda: client.head_object(Bucket=loc.bucket, Key=key))
@@ -174,6 +178,21 @@ def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, A
         raise BackupFailed(f"backup {key} does not match its manifest (size {head['ContentLength']} "
                            f"vs {manifest['size']}): refusing to restore; the database was not touched")
     return Tools(restore_path, psql, r_major)
+
+
+def _check_files(run: Run, client: Any, loc: Location, manifest: dict[str, Any]) -> None:
+    """Every file a directory-format dump lists must be there, of the size it lists."""
+    key = manifest["key"]
+    try:
+        stored = s3.sizes(run, client, loc, key + "/")
+    except s3.S3_ERRORS as exc:
+        raise BackupFailed(f"cannot read backup {key} ({s3.describe(exc, key)}): the database was "
+                           "not touched") from None
+    wrong = [f["object"] for f in manifest["files"] if stored.get(f["object"]) != f["size"]]
+    if wrong:
+        raise BackupFailed(f"backup {key} does not match its manifest ({len(wrong)} file(s) missing or "
+                           f"of another size: {', '.join(wrong[:5])}): refusing to restore; the "
+                           "database was not touched")
 
 
 def _writes_restrict(version: tuple[int, int]) -> bool:
@@ -195,7 +214,25 @@ def _psql_next_to(restore_bin: str) -> str:
 
 def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
             tools: Tools) -> None:
-    """Replace the database's contents with the backup in one transaction (see the docstring)."""
+    """Replace the database's contents with the backup in one transaction (see the docstring).
+
+    A directory-format dump (BACKUP_JOBS) is fetched and verified into a local directory first:
+    pg_restore reads directories only from disk."""
+    if manifest["format"] != "directory":
+        return _replay(run, client, loc, manifest, target, tools, None)
+    blocked = fetch.check_space(run, manifest)
+    if blocked:
+        raise BackupFailed(f"{blocked}: a directory-format backup is restored from a local copy; free "
+                           "space or point BACKUP_WORKDIR at a larger volume; the database was not "
+                           "touched")
+    with tempfile.TemporaryDirectory(prefix=f"runner-restore-{run.run_id}-", dir=fetch.workdir(run)) as d:
+        local = Path(d) / "dump"
+        fetch.to_dir(run, client, loc, manifest, local)
+        _replay(run, client, loc, manifest, target, tools, local)
+
+
+def _replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
+            tools: Tools, local: Path | None) -> None:
     session = Session(run, tools.psql, set(target.settings))
     try:
         with run.cancel.on_cancel(session.kill):
@@ -203,7 +240,7 @@ def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], targe
             run.log("restore.start", f"database reset inside the transaction; streaming {manifest['key']}",
                     database=run.settings.safe_target)
             t0 = run.clock()
-            tail = _stream(run, client, loc, manifest, tools, session, target)
+            tail = _stream(run, client, loc, manifest, tools, session, target, local)
             session.commit(tail)
             took = run.clock() - t0
         run.log("restore.done", f"restored {manifest['key']}: committed", bytes=manifest["size"],
@@ -213,10 +250,11 @@ def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], targe
 
 
 def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tools: Tools,
-            session: Session, target: Target) -> bytes:
-    """Feed the object through [zstd -d |] pg_restore into psql; return the script's tail without
-    its COMMIT once everything checked out; raise otherwise (psql is then closed by the caller)."""
-    zstd = manifest["compression"] == "zstd"
+            session: Session, target: Target, local: Path | None) -> bytes:
+    """Feed the object through [zstd -d |] pg_restore into psql (or pg_restore reads the verified
+    local directory); return the script's tail without its COMMIT once everything checked out;
+    raise otherwise (psql is then closed by the caller)."""
+    zstd = manifest["compression"] == "zstd" and local is None
     names = ["zstd", "pg_restore"] if zstd else ["pg_restore"]
     errs = [tempfile.TemporaryFile() for _ in names]
     stages: list[subprocess.Popen[bytes]] = []
@@ -225,17 +263,19 @@ def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tool
         if zstd:  # the filters get no password: only psql connects
             stages.append(procs.spawn(["zstd", "-q", "-d", "-c"], procs.child_env(), subprocess.PIPE,
                                       errs[0], fix="install zstd"))
-        stages.append(procs.spawn([tools.pg_restore, "--single-transaction", "-f", "-"],
-                                  procs.child_env(), stages[0].stdout if zstd else subprocess.PIPE,
+        source = [str(local)] if local else []
+        stages.append(procs.spawn([tools.pg_restore, "--single-transaction", "-f", "-", *source],
+                                  procs.child_env(), stages[0].stdout if zstd else
+                                  subprocess.DEVNULL if local else subprocess.PIPE,
                                   errs[-1], fix="install it"))
         if zstd:
             stages[0].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
         out = stages[-1].stdout
-        assert out is not None and stages[0].stdin is not None
+        assert out is not None
         for fd in (out.fileno(), session.stdin):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes (Linux)
-        feeder = Feeder(run, client, loc, manifest, stages[0].stdin)
+        feeder = _Verified(run) if local else Feeder(run, client, loc, manifest, stages[0].stdin)
         with run.cancel.on_cancel(lambda: procs.terminate(stages)):
             feeder.start()
             try:
@@ -263,3 +303,28 @@ def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tool
         return script.without_final_commit(tail)
     finally:
         procs.reap(stages, errs)
+
+
+class _Verified:
+    """Stands in for the Feeder when pg_restore reads a local copy fetched and verified before."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def start(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float) -> None:
+        pass
+
+    def tick(self) -> None:
+        self.run.cancel.check()
+
+    def check_digest(self) -> None:
+        pass
+
+    def check_complete(self) -> None:
+        pass

@@ -198,6 +198,12 @@ def databases(run: Run, s3: Any, loc: Location) -> list[str]:
     return sorted(n for n in names if n is not None)
 
 
+def sizes(run: Run, s3: Any, loc: Location, prefix: str) -> dict[str, int]:
+    """Return {name: size} of the objects directly below prefix (a directory-format dump's files)."""
+    found = call(run, f"listing {loc.uri(prefix)}", lambda: _level(s3, loc.bucket, prefix)["Contents"])
+    return {o["Key"][len(prefix):]: o["Size"] for o in found}
+
+
 def read_manifest(run: Run, s3: Any, loc: Location, key: str, database: str | None = None) -> dict[str, Any]:
     """Read and check the manifest at key; raise BadManifest, or botocore's error."""
     body = call(run, f"reading {loc.uri(key)}",
