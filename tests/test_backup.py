@@ -210,6 +210,19 @@ def test_parallel_dump_that_fails_leaves_nothing(at_0002: Database, s3_server: S
     assert r.code == 5 and "failed on cue" in r.err and "nothing was migrated" in r.err, r.err
     assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
     assert db.version() == "0002" and list(work.iterdir()) == []
+    # SIGTERM once the files are shipped, pg_dump still running: the same cleanup, exit 143
+    slow = wrapper(tmp_path, db, """\
+        "$REAL" "$@" && echo "pg_dump: done" >&2
+        sleep 30
+        """)
+    env = backup_env(db, s3_server, bucket, PG_DUMP_BIN=slow, BACKUP_JOBS="2", BACKUP_WORKDIR=str(work))
+    proc = start_runner(["upgrade"], env)
+    wait_for(lambda: any(k.endswith("toc.dat") for k in s3_server.keys(bucket)), timeout=60,
+             what="the parallel dump never shipped toc.dat")
+    proc.send_signal(signal.SIGTERM)
+    done = finish(proc, timeout=60)
+    assert done.code == 143, done.err
+    assert s3_server.keys(bucket) == [] and db.version() == "0002" and list(work.iterdir()) == []
 
 
 def cmdlines() -> list[str]:

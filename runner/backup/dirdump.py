@@ -133,9 +133,9 @@ class Shipper:
         """Stop, and delete what was stored: without its manifest it is no backup."""
         for future in self.futures.values():
             future.cancel()
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # first: uploads in flight fail, their threads end
             self.manager.shutdown(cancel=True)
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for key in self.stored:
             with contextlib.suppress(Exception):
                 self.client.delete_object(Bucket=self.loc.bucket, Key=key)

@@ -56,8 +56,9 @@ def client(settings: Settings, cancel: Cancel | None = None) -> Any:
     s3 = boto3.session.Session().client("s3", config=cfg)
     if cancel is not None:
         def stop_when_cancelled(event_name: str = "", **_: Any) -> None:
-            # an abort still goes out: it is what removes a cancelled upload's parts
-            if cancel.is_set and not event_name.endswith(".AbortMultipartUpload"):
+            # an abort still goes out: it is what removes a cancelled upload's parts (and so
+            # does a delete: it removes the files a cancelled parallel dump had stored)
+            if cancel.is_set and not event_name.endswith((".AbortMultipartUpload", ".DeleteObject")):
                 raise Cancelled("the run was cancelled")
 
         s3.meta.events.register("before-send.s3", stop_when_cancelled)
