@@ -526,8 +526,8 @@ def test_parallel_restore_that_fails_changes_nothing(database: Database, s3_serv
 
 def test_parallel_restore_prerequisites(database: Database, s3_server: S3Server, bucket: str) -> None:
     """What a parallel restore needs is checked before anything is fetched: an explicit
-    RESTORE_JOBS refuses (exit 2 for privileges, 5 for disk), `auto` says why and restores in one
-    transaction. Here: no CREATEDB, a session of a role it may not end, too little local disk."""
+    RESTORE_JOBS refuses (exit 2), `auto` says why and restores in one transaction. Here: no
+    CREATEDB, then a session of a role it may not end (local disk: test_local_copy_space)."""
     role = f"restorer_{uuid.uuid4().hex[:8]}"
     cluster = database.cluster
     cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{APP_PASSWORD}'")
@@ -536,11 +536,11 @@ def test_parallel_restore_prerequisites(database: Database, s3_server: S3Server,
     url = cluster.url(db.name, user=role, password=APP_PASSWORD)
     env = {**restore_env(db, s3_server, bucket), "DATABASE_URL": url}
     db.sql(f"SET ROLE {role}; CREATE TABLE who (name text); INSERT INTO who VALUES ('backed up')")
-    key = backup(db, env)
+    backup(db, env)
 
-    def restore(jobs: str, which: str = "latest") -> Result:
+    def restore(jobs: str) -> Result:
         db.sql("UPDATE who SET name = 'changed'")
-        return run_runner(["restore", "--backup", which, "--yes"], {**env, "RESTORE_JOBS": jobs})
+        return run_runner(["restore", "--backup", "latest", "--yes"], {**env, "RESTORE_JOBS": jobs})
 
     refused = restore("2")
     assert refused.code == 2 and "RESTORE_JOBS=2: the role may not create databases (it needs CREATEDB)" \
@@ -556,12 +556,6 @@ def test_parallel_restore_prerequisites(database: Database, s3_server: S3Server,
         assert "admin-session" in refused.err and who(db) == "changed"
     finally:
         other.close()
-    huge = key.replace(".pgdump.zst", "0.pgdump.zst")
-    put_copy(s3_server, bucket, key, huge, archive_size=10 ** 15)
-    refused = restore("2", huge)
-    assert refused.code == 5 and "(BACKUP_WORKDIR) and only" in refused.err, refused.err
-    fallback = ok(restore("auto", huge))
-    assert "restoring in one transaction, not with" in fallback.err and who(db) == "backed up"
 
 
 def test_sigterm_mid_parallel_restore(database: Database, s3_server: S3Server, bucket: str,
@@ -724,6 +718,30 @@ def test_manifest_that_is_not_json(body: bytes, problem: str) -> None:
 
     with pytest.raises(BadManifest, match=problem):
         parse(body, "team/app/shop/x.manifest.json", Location.parse("s3://bkt/team/app"))
+
+
+def test_local_copy_space(tmp_path: Path) -> None:
+    """The local copy's size: exact from archive_size (zstd) or the object (gzip, none), estimated
+    for manifests without it; too little free space is refused before anything is fetched."""
+    import io
+
+    from runner import config
+    from runner.backup import fetch
+    from runner.context import Run
+    from runner.log import EventLog
+    from tests.conftest import REPO
+
+    settings = config.load({"DATABASE_URL": "postgresql://u@h/d", "ALEMBIC_CONFIG": str(REPO / "alembic.ini"),
+                            "BACKUP_WORKDIR": str(tmp_path)})
+    out = io.StringIO()
+    run = Run(settings, EventLog("text", out), "restore")
+    assert fetch.space_needed(good_manifest(archive_size=1000)) == (1000, True)
+    assert fetch.space_needed(good_manifest(compression="none")) == (10, True)
+    assert fetch.space_needed(good_manifest(database_size=5000)) == (5000, False)
+    assert fetch.check_space(run, good_manifest(archive_size=1000)) is None
+    why = fetch.check_space(run, good_manifest(archive_size=10 ** 15))
+    assert why and f"needs 1000000000 MB in {tmp_path} (BACKUP_WORKDIR) and only" in why
+    assert "the verified local copy of the backup needs 0 MB in" in out.getvalue()
 
 
 def test_latest_across_servers() -> None:

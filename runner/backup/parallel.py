@@ -18,6 +18,8 @@ sessions on it, and local disk for the archive.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
 import os
 import re
@@ -101,35 +103,50 @@ def restore(run: Run, client: Any, loc: Location, manifest: dict[str, Any], targ
             tools: Tools, jobs: int) -> None:
     """Fetch and verify, restore with jobs into a new database, swap it in (see the docstring)."""
     where = Path(tempfile.mkdtemp(prefix=f"runner-restore-{run.run_id}-", dir=fetch.workdir(run)))
+    staging = Staging(run, target.database)
     try:
-        t0 = run.clock()
-        if manifest["format"] == "directory":  # one file per table: fetched several at a time
-            archive = where / "dump"
-            fetch.to_dir(run, client, loc, manifest, archive)
-        else:
-            archive = where / "backup.pgdump"
-            fetch.to_file(run, client, loc, manifest, archive)
-        fetched = run.clock() - t0
-        run.log("restore.fetched", f"{manifest['key']} verified (size and sha256) into a local copy",
-                seconds=round(fetched, 1))
-        staging = Staging(run, target.database)
-        staging.sweep()
-        staging.create()
-        try:
-            _pg_restore(run, tools, staging, archive, jobs, target)
-            staging.copy_properties()
-            ledger.detach(run)  # its session on the target ends in the swap; it reconnects by name
-            staging.swap()
-        except BaseException:
-            if not staging.swapped:
-                staging.drop()
-            raise
+        # the new database is created while the backup is fetched (it does not touch the target)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="staging") as pool:
+            created = pool.submit(_prepare, staging)
+            try:
+                t0 = run.clock()
+                archive = _fetch(run, client, loc, manifest, where)
+                fetched = run.clock() - t0
+                run.log("restore.fetched", f"{manifest['key']} verified (size and sha256) into a "
+                        "local copy", seconds=round(fetched, 1))
+                created.result()
+                _pg_restore(run, tools, staging, archive, jobs, target)
+                staging.copy_properties()
+                ledger.detach(run)  # its session on the target ends in the swap; it reconnects by name
+                staging.swap()
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    created.result()  # over either way before it is dropped
+                if not staging.swapped:
+                    staging.drop()
+                raise
         staging.drop_prev()
         took = run.clock() - t0
         run.log("restore.done", f"restored {manifest['key']} with {jobs} jobs into a new database, "
                 "swapped in", jobs=jobs, seconds=round(took, 1), fetch_s=round(fetched, 1))
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def _prepare(staging: Staging) -> None:
+    staging.sweep()
+    staging.create()
+
+
+def _fetch(run: Run, client: Any, loc: Location, manifest: dict[str, Any], where: Path) -> Path:
+    """Fetch and verify the backup into where; return what pg_restore reads."""
+    if manifest["format"] == "directory":  # one file per table: fetched several at a time
+        archive = where / "dump"
+        fetch.to_dir(run, client, loc, manifest, archive)
+    else:
+        archive = where / "backup.pgdump"
+        fetch.to_file(run, client, loc, manifest, archive)
+    return archive
 
 
 def _pg_restore(run: Run, tools: Tools, staging: Staging, archive: Path, jobs: int,
@@ -140,7 +157,9 @@ def _pg_restore(run: Run, tools: Tools, staging: Staging, archive: Path, jobs: i
     that lack the setting (15, 16): there it runs without --exit-on-error, and every error it
     reports must be that one, or the restore fails."""
     env, conninfo = procs.libpq_env(run, "restore", staging.url())
-    env["PGOPTIONS"] = db.session_options(run, migrating=False)
+    # synchronous_commit off: nothing in the new database counts until the swap's commit, which
+    # is synchronous and flushes the WAL before it (a crash before it loses only the copy)
+    env["PGOPTIONS"] = db.session_options(run, migrating=False) + " -c synchronous_commit=off"
     err = tempfile.TemporaryFile()
     lenient = tools.major >= 17 > target.major
     run.log("restore.start", f"pg_restore with {jobs} jobs into {staging.name}", jobs=jobs)
