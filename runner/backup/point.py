@@ -16,6 +16,7 @@ No data is copied: the time this adds does not depend on the database's size.
 from __future__ import annotations
 
 import datetime as dt
+import threading
 from typing import IO, Any
 
 import sqlalchemy as sa
@@ -55,6 +56,8 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
     """Check archiving, mark the point, have it archived, record it; return its record."""
     s = run.settings
     t0 = run.clock()
+    # boto3 takes a few hundred ms to import and build a client: done meanwhile, off this thread
+    client = _S3Client(run) if s.backup_s3_uri else None
     with db.connect(run, "restore-point", autocommit=True) as conn:
         status = archiving.read(conn)
         archiving.check(run, status)
@@ -79,9 +82,9 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
         "version_schema": state.version_schema, "run_id": run.run_id, "switched": switched,
         "archived": archived, **archiving.describe(status),
     }
+    if client is not None:
+        _store(run, record, created, client.get())
     took = run.clock() - t0
-    if s.backup_s3_uri:
-        _store(run, record, created)
     ledger.note(run, {"outcome": "restore point", **{k: record[k] for k in (
         "name", "lsn", "timeline", "wal_file", "created", "database", "system_identifier",
         "alembic_revision", "target_revision", "switched", "archived")}, "key": record.get("key"),
@@ -152,14 +155,40 @@ def _revisions(text: Any) -> list[str] | None:
     return [] if text == "base" else text.split(",")
 
 
-def _store(run: Run, record: dict[str, Any], created: dt.datetime) -> None:
+class _S3Client(threading.Thread):
+    """Import boto3 and build the S3 client in the background."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(name="s3-client", daemon=True)
+        self.run_ = run
+        self.client: Any = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:  # type: ignore[override]
+        try:
+            from runner.backup import s3
+
+            self.client = s3.client(self.run_.settings, self.run_.cancel)
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by get()
+            self.error = exc
+
+    def get(self) -> Any:
+        while self.is_alive():
+            self.join(0.2)
+            self.run_.cancel.check()
+        if self.error is not None:
+            raise self.error
+        return self.client
+
+
+def _store(run: Run, record: dict[str, Any], created: dt.datetime, client: Any) -> None:
     """Write the point's manifest beside the dumps; refresh it with the outcome at the end."""
-    from runner.backup import s3  # boto3 loads only when the point goes to S3
+    from runner.backup import s3  # imported by the client's thread already
 
     loc = Location.parse(run.settings.backup_s3_uri)
     record.update(key=loc.new_key(record["database"], created, run.run_id, POINT_SUFFIX),
                   bucket=loc.bucket)
-    client = s3.client(run.settings, run.cancel)
     try:
         s3.write_manifest(run, client, loc, record)
     except s3.S3_ERRORS as exc:
