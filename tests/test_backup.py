@@ -433,15 +433,16 @@ def assert_secret_free(seen: dict[str, tuple[str, str]], connects: set[str]) -> 
 @pytest.mark.parametrize("way", ["user:password@", "?password=", "DATABASE_URL_FILE"])
 def test_passwords_reach_children_only_through_the_environment(
         database: Database, s3_server: S3Server, bucket: str, tmp_path: Path, way: str) -> None:
-    """Sample /proc of the real pg_dump and zstd (backup), zstd, pg_restore and psql (restore)
-    while they run, for each way a URL can carry the password."""
+    """Sample /proc of the real pg_dump and zstd (backup), zstd, pg_restore and psql (restore in
+    one transaction) while they run, for each way a URL can carry the password (the parallel
+    restore's pg_restore: tests/test_restore.py::test_sigterm_mid_parallel_restore)."""
     import psycopg2
 
     db = database
     url = {"user:password@": db.url, "DATABASE_URL_FILE": db.url,
            "?password=": f"postgresql://admin@127.0.0.1:{db.cluster.port}/{db.name}"
                          f"?password={quote(PASSWORD, safe='')}"}[way]
-    env = backup_env(db, s3_server, bucket)
+    env = backup_env(db, s3_server, bucket, RESTORE_JOBS="1")
     if way == "DATABASE_URL_FILE":
         (tmp_path / "url").write_text(url)
         del env["DATABASE_URL"]

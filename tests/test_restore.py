@@ -564,6 +564,8 @@ def test_sigterm_mid_parallel_restore(database: Database, s3_server: S3Server, b
     database unchanged and open (the swap never started)."""
     import signal
 
+    from tests.test_backup import assert_secret_free, sample
+
     db = labelled(database, "backed up")
     real = bindir(db.cluster.major)
     for tool in ("psql",):
@@ -581,6 +583,8 @@ def test_sigterm_mid_parallel_restore(database: Database, s3_server: S3Server, b
         seen.append(line)
         if "restore.start" in line:
             break
+    # what pg_restore -j gets: the password in its environment only (the wrapper has it all)
+    assert_secret_free(sample(proc, {"pg_restore"}), connects={"pg_restore"})
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)

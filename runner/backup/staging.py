@@ -101,6 +101,10 @@ def why_not(run: Run, conn: Connection) -> str | None:
     if stuck:
         return (f"other sessions on the database belong to roles this role may not end "
                 f"({', '.join(stuck[:5])}; it needs pg_signal_backend)")
+    try:  # pg_hba.conf may still refuse it
+        db.connect(_admin_run(run, r["maintenance"]), "restore-admin", connect_timeout=10).close()
+    except sa.exc.DBAPIError as exc:
+        return f"the role cannot connect to the {r['maintenance']} database ({db_message(exc)})"
     return None
 
 
@@ -119,7 +123,7 @@ class Staging:
         t = tag(self.target)
         self.name = f"runner_restore_{t}_{self.run.run_id}"
         self.prev = f"runner_prev_{t}_{self.run.run_id}"
-        self.admin = _admin_run(self.run)
+        self.admin = _admin_run(self.run, _maintenance(self.run))
 
     def url(self) -> Any:
         """The new database's URL (for pg_restore)."""
@@ -314,11 +318,15 @@ class Staging:
         return db.connect(self.admin, "restore-admin", autocommit=autocommit, connect_timeout=10)
 
 
-def _admin_run(run: Run) -> Run:
-    """A copy of run whose database is the server's maintenance database."""
+def _maintenance(run: Run) -> str:
     with db.connect(run, "restore-info") as conn:
-        name = conn.execute(PREREQUISITES_SQL).mappings().one()["maintenance"] or MAINTENANCE[0]
-    settings = dataclasses.replace(run.settings, database_url=run.settings.database_url.set(database=name))
+        return conn.execute(PREREQUISITES_SQL).mappings().one()["maintenance"] or MAINTENANCE[0]
+
+
+def _admin_run(run: Run, maintenance: str) -> Run:
+    """A copy of run whose database is the server's maintenance database."""
+    settings = dataclasses.replace(run.settings,
+                                   database_url=run.settings.database_url.set(database=maintenance))
     return dataclasses.replace(run, settings=settings)
 
 
