@@ -290,8 +290,9 @@ class Settings:
         "copied to BACKUP_WORKDIR and verified, restored into a new database with that many jobs, "
         "and swapped in by renames (needs CREATEDB and ownership of the database; ends the other "
         "sessions on it: docs/backups.md); 1 streams it into the database in one transaction. "
-        "`auto`: the CPUs available, falling back to 1 where a parallel restore cannot run.",
-        jobs, shown="auto (the CPUs available)", value=None, group="backup")
+        "`auto`: the CPUs available for archives of 1 GB or more, falling back to 1 where a "
+        "parallel restore cannot run.",
+        jobs, shown="auto", value=None, group="backup")
     backup_workdir: Path | None = setting(
         "BACKUP_WORKDIR", "", "Local directory for parallel dumps' files and for restores' verified "
         "copy of a backup (the space needed is checked and logged first).", path,

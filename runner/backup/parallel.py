@@ -39,6 +39,9 @@ from runner.errors import BackupFailed, ConfigError
 
 PROGRESS_EVERY = 5.0
 MB = 1e6
+# RESTORE_JOBS=auto restores smaller archives in one transaction: fetching before restoring, a
+# new database and the swap cost seconds that parallel jobs do not win back below this size
+AUTO_MIN = 1_000_000_000
 
 
 def available_cpus() -> int:
@@ -56,8 +59,9 @@ def available_cpus() -> int:
 def jobs_for(run: Run, manifest: dict[str, Any], target: Target) -> int:
     """Return how many jobs this restore uses: 1 means one streamed transaction.
 
-    RESTORE_JOBS=auto uses the CPUs available when a parallel restore can run here, and says
-    why not when it cannot; an explicit RESTORE_JOBS above 1 that cannot run is refused."""
+    RESTORE_JOBS=auto uses the CPUs available for an archive of AUTO_MIN or more when a parallel
+    restore can run here, and says why not when it cannot; an explicit RESTORE_JOBS above 1 that
+    cannot run is refused. (A directory-format dump is copied locally either way.)"""
     wanted = run.settings.restore_jobs
     jobs = wanted or available_cpus()
     if jobs == 1:
@@ -75,6 +79,12 @@ def jobs_for(run: Run, manifest: dict[str, Any], target: Target) -> int:
     if blocked or space:
         run.log("restore.one_transaction", f"restoring in one transaction, not with {jobs} jobs: "
                 f"{blocked or space}")
+        return 1
+    need, _ = fetch.space_needed(manifest)
+    if not wanted and need < AUTO_MIN and manifest["format"] != "directory":
+        run.log("restore.one_transaction", f"restoring in one transaction: the archive "
+                f"({need / MB:.0f} MB) is under {AUTO_MIN / MB:.0f} MB, where a new database and the "
+                "swap cost more than parallel jobs save (RESTORE_JOBS=N forces them)")
         return 1
     return jobs
 
