@@ -65,8 +65,9 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
         sysid = _system_identifier(conn)
         created = dt.datetime.now(dt.UTC)
         name = f"{NAME_PREFIX}-{created:%Y%m%dT%H%M%SZ}-{run.run_id}" if info["may_name"] else None
-        mark = conn.execute(NAMED_SQL if name else UNNAMED_SQL, {"name": name}).mappings().one()
-        if name is None:
+        mark = _named(conn, name) if name else None
+        if mark is None:
+            name, mark = None, conn.execute(UNNAMED_SQL).mappings().one()
             run.log("backup.restore_point", "this role may not create a named restore point "
                     "(pg_create_restore_point needs superuser or a GRANT): recording the exact "
                     "server time and WAL position instead")
@@ -97,6 +98,15 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
     run.summary["restore_point"] = {k: record.get(k) for k in (
         "name", "lsn", "timeline", "created", "wal_file", "archived", "key")}
     return record
+
+
+def _named(conn: sa.Connection, name: str) -> Any:
+    """pg_create_restore_point(name), or None when the server refuses it anyway (a managed
+    service's own restrictions): the WAL position is recorded instead."""
+    try:
+        return conn.execute(NAMED_SQL, {"name": name}).mappings().one()
+    except sa.exc.DBAPIError:
+        return None
 
 
 def _system_identifier(conn: sa.Connection) -> str | None:
