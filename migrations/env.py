@@ -17,7 +17,8 @@ if config.config_file_name and config.attributes.get("configure_logger", True):
 
 # the migration runner's ledger lives next to alembic_version; it is not one of our models (the
 # runner names its tables here; plain `alembic check` gets the default names)
-RUNNER_TABLES = config.attributes.get("runner_tables", ("runner_history", "runner_history_revisions"))
+RUNNER_TABLES = config.attributes.get("runner_tables", ("runner_history", "runner_history_revisions",
+                                                         "runner_backfills"))
 
 
 def include_name(name: str | None, type_: str, parent_names: dict) -> bool:

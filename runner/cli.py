@@ -7,6 +7,7 @@ its exit code is runner.outcome's.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import sys
@@ -19,6 +20,7 @@ from runner.exitcodes import ExitCode
 from runner.log import EventLog
 from runner.outcome import failure
 from runner.redact import redact
+from runner.report import abandon, report, write_message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,8 +86,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         settings = _load_settings(args, env)
         log = EventLog(settings.log_format)
         run = Run(settings=settings, log=log, command=args.command)
-        cancellation.install(run.cancel, log)
-        cancellation.start_deadline(run.cancel, settings.run_deadline, log)
+        backstop = cancellation.install(run.cancel, log, _grace(env, args.command))
+        backstop.last_words = functools.partial(abandon, run)  # reports if the main thread cannot
+        cancellation.start_deadline(run.cancel, settings.run_deadline, backstop)
         from runner import fastpath  # a no-op answered from the image's recorded facts: no SQLAlchemy
 
         if not fastpath.answer(run, args):
@@ -102,11 +105,39 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         code, error = getattr(err, "code", ExitCode.SIGTERM), str(err)
     if run is None:
         log.error("config", redact(error or ""), exit_code=int(code))
+        _config_message(env, argv, code, error, log)
     else:
-        from runner.report import report
-
         report(run, code, error)
     return int(code)
+
+
+def _config_message(env: Mapping[str, str], argv: Sequence[str] | None, code: ExitCode,
+                    error: str | None, log: EventLog) -> None:
+    """Write the termination message of a run refused before its settings were known: read
+    TERMINATION_MESSAGE_PATH itself (it may be the setting that failed) and skip a value that
+    is not a usable path."""
+    raw = env.get("TERMINATION_MESSAGE_PATH", "")
+    try:
+        path = str(config.path(raw)) if raw else ""
+    except ValueError:
+        return
+    if not path:
+        return
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if w in registry.COMMANDS), None)
+    data = {"command": command, "exit_code": int(code), "exit_name": code.name.lower(),
+            "outcome": "failed", "error": redact(error or "")}
+    write_message(path, data, log)  # the same 4 KiB bound as every other message
+
+
+def _grace(env: Mapping[str, str], command: str) -> float:
+    """Seconds the main thread has to stop after a signal or the deadline before the backstop
+    reports in its place: a fleet's gathers its workers' results first."""
+    if fleet_mode(env, command):
+        from runner import fleet
+
+        return fleet.GRACE
+    return cancellation.GRACE
 
 
 def _target(settings: config.Settings, env: Mapping[str, str], command: str) -> str:

@@ -7,10 +7,14 @@ wait until ready, lock, plan) are runner.flow's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import IO
+from typing import IO, Any
 
-from runner import db, ledger, revisions
+import sqlalchemy as sa
+from alembic.script import ScriptDirectory
+
+from runner import db, ledger, phases, revisions
 from runner.backup.layout import is_point
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending
@@ -48,27 +52,33 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
     cfg, script = load(run)
     if target in ("head", "heads"):
         revisions.single_head(script)
+    phase = phases.ALL if downgrade else run.settings.deploy_phase
+    if not downgrade:
+        run.summary["phase"] = phase
     # 1. wait, then the fast path: nothing to do means no lock, no backup
     state = ready_state(run, cfg, script)
-    goal = resolve_target(run, script, state, target, downgrade)
+    wanted = resolve_target(run, script, state, target, downgrade)
+    goal = phases.goal(script, state.heads, wanted, phase)  # a broken phase order: exit 7 here
     if set(state.heads) == set(goal):
-        return _nothing_to_do(run, state)
+        _note_other_phase(run, script, state, wanted, phase)
+        return _nothing_to_do(run, script, state, downgrade)
     # 2. the lock, then look again: another copy may have migrated meanwhile
     from runner.migrate import apply_steps  # off the no-op fast path, like the lock
 
     with locked(run, cfg, script, state, goal) as state:
         revisions.check_known(script, state.heads)
+        goal = phases.goal(script, state.heads, wanted, phase)
         if set(state.heads) == set(goal):
-            return _nothing_to_do(run, state)
-        check_direction(script, state.heads, goal, downgrade)
-        # 3. migrate, one transaction per revision
-        plan = revisions.steps(script, state.heads, goal, downgrade)
+            return _nothing_to_do(run, script, state, downgrade)
+        check_direction(script, state.heads, wanted, downgrade)
+        # 3. migrate, one transaction per revision (the phase's revisions only)
+        plan, guard = _steps(run, script, state, wanted, phase, downgrade)
         run.summary["pending"] = [rev for rev, _ in plan]
         ledger.preflight(run, downgrade)  # an edited applied revision: exit 7; the ledger row starts
         if plan:  # 3a. backup first: fail closed, nothing is migrated without one
             _backup_before(run, state)
         with run.timed("migrate"):
-            apply_steps(run, cfg, script, plan, downgrade)
+            apply_steps(run, cfg, script, plan, downgrade, before_step=guard)
         # 4. verify
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
@@ -76,31 +86,79 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         raise MigrationFailed(f"after migrating the database is at {fmt(after)}, expected "
                               f"{fmt(goal)}: check env.py's run_migrations for skipped revisions")
     run.summary.update(to=fmt(after), outcome="downgraded" if downgrade else "migrated")
+    _note_other_phase(run, script, dataclasses.replace(state, heads=after), wanted, phase)
+
+
+def _steps(run: Run, script: ScriptDirectory, state: DbState, wanted: tuple[str, ...], phase: str,
+           downgrade: bool) -> tuple[list[tuple[str, str]], phases.Guard | None]:
+    """The steps to run and the check before each (post-deploy revisions: no unfinished backfill)."""
+    if downgrade:
+        return revisions.steps(script, state.heads, wanted, True), None
+
+    def backfills() -> list[dict[str, Any]]:
+        with db.connect(run, "inspect") as conn:
+            return phases.unfinished_backfills(conn, state.version_schema)
+
+    return phases.plan(script, state.heads, wanted, phase, backfills)
+
+
+def _note_other_phase(run: Run, script: ScriptDirectory, state: DbState, wanted: tuple[str, ...],
+                      phase: str) -> None:
+    """Say which revisions this phase left to the other one (pre-deploy: the post-deploy ones)."""
+    other, left = phases.left_for_later(script, state.heads, wanted, phase)
+    if left:
+        when = "after the rollout" if other == phases.POST else "(the Job before the rollout)"
+        run.log("migrate.phase", f"{phase}: {len(left)} {other} revision(s) left pending "
+                f"({', '.join(left)}): the {other} phase applies them {when}", phase=phase,
+                left=",".join(left))
 
 
 def status(run: Run, args: argparse.Namespace, out: IO[str] | None = None) -> None:
-    """Print current revision(s), heads and pending revisions; with --check, fail when pending."""
+    """Print current revision(s), heads, pending revisions per phase and the backfills; with
+    --check, fail when the phase (DEPLOY_PHASE / --phase) has revisions pending."""
     out = out or sys.stdout
     cfg, script = load(run)
-    state = ready_state(run, cfg, script)
+    with wait_until_ready(run) as conn:
+        state = revisions.read_state(cfg, script, conn)
+        try:
+            backfills = phases.backfills(conn, state.version_schema)
+        except sa.exc.DBAPIError as exc:  # status reports the revisions; the backfills are extra
+            from runner.migrate import db_message
+
+            run.log.warning("status.backfills", f"cannot read the backfills ({db_message(exc)})")
+            backfills = []
     heads = tuple(script.get_heads())
     unknown = [h for h in state.heads if h not in revisions.ancestors(script, heads)]
-    pending = [] if unknown else [s.revision for s in reversed(list(
-        script.iterate_revisions(heads if len(heads) > 1 else heads[0], state.heads or "base")))]
+    todo = None if unknown else phases.pending(script, state.heads, heads)
+    pending = list(todo.order) if todo else []
     print(f"database: {run.settings.safe_target}", file=out)
     print(f"current:  {fmt(state.heads)}", file=out)
     print(f"head:     {fmt(heads)}", file=out)
     print(f"pending:  {', '.join(pending) if pending else 'none'}", file=out)
+    if todo and pending:
+        for line in phases.pending_lines(todo):
+            print(line, file=out)
     if unknown:
         print(f"unknown:  {', '.join(unknown)} (not in these scripts: the image is older than "
               "the database)", file=out)
+    for line in phases.backfill_lines(backfills):
+        print(line, file=out)
     ledger.print_last_run(run, state, out)  # "last run: ..." from the ledger, when there is one
+    phase = run.settings.deploy_phase
+    due = pending if phase == phases.ALL or todo is None else (
+        todo.pre if phase == phases.PRE else todo.post)
     run.summary.update({"from": fmt(state.heads), "to": fmt(state.heads), "head": fmt(heads),
-                        "pending": pending})
-    if args.check and (pending or unknown or set(state.heads) != set(heads)):
+                        "pending": pending, "phase": phase})
+    if todo:
+        run.summary.update(pending_pre_deploy=todo.pre, pending_post_deploy=todo.post)
+    if backfills:
+        run.summary["backfills"] = {b["name"]: b["state"] for b in backfills}
+    behind = set(state.heads) != set(heads)
+    if args.check and (due or unknown or (behind and phase == phases.ALL)):
+        which = "" if phase == phases.ALL else f"{phase} "
         raise Pending(f"database is at {fmt(state.heads)}, not at head {fmt(heads)}: "
-                      f"{len(pending)} revision(s) pending")
-    run.summary["outcome"] = "at head" if set(state.heads) == set(heads) else "behind head"
+                      f"{len(due)} {which}revision(s) pending")
+    run.summary["outcome"] = "at head" if not behind else "behind head"
 
 
 def wait(run: Run, args: argparse.Namespace) -> None:
@@ -210,6 +268,8 @@ def _backup_before(run: Run, state: DbState) -> None:
     before_migrating(run, state)
 
 
-def _nothing_to_do(run: Run, state: DbState) -> None:
+def _nothing_to_do(run: Run, script: ScriptDirectory, state: DbState, downgrade: bool) -> None:
+    if not downgrade:  # an edited applied revision refuses a no-op too (exit 7), read-only
+        ledger.check_noop(run, script, state)
     run.log("migrate.noop", f"database already at {fmt(state.heads)}: nothing to do")
     run.summary.update(to=fmt(state.heads), outcome="nothing to do", applied=[])

@@ -206,16 +206,39 @@ class Settings:
     lock_wait_timeout: float = setting("LOCK_WAIT_TIMEOUT", "300s", "How long to wait for the "
                                        "migration lock.", duration())
     migration_lock_timeout: float = setting(
-        "MIGRATION_LOCK_TIMEOUT", "4s", "`lock_timeout` for migration statements: how long one DDL "
-        "may queue behind other sessions' table locks before it is retried.", duration(pg=True))
+        "MIGRATION_LOCK_TIMEOUT", "4s", "`lock_timeout` of every attempt with "
+        "LOCK_TIMEOUT_SCHEDULE=fixed; with `escalate` it sets the schedule's patience (see "
+        "LOCK_TIMEOUT_SCHEDULE) and stays the `lock_timeout` of CONCURRENTLY statements, which "
+        "never block the application's queries.", duration(pg=True))
+    lock_timeout_schedule: str = setting(
+        "LOCK_TIMEOUT_SCHEDULE", "escalate", "`escalate`: a revision's attempts get a `lock_timeout` "
+        "starting at LOCK_TIMEOUT_START and doubling up to LOCK_TIMEOUT_CEILING (a DDL queued for "
+        "its lock stalls the application's queries on that table that long at most), with jittered "
+        "pauses, until attempts and pauses add up to the `fixed` schedule's total (132 s with the "
+        "defaults); `fixed`: LOCK_RETRY_ATTEMPTS attempts of MIGRATION_LOCK_TIMEOUT (the behaviour "
+        "before the schedule existed).",
+        choice("escalate", "fixed"))
+    lock_timeout_start: float = setting(
+        "LOCK_TIMEOUT_START", "100ms", "`escalate`: the first attempt's `lock_timeout`.",
+        duration(3600.0, pg=True))
+    lock_timeout_ceiling: float = setting(
+        "LOCK_TIMEOUT_CEILING", "500ms", "`escalate`: the longest `lock_timeout`, hence the longest "
+        "an application query waits behind a queued DDL of the runner.", duration(3600.0, pg=True))
     migration_statement_timeout: float = setting(
         "MIGRATION_STATEMENT_TIMEOUT", "0", "`statement_timeout` for migration statements; when "
-        "set it must exceed MIGRATION_LOCK_TIMEOUT.", duration(WEEK, zero=True, pg=True),
-        shown="0 (off)")
-    lock_retry_attempts: int = setting("LOCK_RETRY_ATTEMPTS", "10", "Attempts per revision when a "
-                                       "statement hits lock_timeout (SQLSTATE 55P03).", integer(1, 1000))
-    lock_retry_max_wait: float = setting("LOCK_RETRY_MAX_WAIT", "30s", "Longest backoff between "
-                                         "lock_timeout retries.", duration(3600.0))
+        "set it must exceed every `lock_timeout` (MIGRATION_LOCK_TIMEOUT, LOCK_TIMEOUT_CEILING).",
+        duration(WEEK, zero=True, pg=True), shown="0 (off)")
+    lock_retry_attempts: int = setting("LOCK_RETRY_ATTEMPTS", "10", "`fixed`: attempts per revision "
+                                       "when a statement hits lock_timeout (SQLSTATE 55P03); "
+                                       "`escalate`: sets its patience.", integer(1, 1000))
+    lock_retry_max_wait: float = setting("LOCK_RETRY_MAX_WAIT", "30s", "Longest pause between two "
+                                         "attempts (both schedules).", duration(3600.0))
+    deploy_phase: str = setting(
+        "DEPLOY_PHASE", "all", "Which revisions `upgrade` applies (flag `--phase`; `status` reports "
+        "and checks that phase): `all` (development), `pre-deploy` (the Job before the rollout: "
+        "every revision not marked post-deploy) or `post-deploy` (the Job after it: the revisions "
+        "whose module sets `runner_phase = \"post-deploy\"`).",
+        choice("all", "pre-deploy", "post-deploy"))
     invalid_index_policy: str = setting(
         "INVALID_INDEX_POLICY", "drop", "`drop`: when a revision is about to build an index that an "
         "interrupted CREATE INDEX CONCURRENTLY of that same revision left INVALID, drop it first; "
@@ -329,6 +352,31 @@ class Settings:
     verify_lint: str = setting("VERIFY_LINT", "error", "`verify`: lint findings are `error` (exit 13), "
                                "`warn` (reported only) or `off`.", choice("error", "warn", "off"),
                                group="verify")
+    # -- online operations (docs/online.md) ---------------------------------------------------------
+    online_index_wait_timeout: float = setting(
+        "ONLINE_INDEX_WAIT_TIMEOUT", "10m", "How long one CREATE/DROP INDEX CONCURRENTLY of an online "
+        "operation may wait, in total, for transactions older than it (those waits do not block the "
+        "application; its wait for the table lock follows the lock_timeout schedule). Then it is "
+        "cancelled and the run exits 8 naming those transactions.", duration(WEEK), group="online")
+    online_backfill_batch_size: int = setting(
+        "ONLINE_BACKFILL_BATCH_SIZE", "1000", "Rows in a backfill's first batch; later batches are "
+        "sized to take ONLINE_BACKFILL_BATCH_TIME.", integer(1, 1_000_000), group="online")
+    online_backfill_max_batch_size: int = setting(
+        "ONLINE_BACKFILL_MAX_BATCH_SIZE", "50000", "Most rows in one backfill batch (each batch holds "
+        "its rows' locks until it commits).", integer(1, 1_000_000), group="online")
+    online_backfill_batch_time: float = setting(
+        "ONLINE_BACKFILL_BATCH_TIME", "150ms", "The time each backfill batch (one transaction) aims "
+        "at: the batch size follows it.", duration(60.0), group="online")
+    online_backfill_pause: float = setting(
+        "ONLINE_BACKFILL_PAUSE", "20ms", "Pause between two backfill batches (0: none).",
+        duration(60.0, zero=True), group="online")
+    online_backfill_max_replication_lag: float = setting(
+        "ONLINE_BACKFILL_MAX_REPLICATION_LAG", "10s", "A backfill waits between batches while a "
+        "streaming replica (pg_stat_replication) lags more than this; 0 turns the check off.",
+        duration(3600.0, zero=True), group="online")
+    online_backfill_progress_interval: float = setting(
+        "ONLINE_BACKFILL_PROGRESS_INTERVAL", "5s", "How often a backfill logs its progress (rows done "
+        "of the estimated total, rows/s, ETA).", duration(3600.0), group="online")
     # -- fleets ------------------------------------------------------------------------------------
     targets_file: Path | None = setting(
         "TARGETS_FILE", "", "Fleet mode: one target per line (a full URL, or a name substituted into "
@@ -448,9 +496,17 @@ def _check_combinations(values: dict[str, Any], command: str, errors: list[str])
     defaults = Settings()
     st = values.get("migration_statement_timeout", defaults.migration_statement_timeout)
     lt = values.get("migration_lock_timeout", defaults.migration_lock_timeout)
-    if st and st <= lt:
+    start = values.get("lock_timeout_start", defaults.lock_timeout_start)
+    ceiling = values.get("lock_timeout_ceiling", defaults.lock_timeout_ceiling)
+    escalate = values.get("lock_timeout_schedule", defaults.lock_timeout_schedule) == "escalate"
+    longest = max(lt, ceiling) if escalate else lt
+    if st and st <= longest:
+        name = "MIGRATION_LOCK_TIMEOUT" if longest == lt else "LOCK_TIMEOUT_CEILING"
         errors.append(f"MIGRATION_STATEMENT_TIMEOUT ({st:g}s) must be greater than "
-                      f"MIGRATION_LOCK_TIMEOUT ({lt:g}s): raise it or set it to 0 (off)")
+                      f"{name} ({longest:g}s): raise it or set it to 0 (off)")
+    if escalate and start > ceiling:
+        errors.append(f"LOCK_TIMEOUT_START ({start:g}s) must not exceed LOCK_TIMEOUT_CEILING "
+                      f"({ceiling:g}s): lower the start or raise the ceiling")
     mode = values.get("backup_mode", defaults.backup_mode)
     needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode in DUMP_MODES)
     if needs_uri and not values.get("backup_s3_uri") and not _mentioned(errors, "BACKUP_S3_URI"):

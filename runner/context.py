@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -11,6 +12,31 @@ from typing import Any
 from runner.cancellation import Cancel
 from runner.config import Settings
 from runner.log import EventLog
+
+
+class Ending:
+    """Who reports a run's end, exactly once: its main thread, or the backstop in its place when
+    the main thread is stuck on a server that stopped answering (runner.cancellation)."""
+
+    def __init__(self) -> None:
+        self._claim = threading.Lock()
+        self._done = threading.Event()
+        self.code: int | None = None
+        # the backstop reports: the ledger must use a fresh, short-lived connection, since the
+        # kept one may be the one stuck
+        self.abandoned = False
+
+    def claim(self) -> bool:
+        """Return True for the first caller only: it reports."""
+        return self._claim.acquire(blocking=False)
+
+    def reported(self, code: int) -> None:
+        self.code = code
+        self._done.set()
+
+    def wait(self, seconds: float) -> int | None:
+        """Wait for the report; return its exit code, or None if it has not finished in time."""
+        return self.code if self._done.wait(seconds) else None
 
 
 @dataclasses.dataclass
@@ -36,6 +62,7 @@ class Run:
     # engines by purpose and options (runner.db): each new Engine re-runs SQLAlchemy's dialect
     # initialisation (several round trips) on its first connection; a run opens ~20 connections
     engines: dict[tuple[Any, ...], Any] = dataclasses.field(default_factory=dict, repr=False)
+    ending: Ending = dataclasses.field(default_factory=Ending, repr=False)
 
     def remaining(self) -> float | None:
         """Return seconds left before RUN_DEADLINE, or None without a deadline."""

@@ -9,14 +9,12 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from runner import keepalives
 from runner.context import Run
 from runner.errors import ConnectionLost
 from runner.log import one_line
 from runner.redact import redact
 
-# TCP keepalives so a backend whose runner vanished without closing its socket goes away
-_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-               "keepalives_count": 3}
 CHECK_INTERVAL = "2s"  # client_connection_check_interval: a killed runner's query stops this fast
 IDLE_IN_TX_TIMEOUT = "10min"
 # admin_shutdown, crash_shutdown, cannot_connect_now: the server is going down or starting up
@@ -27,9 +25,12 @@ def _ms(seconds: float) -> str:
     return f"{int(seconds * 1000)}ms"
 
 
-def session_options(run: Run, migrating: bool) -> str:
-    """Return libpq `options` (-c name=value ...) for a runner connection."""
-    opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT}
+def session_options(run: Run, migrating: bool, lock_timeout: float | None = None) -> str:
+    """Return libpq `options` (-c name=value ...) for a runner connection; a migrating one gets
+    lock_timeout (an attempt's, runner.lockschedule), by default the schedule's longest."""
+    opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT, **keepalives.SERVER}
+    if run.server_version >= 120000:
+        opts["tcp_user_timeout"] = keepalives.SERVER_USER_TIMEOUT
     if run.server_version >= 140000:
         opts["client_connection_check_interval"] = CHECK_INTERVAL
         # the lock session idles for the whole migration: a server-wide idle_session_timeout
@@ -37,29 +38,29 @@ def session_options(run: Run, migrating: bool) -> str:
         opts["idle_session_timeout"] = "0"
     if migrating:
         s = run.settings
-        opts["lock_timeout"] = _ms(s.migration_lock_timeout)
+        opts["lock_timeout"] = _ms(lock_timeout if lock_timeout is not None else _longest(s))
         opts["statement_timeout"] = _ms(s.migration_statement_timeout)
     return " ".join(f"-c {k}={v}" for k, v in opts.items())
 
 
 def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool = False,
-           connect_timeout: float = 10.0) -> Engine:
+           connect_timeout: float = 10.0, lock_timeout: float | None = None) -> Engine:
     """Return the pool-less engine for one purpose (wait, lock, migrate, cancel, ...).
 
     Pool-less: every connect() is a new server session with the settings below. The engine
     itself is kept for the run, so SQLAlchemy initialises its dialect once, not per connection.
     """
-    key = (purpose, autocommit, migrating, int(connect_timeout), run.server_version,
+    key = (purpose, autocommit, migrating, int(connect_timeout), run.server_version, lock_timeout,
            run.settings.database_url.render(hide_password=False))
     cached = run.engines.get(key)
     if cached is not None:
         return cached
-    args: dict[str, Any] = dict(_KEEPALIVES, application_name=run.app_name(purpose),
+    args: dict[str, Any] = dict(keepalives.CLIENT, application_name=run.app_name(purpose),
                                 connect_timeout=max(1, int(connect_timeout)))
     if run.server_version:  # unknown before the first successful connection
-        own = run.settings.database_url.libpq_params().get("options")
-        # the URL's own options (e.g. -c search_path=app) come first; ours win on a clash
-        args["options"] = " ".join(filter(None, (own, session_options(run, migrating))))
+        # the caller's options (e.g. -c search_path=app) come first; ours win on a clash
+        args["options"] = " ".join(filter(None, (caller_options(run),
+                                                 session_options(run, migrating, lock_timeout))))
     kw: dict[str, Any] = {"poolclass": NullPool, "connect_args": args}
     if autocommit:
         kw["isolation_level"] = "AUTOCOMMIT"
@@ -101,9 +102,31 @@ def lost_connection_error(exc: BaseException) -> ConnectionLost | None:
                           "run again once the server is back")
 
 
-def libpq_environment(run: Run) -> dict[str, str]:
-    """Return PGAPPNAME/PGOPTIONS so engines that env.py builds itself get the same protection."""
-    return {"PGAPPNAME": run.app_name("migrate"), "PGOPTIONS": session_options(run, True)}
+def caller_options(run: Run) -> str | None:
+    """The libpq options the caller chose, taken as libpq takes them on a connection without
+    explicit options (the first one of a run, the fast path's, the gate's): DATABASE_URL's
+    `options`, else PGOPTIONS. Every runner connection extends them, and so does the PGOPTIONS
+    env.py's own engines get, so a search_path set either way finds the version table in the
+    same schema for the wait, the lock, the migration and the ledger."""
+    return run.settings.database_url.libpq_params().get("options") or _caller_pgoptions()
+
+
+def _caller_pgoptions() -> str | None:
+    current = os.environ.get("PGOPTIONS")
+    if _exported and current == _exported["set"]:  # ours, written over the caller's
+        return _exported["caller"] or None
+    return current or None
+
+
+_exported: dict[str, str] = {}  # the PGOPTIONS apply_libpq_environment set, and the caller's before
+
+
+def libpq_environment(run: Run, lock_timeout: float | None = None) -> dict[str, str]:
+    """Return PGAPPNAME/PGOPTIONS so engines that env.py builds itself get the same protection
+    (the caller's PGOPTIONS kept first, and the same attempt's lock_timeout)."""
+    return {"PGAPPNAME": run.app_name("migrate"),
+            "PGOPTIONS": " ".join(filter(None, (caller_options(run),
+                                                session_options(run, True, lock_timeout))))}
 
 
 def cancel_own_statements(run: Run) -> int:
@@ -125,5 +148,14 @@ def install_statement_guard(run: Run) -> None:
             run.cancel.check()
 
 
-def apply_libpq_environment(run: Run) -> None:
-    os.environ.update(libpq_environment(run))
+def apply_libpq_environment(run: Run, lock_timeout: float | None = None) -> None:
+    env = libpq_environment(run, lock_timeout)
+    _exported.update(set=env["PGOPTIONS"], caller=_caller_pgoptions() or "")
+    os.environ.update(env)
+
+
+def _longest(settings: Any) -> float:
+    """The schedule's longest lock_timeout, for migrating connections outside its attempts."""
+    from runner.lockschedule import ceiling
+
+    return ceiling(settings)

@@ -87,8 +87,8 @@ class DbUrl:
             s += f"[{self.host}]" if ":" in self.host else self.host
         if self.port is not None:
             s += f":{self.port}"
-        if self.database is not None:
-            s += "/" + self.database
+        if self.database is not None:  # quoted: a '?' or '%' in a name must stay in the name
+            s += "/" + quote(self.database, safe="+/")
         if self.query:
             pairs = [(k, v) for k, vs in self.query.items()
                      for v in (vs if isinstance(vs, tuple) else (vs,))]

@@ -43,8 +43,8 @@ DESCRIPTIONS: dict[ExitCode, tuple[str, bool]] = {
         False,
     ),
     ExitCode.PREFLIGHT_REFUSED: (
-        "preflight refused (heads, unknown revision, bad target, a leftover INVALID index with "
-        "INVALID_INDEX_POLICY=refuse)",
+        "preflight refused (heads, unknown revision, bad target, deploy-phase order or an "
+        "unfinished backfill, a leftover INVALID index with INVALID_INDEX_POLICY=refuse)",
         False,
     ),
     ExitCode.LOCK_RETRIES_EXHAUSTED: (

@@ -1,5 +1,8 @@
 """Wait until the database is at the image's head: the init-container mode (`wait --until-head`).
 
+"At head" means every pre-deploy revision is applied: post-deploy revisions (runner.phases) run
+after the rollout of the very pods that wait here, so they are never waited for.
+
 Init containers run in every replica on every restart, so this mode only reads: it polls the
 revision env.py reports (like `alembic current`), never migrates and never takes the migration
 lock. A database stamped with a revision this image does not contain is taken as newer than the
@@ -15,14 +18,15 @@ import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from runner import db, revisions
+from runner import db, phases, revisions
 from runner.context import Run
 from runner.errors import Pending
 from runner.wait import reason, wait_until_ready
 
 
 def wait_for_head(run: Run, cfg: Config, script: ScriptDirectory) -> None:
-    """Poll until the database is at (or ahead of) the scripts' head; exit 10 at the deadline."""
+    """Poll until the database is at the scripts' head (post-deploy revisions aside) or ahead of
+    it; exit 10 at the deadline."""
     head = revisions.single_head(script)
     limit, capped = run.limit(run.settings.head_wait_timeout)
     deadline = run.clock() + limit
@@ -59,7 +63,9 @@ def _look(run: Run, cfg: Config, script: ScriptDirectory) -> tuple[str, ...] | N
 
 def _arrived(run: Run, script: ScriptDirectory, head: str, current: tuple[str, ...],
              polls: int) -> bool:
-    """Log where the database stands against head; return True when the app may start."""
+    """Log where the database stands against head; return True when the app may start: at head,
+    ahead of it, or with every pre-deploy revision applied (post-deploy ones run after the
+    rollout, which this pod is part of: waiting for them would wait forever)."""
     run.summary.update(current=_fmt(current), polls=polls)
     below_head = revisions.ancestors(script, (head,))
     if current == (head,):
@@ -72,10 +78,17 @@ def _arrived(run: Run, script: ScriptDirectory, head: str, current: tuple[str, .
                         current=_fmt(current), head=head, polls=polls)
         run.summary["outcome"] = "ahead of head"
         return True
-    pending = len(below_head - revisions.ancestors(script, current))
-    run.log("head.wait", f"database at {_fmt(current)}, image head {head}: {pending} revision(s) "
-            f"pending; checking again in {run.settings.head_poll_interval:g}s",
-            current=_fmt(current), head=head, pending=pending, poll=polls)
+    todo = phases.pending(script, current, (head,))
+    later = f" (and {len(todo.post)} post-deploy, which run after the rollout)" if todo.post else ""
+    if not todo.pre:
+        run.log("head.pre_deploy", f"database at {_fmt(current)} has every pre-deploy revision of "
+                f"head {head}{later}: the application may start", current=_fmt(current), head=head,
+                post_deploy=",".join(todo.post), polls=polls)
+        run.summary["outcome"] = "pre-deploy applied"
+        return True
+    run.log("head.wait", f"database at {_fmt(current)}, image head {head}: {len(todo.pre)} revision(s) "
+            f"pending{later}; checking again in {run.settings.head_poll_interval:g}s",
+            current=_fmt(current), head=head, pending=len(todo.pre), poll=polls)
     run.summary["outcome"] = "behind head"
     return False
 

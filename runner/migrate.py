@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from runner import db, indexes, retry, revisions
+from runner import concurrently, db, indexes, lockschedule, revisions
 from runner.context import Run
-from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, PreflightRefused
-from runner.redact import redact
+from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, RunnerError
+from runner.redact import redact, scrub_query
 
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
@@ -28,13 +28,10 @@ JOIN pg_stat_activity b ON b.pid = bp.pid
 WHERE w.application_name = :app
 """)
 
-_LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|(?<![\w$])\d+(?:\.\d+)?\b", re.S)
-
-
 class _LockTimeout(Exception):
-    def __init__(self, revision: str, message: str) -> None:
+    def __init__(self, revision: str, attempt: int, message: str) -> None:
         super().__init__(message)
-        self.revision = revision
+        self.revision, self.attempt = revision, attempt
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -49,18 +46,19 @@ def db_message(exc: BaseException) -> str:
     return redact(first)
 
 
-def scrub_query(query: str) -> str:
-    """Drop literal values from a query text: they may be bind values or secrets."""
-    return " ".join(_LITERALS.sub("?", query or "").split())[:160]
-
-
 def apply_steps(run: Run, cfg: Config, script: ScriptDirectory, plan: list[tuple[str, str]],
-                downgrade: bool) -> None:
-    """Apply each step in its own transaction; the summary lists what was applied."""
+                downgrade: bool, before_step: Callable[[str], None] | None = None) -> None:
+    """Apply each step in its own transaction; the summary lists what was applied.
+
+    before_step(revision) runs right before each step and may refuse it (runner.phases: a
+    post-deploy revision while a backfill is unfinished).
+    """
     applied: list[str] = run.summary.setdefault("applied", [])
-    db.apply_libpq_environment(run)
-    with run.cancel.on_cancel(lambda: db.cancel_own_statements(run)), indexes.guarded(run) as guard:
+    with (run.cancel.on_cancel(lambda: db.cancel_own_statements(run)), indexes.guarded(run) as guard,
+          concurrently.guarded(run)):
         for revision, dest in plan:
+            if before_step is not None:
+                before_step(revision)
             run.log("migrate.step", f"{'downgrading' if downgrade else 'upgrading'} {revision}",
                     revision=revision, to=dest)
             step = {"revision": revision, "to": dest, "seconds": 0.0, "outcome": "failed"}
@@ -78,35 +76,40 @@ def apply_steps(run: Run, cfg: Config, script: ScriptDirectory, plan: list[tuple
 
 def _with_lock_retries(run: Run, cfg: Config, script: ScriptDirectory, revision: str, dest: str,
                        downgrade: bool) -> None:
-    s = run.settings
+    """Run the step under each attempt's lock_timeout in turn (runner.lockschedule) until one
+    gets its locks; exit 8 when the schedule runs out."""
+    schedule = lockschedule.attempts(run.settings)
+    started = run.clock()
 
-    def on_retry(exc: BaseException, attempt: int, pause: float) -> None:
+    def on_retry(exc: BaseException, failed: lockschedule.Attempt, following: lockschedule.Attempt) -> None:
         run.log.warning("migrate.retry", f"{revision} hit lock_timeout "
-                        f"({s.migration_lock_timeout:g}s); rolled back, retrying",
-                        attempt=attempt, of=s.lock_retry_attempts, retry_in=round(pause, 2))
+                        f"({lockschedule.ms(failed.lock_timeout)}); rolled back, retrying with "
+                        f"{lockschedule.ms(following.lock_timeout)}", attempt=failed.number,
+                        of=len(schedule), retry_in=round(failed.pause, 2))
 
     try:
-        retry.call(run, lambda: _step_once(run, cfg, script, revision, dest, downgrade),
-                   retry_on=(_LockTimeout,), attempts=s.lock_retry_attempts, limit=run.remaining(),
-                   initial=0.5, maximum=s.lock_retry_max_wait, jitter=1.0, on_retry=on_retry)
+        lockschedule.call(run, lambda attempt: _step_once(run, cfg, script, revision, dest, downgrade,
+                                                          attempt),
+                          retry_on=(_LockTimeout,), on_retry=on_retry, schedule=schedule)
     except _LockTimeout as exc:
         run.cancel.check()
         raise LockRetriesExhausted(
-            f"revision {revision} could not get its table locks in "
-            f"{s.lock_retry_attempts} attempts of {s.migration_lock_timeout:g}s ({exc}); "
-            "the database stays at the last good revision: end the blocking sessions "
-            "or retry at a quieter time") from None
+            f"revision {revision} could not get its table locks in {exc.attempt} attempts over "
+            f"{run.clock() - started:.0f}s ({lockschedule.describe(run.settings)}; {exc}); the "
+            "database stays at the last good revision: end the blocking sessions or retry at a "
+            "quieter time") from None
 
 
 def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, dest: str,
-               downgrade: bool) -> None:
+               downgrade: bool, attempt: lockschedule.Attempt) -> None:
     run.cancel.check()
-    monitor = _BlockerMonitor(run)
+    db.apply_libpq_environment(run, attempt.lock_timeout)  # for engines env.py builds itself
+    monitor = _BlockerMonitor(run, attempt)
     monitor.start()
     try:
-        with db.connect(run, "migrate", migrating=True) as conn:
+        with db.connect(run, "migrate", migrating=True, lock_timeout=attempt.lock_timeout) as conn:
             revisions.run_step(cfg, script, dest, downgrade, conn)
-    except PreflightRefused:
+    except RunnerError:  # raised on purpose (preflight, online operations): it says what to do
         raise
     except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
         run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
@@ -122,7 +125,7 @@ def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, de
                              pid=b["pid"], application_name=b["application_name"],
                              state=b["state"], xact_age_s=b["xact_age_s"],
                              query=scrub_query(b["query"]))
-            raise _LockTimeout(revision, db_message(exc)) from None
+            raise _LockTimeout(revision, attempt.number, db_message(exc)) from None
         what = "statement_timeout reached" if code == QUERY_CANCELED else db_message(exc)
         raise MigrationFailed(f"revision {revision} failed and was rolled back: {what}"
                               + ("" if code else f" ({type(exc).__name__})")) from None
@@ -134,18 +137,24 @@ POLL = 0.5  # seconds between two looks at pg_blocking_pids()
 
 
 class _BlockerMonitor(threading.Thread):
-    """Poll pg_blocking_pids() for our migration session while a step runs."""
+    """Poll pg_blocking_pids() for our migration session while a step runs.
 
-    def __init__(self, run: Run) -> None:
+    Most steps finish well within the first poll: the monitor connects only for a step still
+    running after POLL. Once a step hit lock_timeout, its next attempts are watched from half
+    their lock_timeout on (an escalating attempt may last 100 ms), so the blockers get named.
+    """
+
+    def __init__(self, run: Run, attempt: lockschedule.Attempt) -> None:
         super().__init__(name="blocker-monitor", daemon=True)
         self.ctx: Run = run
+        self.every = min(POLL, attempt.lock_timeout / 2)
+        self.first = POLL if attempt.number == 1 else self.every
         self.last: list[dict[str, Any]] | None = None
         self._stop_event = threading.Event()
         self._logged: set[int] = set()
 
     def run(self) -> None:  # type: ignore[override]
-        # most steps finish well within the first poll: connect only for one that is still running
-        if self._stop_event.wait(POLL):
+        if self._stop_event.wait(self.first):
             return
         try:
             with db.connect(self.ctx, "monitor", autocommit=True, connect_timeout=5) as conn:
@@ -155,7 +164,7 @@ class _BlockerMonitor(threading.Thread):
                     if rows:
                         self.last = rows
                         self._log_new(rows)
-                    if self._stop_event.wait(POLL):
+                    if self._stop_event.wait(self.every):
                         return
         except Exception:  # noqa: BLE001 - reporting is best effort; the migration goes on
             return

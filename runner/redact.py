@@ -27,6 +27,9 @@ _KV_SECRET = re.compile(
     re.IGNORECASE,
 )
 
+# literal values in a query text: strings, dollar-quoted strings, numbers
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\$\w*\$.*?\$\w*\$|(?<![\w$])\d+(?:\.\d+)?\b", re.S)
+
 _known: set[str] = set()
 
 
@@ -59,6 +62,8 @@ def redact_data(value: Any) -> Any:
         return [redact_data(v) for v in value]
     if value is None or isinstance(value, (bool, int, float)):
         return value
+    if isinstance(value, (bytes, bytearray, memoryview)):  # e.g. a bytea column: hex, as psql shows it
+        return redact("\\x" + bytes(value).hex())
     return redact(str(value))
 
 
@@ -100,3 +105,8 @@ def _password_start(text: str, i: int, floor: int) -> int | None:
         return None
     m = _USER_END.search(text, i + 3)
     return m.end() if m and m.group() == ":" else None
+
+
+def scrub_query(query: str) -> str:
+    """Drop literal values from a query text: they may be bind values or secrets."""
+    return " ".join(_LITERALS.sub("?", query or "").split())[:160]

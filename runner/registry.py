@@ -37,8 +37,14 @@ def _fleet_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fail-fast", action="store_true", help="fleet mode: stop at the first failed target")
 
 
+def _phase_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--phase", dest="DEPLOY_PHASE", default=argparse.SUPPRESS, metavar="PHASE",
+                   help=f"all | pre-deploy | post-deploy: {what} (DEPLOY_PHASE, default all)")
+
+
 def _upgrade(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", default="head", help="target revision (default head)")
+    _phase_flag(p, "the revisions to apply; pre-deploy skips revisions marked post-deploy")
     _fleet_flags(p)
 
 
@@ -51,13 +57,15 @@ def _downgrade(p: argparse.ArgumentParser) -> None:
 
 
 def _status(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--check", action="store_true", help="exit 10 when not at head")
+    p.add_argument("--check", action="store_true", help="exit 10 when revisions of the phase are pending")
+    _phase_flag(p, "the phase --check checks")
     _fleet_flags(p)
 
 
 def _wait(p: argparse.ArgumentParser) -> None:
     p.add_argument("--until-head", action="store_true", help="then poll until it is at this "
-                   "image's head (init containers; never migrates; HEAD_WAIT_TIMEOUT, exit 10)")
+                   "image's head, post-deploy revisions aside (init containers; never migrates; "
+                   "HEAD_WAIT_TIMEOUT, exit 10)")
 
 
 def _plan(p: argparse.ArgumentParser) -> None:
@@ -109,16 +117,19 @@ def _nothing(p: argparse.ArgumentParser) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "upgrade": Command("[--to REV]", "wait, lock, back up, apply pending revisions (default: to "
-                       "head), verify; a no-op takes no lock", _upgrade, "runner.commands:upgrade",
+    "upgrade": Command("[--to REV] [--phase PHASE]", "wait, lock, back up, apply pending revisions "
+                       "(default: to head; `--phase pre-deploy` / `post-deploy`: only that phase's), "
+                       "verify; a no-op takes no lock", _upgrade, "runner.commands:upgrade",
                        fleet=True),
     "downgrade": Command("--to REV [--confirm REV] [--yes]", "roll back to a revision id, -N, or "
                          "base (needs --yes); --confirm must repeat --to when given", _downgrade,
                          "runner.commands:downgrade", fleet=True),
-    "status": Command("[--check]", "current, head and pending revisions and the last run; --check "
-                      "exits 10 when not at head", _status, "runner.commands:status", fleet=True),
+    "status": Command("[--check] [--phase PHASE]", "current, head, pending revisions per phase, "
+                      "backfills and the last run; --check exits 10 when the phase has revisions "
+                      "pending", _status, "runner.commands:status", fleet=True),
     "wait": Command("[--until-head]", "wait until the database is ready; --until-head then until "
-                    "it is at this image's head (init containers: read-only)", _wait,
+                    "it has every pre-deploy revision of this image's head (init containers: "
+                    "read-only)", _wait,
                     "runner.commands:wait"),
     "plan": Command("[--to REV] [--scratch]", "print the SQL upgrade would run (offline, or captured "
                     "on a throwaway database with --scratch)", _plan, "runner.commands:plan"),

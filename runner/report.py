@@ -1,11 +1,18 @@
-"""The final summary: one event on stderr and, when configured, a JSON termination message."""
+"""The final summary: one event on stderr and, when configured, a JSON termination message.
+
+Written once per run: by the main thread, or by the backstop in its place when the main thread
+is stuck on a server that stopped answering (abandon()); then the ledger is written from a fresh
+connection, bounded in wall time.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
+from runner.cancellation import EXIT_WITHIN, GRACE, LAST_WORDS_WITHIN
 from runner.context import Run
 from runner.exitcodes import ExitCode
 from runner.redact import redact, redact_data
@@ -24,32 +31,90 @@ def summary(run: Run, code: ExitCode, error: str | None) -> dict[str, object]:
     return data
 
 
-def finish(run: Run, code: ExitCode, error: str | None) -> None:
-    """Call the run's finishers (the ledger) with its outcome; a failure there only warns."""
-    for finisher in run.finishers:
-        try:
-            finisher(int(code), error)
-        except Exception as exc:  # noqa: BLE001 - a record-keeping failure never changes the outcome
-            run.log.warning("summary", f"could not record the run ({type(exc).__name__}: "
-                            f"{redact(str(exc).splitlines()[0] if str(exc) else '')})")
+def finish(run: Run, code: ExitCode, error: str | None, within: float | None = None) -> None:
+    """Call the run's finishers (the ledger) with its outcome; a failure there only warns. With
+    within, give them that many seconds in all (each in a thread of its own: one stuck on a server
+    that stopped answering is left behind) and say in the summary when they did not finish."""
+    if within is None:
+        for finisher in run.finishers:
+            _call(run, finisher, code, error)
+        return
+    threads = [threading.Thread(target=_call, args=(run, f, code, error), daemon=True)
+               for f in run.finishers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(within)
+    if any(t.is_alive() for t in threads):
+        run.summary["ledger"] = f"not recorded: the database did not answer within {within:g}s"
+        run.log.warning("summary", f"could not record the run: the database did not answer within "
+                        f"{within:g}s")
+
+
+def _call(run: Run, finisher: Any, code: ExitCode, error: str | None) -> None:
+    try:
+        finisher(int(code), error)
+    except Exception as exc:  # noqa: BLE001 - a record-keeping failure never changes the outcome
+        run.log.warning("summary", f"could not record the run ({type(exc).__name__}: "
+                        f"{redact(str(exc).splitlines()[0] if str(exc) else '')})")
 
 
 def report(run: Run, code: ExitCode, error: str | None) -> None:
-    """Log the summary and write the termination message (best effort: never masks the exit code)."""
-    finish(run, code, error)
+    """Log the summary and write the termination message, once per run (best effort: never masks
+    the exit code)."""
+    if not run.ending.claim():  # the backstop reports in this thread's place and ends the process
+        run.ending.wait(EXIT_WITHIN)
+        return
+    try:
+        _report(run, code, error)
+    finally:
+        run.ending.reported(int(code))
+
+
+def abandon(run: Run, code: int, why: str) -> int:
+    """Report in place of a main thread that did not stop after a signal or the deadline (the
+    backstop's last words); return the exit code the process ends with."""
+    if not run.ending.claim():  # the main thread reports, or did: end with its code
+        done = run.ending.wait(EXIT_WITHIN - LAST_WORDS_WITHIN)
+        return code if done is None else done
+    run.ending.abandoned = True
+    try:
+        _report(run, ExitCode(code), stuck_error(why), within=LAST_WORDS_WITHIN)
+    finally:
+        run.ending.reported(code)
+    return code
+
+
+def stuck_error(why: str) -> str:
+    """The error of a run abandoned by the backstop."""
+    fix = ("Raise RUN_DEADLINE or find out why the server stopped answering; rerun once it answers"
+           if why.startswith("RUN_DEADLINE") else "Rerun once the server answers")
+    return (f"{why}, and the run did not stop within {GRACE:g}s: the database did not answer the "
+            "cancel, or an S3 endpoint hung (a frozen server or VM, a SIGSTOPped process?). Exited "
+            "without waiting for it; the server rolls the open transaction back once it notices this "
+            f"session is gone. {fix}")
+
+
+def _report(run: Run, code: ExitCode, error: str | None, within: float | None = None) -> None:
+    finish(run, code, error, within)
     data = summary(run, code, error)
+    path = run.settings.termination_message_path if run.settings else None
+    if path:  # first: it outlives the pod's logs, and a full stderr pipe cannot hold it up
+        write_message(path, data, run.log)
     if code == ExitCode.OK:
         run.log("summary", f"{run.command}: {data['outcome']} (exit 0)", **data)
     else:  # one line that says what went wrong and what to do; the details follow as fields
         fields = {k: v for k, v in data.items() if k != "error"}
         run.log.error("summary", f"{run.command} failed (exit {int(code)}): {redact(error or '')}",
                       **fields)
-    path = run.settings.termination_message_path if run.settings else None
-    if path:
-        try:
-            Path(path).write_bytes(termination_message(data))
-        except OSError as exc:
-            run.log.warning("summary", f"TERMINATION_MESSAGE_PATH={path} not writable ({exc.strerror})")
+
+
+def write_message(path: str, data: dict[str, Any], log: Any) -> None:
+    """Write data as the termination message at path; an unwritable path only warns."""
+    try:
+        Path(path).write_bytes(termination_message(data))
+    except OSError as exc:
+        log.warning("summary", f"TERMINATION_MESSAGE_PATH={path} not writable ({exc.strerror})")
 
 
 def termination_message(data: dict[str, Any], limit: int = TERMINATION_LIMIT) -> bytes:

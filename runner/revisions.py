@@ -41,6 +41,8 @@ class DbState:
 
 def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     """Build the Alembic Config; sqlalchemy.url comes from DATABASE_URL."""
+    from runner.online import state  # importing runner.online registers op.*_online for env.py
+
     cfg = Config(str(settings.alembic_config), stdout=stdout or sys.stdout)
     if not cfg.file_config.has_section(cfg.config_ini_section):
         raise ConfigError(f"ALEMBIC_CONFIG={settings.alembic_config} has no [alembic] section: "
@@ -51,8 +53,10 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     url = app_url.to_sqlalchemy().render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
-    if settings.history_table != "off":  # for env.py's autogenerate filter (docs/history.md)
-        cfg.attributes["runner_tables"] = (settings.history_table, f"{settings.history_table}_revisions")
+    # for env.py's autogenerate filter (docs/history.md): the ledger's tables, the backfills' state
+    ledger = (settings.history_table, f"{settings.history_table}_revisions")
+    cfg.attributes["runner_tables"] = (*(ledger if settings.history_table != "off" else ()),
+                                       state.TABLE)
     return cfg
 
 

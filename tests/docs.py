@@ -40,6 +40,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "settings": config.markdown_table,
     "settings-brief": lambda: config.markdown_table(("core", "backup"), brief=True),
     "settings-fleet": lambda: config.markdown_table(("fleet",)),
+    "settings-online": lambda: config.markdown_table(("online",)),
     "commands": _commands,
     "retriable-codes": _retriable,
     "non-retriable-codes": _non_retriable,

@@ -147,6 +147,21 @@ class Cluster:
         for lock in self.sock.glob(".s.PGSQL.*.lock"):
             lock.unlink(missing_ok=True)
 
+    def standby(self) -> Cluster:
+        """Start a streaming replica of this cluster (pg_basebackup -R), on its own port."""
+        replica = Cluster(self.major)
+        replica.sock.mkdir(parents=True, exist_ok=True)
+        if self.user:
+            os.chmod(replica.root, 0o755)
+            for p in (replica.root, replica.sock):
+                os.chown(p, self.user.pw_uid, self.user.pw_gid)
+        self._run(self.bin / "pg_basebackup", "-h", self.sock, "-p", str(self.port), "-U", SUPERUSER,
+                  "-D", replica.data, "-R", "-X", "stream", "-c", "fast")
+        with open(replica.data / "postgresql.conf", "a") as conf:
+            conf.write(f"\nport = {replica.port}\nunix_socket_directories = '{replica.sock}'\n"
+                       "hot_standby = on\n")
+        return replica.start()
+
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.root, ignore_errors=True)

@@ -7,6 +7,7 @@ across servers and client versions are tests/test_restore.py's version matrix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -523,6 +524,7 @@ def test_hung_s3_mid_upload_is_bounded(at_0002: Database, hung_s3: tuple[S3Serve
     assert waiting and "S3 has not answered an upload request" in waiting[0]
     errors = [line for line in r.lines if " ERROR " in line]
     assert len(errors) == 1 and "S3 did not answer" in errors[0] and "nothing was migrated" in errors[0]
+    assert f"endpoint {server.endpoint} is hung" in errors[0] and "credentials" not in errors[0]
     assert db.version() == "0002"
     assert db.sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == "0"
 
@@ -545,6 +547,27 @@ def test_hung_s3_respects_the_run_deadline(database: Database,
     waiting = [json.loads(line) for line in r.lines if '"s3.waiting"' in line]
     assert waiting and "S3 has not answered listing" in waiting[0]["msg"]
     assert r.summary()["exit_code"] == 9
+
+
+def test_hung_s3_is_named_with_its_timeout_and_endpoint(hung_s3: tuple[S3Server, Callable[[], None]],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frozen endpoint fails a part larger than the socket buffers while it is being sent
+    (botocore's ConnectionClosedError around the socket's timeout, not a ReadTimeoutError): the
+    line says S3_TIMEOUT and which endpoint, never 'check the credentials'."""
+    from runner.backup import s3
+    from runner.config import Settings
+
+    server, freeze = hung_s3
+    bucket = server.create_bucket()
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
+    client = s3.client(dataclasses.replace(Settings(), s3_timeout=0.5))
+    freeze()
+    with pytest.raises(s3.S3_ERRORS) as exc:
+        client.put_object(Bucket=bucket, Key="part", Body=os.urandom(32 << 20))
+    line = s3.describe(exc.value, f"s3://{bucket}/part")
+    assert "within S3_TIMEOUT" in line and f"endpoint {server.endpoint} is hung" in line, line
+    assert "credentials" not in line, line
 
 
 # -- pg_dump's errors say what they are (issue 13, item 13) ----------------------------------------

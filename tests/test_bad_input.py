@@ -109,23 +109,45 @@ def _one_error_line(name: str, err: str, needle: str) -> None:
 
 def test_settings_errors(files, database: Database, s3_server: S3Server, bucket: str, capsys,
                          no_signal_watcher) -> None:
-    """Every case exits 2 with one line, at once, and nothing starts: no connection, no backup."""
+    """Every case exits 2 with one line, at once, and writes the termination message like every
+    other exit; nothing starts: no connection, no backup."""
     cases = _settings_cases(database.url, str(files))
     assert len(cases) >= 25
+    message = files / "termination-log"
     for name, argv, extra, needle, hidden in cases:
         env = runner_env(database.url, BACKUP_MODE="required", BACKUP_S3_URI=f"s3://{bucket}/hostile",
-                         **s3_server.env(), **extra)
+                         TERMINATION_MESSAGE_PATH=str(message), **s3_server.env(), **extra)
+        message.unlink(missing_ok=True)
         t0 = time.monotonic()
         code = cli.main(argv, env)
         out, err = capsys.readouterr()
         assert code == 2, f"{name}: exit {code}\n{err}"
         assert time.monotonic() - t0 < 2, f"{name}: refused only after a wait"
         _one_error_line(name, err, needle)
-        assert_no_secrets(out, err)
+        written = message.read_bytes()
+        data = json.loads(written)
+        assert len(written) <= 4096 and (data["exit_code"], data["exit_name"]) == (2, "config"), name
+        assert needle in data["error"] or needle in json.dumps(data["error"]), name
+        assert data["command"] == next((a for a in argv if a in ("upgrade", "status", "downgrade")), None)
+        assert_no_secrets(out, err, written.decode())
         for text in hidden:
-            assert text not in out + err, f"{name}: printed {text[:20]!r}"
+            assert text not in out + err + written.decode(), f"{name}: printed {text[:20]!r}"
     assert database.tables() == set(), "bad input must not change the database"
     assert s3_server.keys(bucket) == [], "bad input must not take a backup"
+
+
+@pytest.mark.parametrize("where", ["a directory", "a path too long", "a missing directory"])
+def test_config_error_with_an_unusable_termination_message_path(tmp_path, capsys, no_signal_watcher,
+                                                               where: str) -> None:
+    """TERMINATION_MESSAGE_PATH is read before the settings are known: an unusable value (it may
+    be the very setting that failed) costs at most a warning, never the error line or exit 2."""
+    path = {"a directory": str(tmp_path), "a path too long": "/tmp/" + "m" * 5000,
+            "a missing directory": str(tmp_path / "nope" / "termination-log")}[where]
+    env = runner_env("", DB_WAIT_TIMEOUT="soon", TERMINATION_MESSAGE_PATH=path)
+    assert cli.main(["upgrade"], env) == 2
+    err = capsys.readouterr().err
+    _one_error_line(where, err, "DB_WAIT_TIMEOUT")
+    assert "m" * 100 not in err
 
 
 def test_config_error_lists_every_problem(capsys, no_signal_watcher) -> None:

@@ -243,15 +243,97 @@ def test_signal_stops_every_worker_at_a_clean_revision(database: Database, sig: 
         assert r.summary()["outcomes"] == {"interrupted": 3, "not started": 3}
 
 
+# -- a server that stops answering: the deadline still reports every result -----------------------
+def _stat(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (state first, then the parent's pid)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> list[int]:
+    """Every live descendant of root: the fleet's forkserver and resource tracker, their workers."""
+    children: dict[int, list[int]] = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError):
+            children.setdefault(int(_stat(pid)[1]), []).append(int(pid))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    """Those of pids that are still running (a zombie has finished)."""
+    left = []
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            if _stat(pid)[0] != "Z":
+                left.append(pid)
+    return left
+
+
+def test_hung_server_at_the_deadline_keeps_every_result(database: Database, tmp_path: Path) -> None:
+    """Two tenants' backends stopped (SIGSTOP) mid-revision when RUN_DEADLINE comes: the fleet
+    still exits 9 within 5 s of it, its summary and termination message keep the three results
+    that completed, report the two stuck tenants as interrupted (their ledger rows ended) and the
+    rest as not started, and no process of the run (workers, forkserver, resource tracker)
+    outlives it."""
+    done, stuck, later = ["t0", "t1", "t2"], ["t3", "t4"], ["t5", "t6"]
+    tenants = done + stuck + later
+    database.sql("; ".join(f"CREATE SCHEMA {t}" for t in tenants))
+    env = runner_env(database.url, ALEMBIC_CONFIG=TENANTS, LOG_FORMAT="json")
+    assert run_runner(["upgrade", "--parallel", "3"], {**env, "TARGET_SCHEMAS": ",".join(done)}).code == 0
+    message, deadline = tmp_path / "termination-log", 8
+    t0 = time.monotonic()
+    proc = start_runner(["upgrade", "--parallel", "2"], {
+        **env, "TARGET_SCHEMAS": ",".join(tenants), "TENANT_SLEEP": "60",
+        "RUN_DEADLINE": f"{deadline}s", "TERMINATION_MESSAGE_PATH": str(message)})
+    pids: list[int] = []
+    try:
+        wait_for(lambda: sleeping(database) == 2, what="the two tenants never reached revision t002")
+        pids = [int(p) for p in database.sql("SELECT pid FROM pg_stat_activity WHERE query LIKE "
+                                             "'SELECT pg_sleep%' AND state = 'active'").split()]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        tree = process_tree(proc.pid)
+        assert time.monotonic() - t0 < deadline, "too slow to stop the backends before the deadline"
+        assert len(tree) >= 4, tree  # forkserver, resource tracker, two workers
+        r = finish(proc, timeout=60)
+        took = time.monotonic() - t0
+        rows = database.sql(" UNION ALL ".join(
+            f"SELECT outcome || ',' || exit_code || ',' || (finished_at IS NOT NULL) FROM {t}.runner_history"
+            for t in stuck))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+        proc.kill()
+    assert r.code == ExitCode.RUN_DEADLINE, r.err
+    assert took < deadline + 5, f"{took:.1f}s: the Job's activeDeadlineSeconds would have ended it"
+    assert alive(tree) == [], "a process of the run outlived it"
+    summary, written = r.summary(), json.loads(message.read_bytes())
+    expected = {"nothing to do": 3, "interrupted": 2, "not started": 2}
+    assert summary["outcomes"] == written["outcomes"] == expected, r.err
+    assert {f["target"]: f["exit_code"] for f in written["failed"]} == {t: 9 for t in stuck}
+    assert rows.split() == ["deadline,9,true"] * 2, "the stuck tenants' ledger rows must be ended"
+    assert all(line.startswith("{") for line in r.lines), "a line that is not an event (a warning?)"
+    assert sum('"event": "summary"' in line for line in r.lines) == 1
+    wait_for(lambda: sleeping(database) == 0, what="the resumed backends kept running their statements")
+    assert [schema_version(database, t) for t in tenants] == ["t003"] * 3 + ["t001"] * 2 + [""] * 2
+
+
 # -- bad input: one line, exit 2, nothing touched --------------------------------------------------
 @pytest.mark.parametrize("bad_line,extra,problem", [
     ("two words", {}, "TARGETS_FILE line 2 is malformed"),
+    ("SAME_DATABASE_AS_LOCALHOST", {}, "TARGETS_FILE line 2 repeats line 1"),
     ("", {"JOB_COMPLETION_INDEX": "1"}, "JOB_COMPLETION_INDEX is set but JOB_COMPLETIONS is not"),
 ])
 def test_bad_fleet_input_changes_nothing(database: Database, tmp_path: Path, bad_line: str,
                                          extra: dict[str, str], problem: str) -> None:
     """The valid target listed first is not touched: the whole list is checked first."""
     listing = tmp_path / "targets"
+    same = database.url.replace("@127.0.0.1:", "@LocalHost:")  # the same database, by another name
+    bad_line = bad_line.replace("SAME_DATABASE_AS_LOCALHOST", same)
     listing.write_text(f"{database.name}\n{bad_line}\n{database.url}\n" if bad_line else database.name)
     env = runner_env(None, TARGETS_FILE=str(listing), DATABASE_URL_TEMPLATE=database.cluster.url("{name}"),
                      **extra)
@@ -284,6 +366,102 @@ def test_targets_file_names_urls_comments(tmp_path: Path) -> None:
     assert dburl.parse(found[0].url).render() == "postgresql://app:***@db.internal:5432/acme"
     host = listed(tmp_path, "eu-1\n", "postgresql://app@{name}.db.internal/app")
     assert dburl.parse(host[0].url).host == "eu-1.db.internal"
+
+
+HOSTILE_NAMES = ["db?host=evil.example&port=5433&sslmode=disable", "a@evil.example:5433/b", "x/../y",
+                 "100%25?", "tenant_ü_日本", "db#frag", "a:b", "x&dbname=other", "+plus+"]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a_name_changes_only_the_database(tmp_path: Path, name: str) -> None:
+    """Whatever a name holds, it lands intact in the database name, percent-encoded in the URL,
+    and every other part of the URL (server, port, user, password, parameters) stays the
+    template's, also once the worker reads the URL again."""
+    from runner import dburl
+
+    template = "postgresql://app:pw@db.internal:5432/{name}?sslmode=require"
+    (target,) = listed(tmp_path, name, template)
+    url = dburl.parse(target.url)
+    assert (url.host, url.port, url.username, url.password) == ("db.internal", 5432, "app", "pw")
+    assert dict(url.query) == {"sslmode": "require"} and url.database == name
+
+
+@pytest.mark.parametrize("name", ["evil.example:5433", "x@evil", "a/b", "h?port=1", "ü", "a%2Fb"])
+def test_a_name_that_cannot_be_a_host_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ConfigError, match=r"TARGETS_FILE line 1: the name .* does not fit"):
+        listed(tmp_path, f"{name}\n", "postgresql://app@{name}.db.internal/app")
+
+
+@pytest.mark.parametrize("name", ["evil.example:5433", "a/b", "h?port=1&host=evil", "ü"])
+def test_a_name_in_the_user_changes_only_the_user(tmp_path: Path, name: str) -> None:
+    from runner import dburl
+
+    (target,) = listed(tmp_path, f"{name}\n", "postgresql://{name}:pw@db.internal/app")
+    url = dburl.parse(target.url)
+    assert (url.username, url.password, url.host, url.port, url.database, dict(url.query)) == (
+        name, "pw", "db.internal", None, "app", {})
+
+
+def test_a_template_query_cannot_override_the_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"query sets dbname, which overrides the \{name\} in its database"):
+        listed(tmp_path, "acme\n", "postgresql://app@db/{name}?dbname=other")
+
+
+@pytest.mark.parametrize("first,second", [
+    ("postgresql://u@localhost/acme", "postgresql://u@127.0.0.1:5432/acme"),
+    ("postgresql://u@127.0.0.1/acme", "postgresql://u@[::1]/acme"),
+    ("postgresql://u@127.0.0.2:5432/acme", "postgresql://u@LOCALHOST.:5432/acme"),
+    ("postgresql://u@[::ffff:127.0.0.1]/acme", "postgresql://other@localhost/acme"),
+    ("postgresql://u@Db.Internal/acme", "postgresql://u@db.internal:5432/acme?sslmode=require"),
+    ("postgresql://u@db/acme", "postgresql://u@elsewhere/x?host=db&dbname=acme"),
+    ("postgresql://u@h/acme", "postgresql://u@h/acme"),
+])
+def test_two_lines_for_one_database_are_refused(tmp_path: Path, first: str, second: str) -> None:
+    with pytest.raises(ConfigError, match="TARGETS_FILE line 2 repeats line 1"):
+        listed(tmp_path, f"{first}\n{second}\n")
+
+
+@pytest.mark.parametrize("first,second", [
+    ("postgresql://u@localhost/acme", "postgresql://u@localhost:5433/acme"),  # two servers
+    ("postgresql://u@db/acme", "postgresql://u@db/Acme"),  # database names are case-sensitive
+    ("postgresql://u@db-1/acme", "postgresql://u@db-2/acme"),  # names are not resolved (proxies)
+])
+def test_different_databases_are_kept(tmp_path: Path, first: str, second: str) -> None:
+    assert len(listed(tmp_path, f"{first}\n{second}\n")) == 2
+
+
+def test_an_injected_server_is_never_contacted(database: Database, tmp_path: Path) -> None:
+    """`name?host=...&port=...` must not reach another server (today it migrated it, with the
+    template's password): the name is looked for as a database of the template's server."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    contacted: list[object] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                contacted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    name = f"{database.name}?host=127.0.0.1&port={listener.getsockname()[1]}"
+    (tmp_path / "targets").write_text(name + "\n")
+    env = runner_env(None, TARGETS_FILE=str(tmp_path / "targets"), LOG_FORMAT="json",
+                     DATABASE_URL_TEMPLATE=database.cluster.url("{name}"), DB_AUTH_TIMEOUT="0",
+                     DB_WAIT_TIMEOUT="3s")
+    try:
+        r = run_runner(["status"], env)
+    finally:
+        stop.set()
+    assert r.code == ExitCode.TARGETS_FAILED, r.err
+    assert contacted == [], "the runner connected to the server named inside a target name"
+    (failed,) = r.summary()["failed"]
+    assert failed["exit_code"] == ExitCode.AUTH_FAILED  # looked for on the template's server:
+    assert failed["error"].startswith(f"database 127.0.0.1:{database.cluster.port}/{name} refused")
+    assert f'database \\"{name}\\" does not exist' in r.err
 
 
 @pytest.mark.parametrize("text,template,problem", [

@@ -20,7 +20,7 @@ import pytest
 from kubernetes_validate import utils as kv
 
 from runner import config
-from runner.cancellation import HARD_EXIT_AFTER
+from runner.cancellation import EXIT_WITHIN
 from runner.exitcodes import DESCRIPTIONS, ExitCode, non_retriable
 from tests.conftest import (
     REPO,
@@ -48,7 +48,9 @@ from tests.k8s_helpers import (
 )
 from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, S3Server
 
-DIRS = kustomize_dirs()
+# overlays/post-deploy-job renders the post-deploy Job alone, for the hook overlays to include
+PARTIAL = ("overlays/post-deploy-job",)
+DIRS = [d for d in kustomize_dirs() if d not in PARTIAL]
 HEAD = "0005"
 # Kubernetes versions the manifests must validate against: the oldest we support (Job
 # podFailurePolicy and podReplacementPolicy need 1.31+; kubectl here is 1.32) and the newest
@@ -65,15 +67,15 @@ def jobs(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def runner_containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict, dict]]:
     """Return (where, pod spec, container) for every container running the runner image."""
-    image = find(docs, "Job")["spec"]["template"]["spec"]["containers"][0]["image"] \
-        if jobs(docs) else None
+    image = jobs(docs)[0]["spec"]["template"]["spec"]["containers"][0]["image"] if jobs(docs) else None
     return [(where, spec, c) for where, spec in pod_specs(docs) for c in containers(spec)
             if c["image"] == image]
 
 
 def test_every_tree_is_found() -> None:
     assert {"base", "overlays/rollback", "overlays/helm-hooks", "overlays/argocd",
-            "overlays/example-app", "overlays/fleet"} <= set(DIRS)
+            "overlays/example-app", "overlays/fleet", "overlays/post-deploy"} <= set(DIRS)
+    assert set(kustomize_dirs()) == set(DIRS) | set(PARTIAL)
 
 
 @pytest.mark.parametrize("directory", DIRS)
@@ -202,10 +204,10 @@ def test_job_deadlines_and_termination_message_are_consistent(directory: str) ->
         env = resolve_env(c, docs)
         run_deadline = config.parse_duration(env["RUN_DEADLINE"])
         assert run_deadline > 0, "the Job's runner must stop itself before the Job's deadline"
-        assert run_deadline + HARD_EXIT_AFTER + STARTUP_MARGIN <= spec["activeDeadlineSeconds"], \
+        assert run_deadline + EXIT_WITHIN + STARTUP_MARGIN <= spec["activeDeadlineSeconds"], \
             "RUN_DEADLINE leaves no room for cancel + rollback before activeDeadlineSeconds"
-        # SIGTERM (deadline, deletion, drain): cancel, roll back, release, exit within 20 s
-        assert pod["terminationGracePeriodSeconds"] >= HARD_EXIT_AFTER + 10
+        # SIGTERM (deadline, deletion, drain): cancel, roll back, release, exit within EXIT_WITHIN
+        assert pod["terminationGracePeriodSeconds"] >= EXIT_WITHIN + 10
         assert env["TERMINATION_MESSAGE_PATH"] == c["terminationMessagePath"] == "/dev/termination-log"
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert spec["ttlSecondsAfterFinished"] > 0 and spec["podReplacementPolicy"] == "Failed"
@@ -279,7 +281,7 @@ def _needs(job: dict[str, Any]) -> set[tuple[str, str]]:
 def test_hooks_create_dependencies_first(directory: str, hook_key: str, phase: str, order_key: str,
                                          policy_key: str, policy: str) -> None:
     docs = build(directory)
-    job = find(docs, "Job")
+    job = find(docs, "Job", "migration-runner")
     ann = job["metadata"]["annotations"]
     assert (ann[hook_key], ann[policy_key]) == (phase, policy)
     for kind, name in _needs(job):
@@ -287,6 +289,61 @@ def test_hooks_create_dependencies_first(directory: str, hook_key: str, phase: s
         assert dep.get(hook_key) == phase, f"{kind}/{name} is not a {phase} hook: the Job starts first"
         assert int(dep[order_key]) < int(ann[order_key]), f"{kind}/{name} is not ordered first"
         assert dep.get(policy_key) == policy
+
+
+@pytest.mark.parametrize("directory,hook_key,phase,policy_key,policy", [
+    ("overlays/helm-hooks", "helm.sh/hook", "post-install,post-upgrade", "helm.sh/hook-delete-policy",
+     "before-hook-creation"),
+    ("overlays/argocd", "argocd.argoproj.io/hook", "PostSync", "argocd.argoproj.io/hook-delete-policy",
+     "BeforeHookCreation"),
+])
+def test_post_deploy_hook_runs_after_the_rollout(directory: str, hook_key: str, phase: str,
+                                                 policy_key: str, policy: str) -> None:
+    """The post-deploy Job is a post-upgrade / PostSync hook; what it needs was created by the
+    pre-deploy hooks and is still there (only deleted before the next hook creation)."""
+    docs = build(directory)
+    pre, post = find(docs, "Job", "migration-runner"), find(docs, "Job", "migration-runner-post-deploy")
+    ann = post["metadata"]["annotations"]
+    assert (ann[hook_key], ann[policy_key]) == (phase, policy)
+    assert _needs(post) == _needs(pre)
+    for kind, name in _needs(post):
+        dep = find(docs, kind, name)["metadata"]["annotations"]
+        assert dep[policy_key] == policy, f"{kind}/{name} would be gone before the post-deploy hook"
+
+
+def test_post_deploy_job_is_the_pre_deploy_job_in_the_other_phase() -> None:
+    """Same hardening, podFailurePolicy and deadlines by construction (an overlay of the base Job);
+    only the name, the component label and the phase differ. overlays/post-deploy-job renders it
+    alone, for the hook overlays."""
+    pre = find(build("base"), "Job")
+    post = find(build("overlays/post-deploy"), "Job")
+    assert find(build("overlays/post-deploy-job"), "Job") == post
+    assert [d["kind"] for d in build("overlays/post-deploy-job")] == ["Job"]
+    for job in (pre, post):
+        job["metadata"].pop("name")
+        job["metadata"]["labels"].pop("app.kubernetes.io/component")
+        job["spec"]["template"]["metadata"]["labels"].pop("app.kubernetes.io/component")
+    args = [job["spec"]["template"]["spec"]["containers"][0].pop("args") for job in (pre, post)]
+    assert args == [["upgrade", "--phase", "pre-deploy"], ["upgrade", "--phase", "post-deploy"]]
+    assert pre == post
+
+
+@pytest.mark.parametrize("directory,name,phase", [
+    ("base", "migration-runner", "pre-deploy"),
+    ("overlays/post-deploy", "migration-runner-post-deploy", "post-deploy"),
+    ("overlays/fleet", "migration-runner-fleet", "pre-deploy"),
+])
+def test_jobs_run_their_deploy_phase(directory: str, name: str, phase: str) -> None:
+    from runner.cli import build_parser
+
+    docs = build(directory)
+    (c,) = find(docs, "Job", name)["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["args"])
+    env = {**resolve_env(c, docs), "DATABASE_URL": "postgresql://u:p@h/d",
+           "ALEMBIC_CONFIG": str(REPO / "alembic.ini")}
+    settings = config.load(env, {k: v for k, v in vars(args).items() if k.isupper()},
+                           need_database=False, command=args.command)
+    assert settings.deploy_phase == phase
 
 
 def _copy_tree(tmp_path: Path) -> Path:
@@ -470,6 +527,12 @@ def test_job_runs_as_the_kubelet_would(runner_image: str, k8s_db: Database, s3_s
     # a second Job (the next deploy, nothing to do) exits 0 without a lock or backup
     r, summary = run_as_kubelet(runner_image, docs, pod, "migrate", tmp_path)
     assert (r.code, summary["outcome"]) == (0, "nothing to do"), r.err
+    # after the rollout, the post-deploy Job: the sample has no post-deploy revision, nothing to do
+    post = build("overlays/post-deploy")
+    operator_values(post, k8s_db, s3_server, bucket)
+    r, summary = run_as_kubelet(runner_image, post, find(post, "Job")["spec"]["template"]["spec"],
+                                "migrate", tmp_path / "post-deploy")
+    assert (r.code, summary["phase"], summary["outcome"]) == (0, "post-deploy", "nothing to do"), r.err
 
 
 @pytest.mark.pg("15")  # k8s_db: the test image pg_dump is 15

@@ -268,6 +268,79 @@ def test_edited_revision_refused_then_allowed_then_repaired(database: Database, 
     assert_no_secret_in_ledger(database)
 
 
+@pytest.mark.parametrize("damage,problem", [
+    ("ALTER TABLE runner_history_revisions ALTER COLUMN checksum TYPE bytea USING decode(checksum, 'hex')",
+     "its checksum column is bytea, not text"),
+    ("ALTER TABLE runner_history_revisions DROP COLUMN checksum", "its checksum column is missing"),
+], ids=["checksum-retyped", "checksum-dropped"])
+def test_damaged_checksum_column_refuses_until_repair_rebuilds_it(database: Database, tmp_path: Path,
+                                                                  damage: str, problem: str) -> None:
+    scen = scenario(tmp_path / "scen", ["r1", "r2", "r3"])
+    env = runner_env(database.url, ALEMBIC_CONFIG=str(scen / "alembic.ini"), LOG_FORMAT="json")
+    assert run_runner(["upgrade", "--to", "r2"], env).code == 0
+    recorded = sums(database)
+    database.sql(damage)
+    database.sql("ALTER TABLE runner_history ALTER COLUMN error TYPE bytea USING convert_to(error, 'UTF8')")
+    for args in (["upgrade"], ["upgrade", "--to", "r2"]):  # with work, and a no-op
+        r = run_runner(args, env)
+        assert r.code == 7, r.err
+        message = r.summary()["msg"]
+        assert problem in message and "'python -m runner repair'" in message, message
+        assert "<memory at" not in r.err + r.out
+    assert database.version() == "r2" and database.sql("SELECT to_regclass('t_r3')") == ""
+    history = run_runner(["history"], env)  # a bytea column prints as hex, never <memory at 0x...>
+    assert history.code == 0 and "<memory at" not in history.out + history.err, history.out
+    r = run_runner(["repair"], env)
+    assert r.code == 0, r.err
+    assert "ledger.rebuild" in r.err and "<memory at" not in r.err
+    assert {rev: kind for rev, (kind, _) in sums(database).items()} == {"r1": "repaired", "r2": "repaired"}
+    assert {rev: digest for rev, (_, digest) in sums(database).items()} == \
+        {rev: digest for rev, (_, digest) in recorded.items()}
+    assert database.sql("SELECT format_type(atttypid, NULL) || ' ' || attnotnull FROM pg_attribute "
+                        "WHERE attrelid = 'runner_history_revisions'::regclass AND attname = 'checksum'") \
+        == "text true"
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0 and database.version() == "r3", r.err
+
+
+def test_deleted_ledger_row_refuses_until_repair_records_it(database: Database, tmp_path: Path) -> None:
+    scen = scenario(tmp_path / "scen", ["r1", "r2", "r3", "r4"])
+    env = runner_env(database.url, ALEMBIC_CONFIG=str(scen / "alembic.ini"), LOG_FORMAT="json")
+    assert run_runner(["upgrade", "--to", "r3"], env).code == 0
+    recorded = sums(database)
+    # a row deleted below rows that remain: an edit of r2 would go unnoticed, and re-baselining
+    # it would take the edited script as the truth
+    database.sql("DELETE FROM runner_history_revisions WHERE revision = 'r2'")
+    write_revision(scen, "r2", "r1", REVISION.format(rev="r2", down="r1", table="t_r2")
+                   .replace("name text", "name text NOT NULL"))
+    for args in (["upgrade"], ["upgrade", "--to", "r3"]):  # with work, and a no-op
+        r = run_runner(args, env)
+        assert r.code == 7, r.err
+        message = r.summary()["msg"]
+        assert "applied revision r2 has no checksum in the ledger public.runner_history_revisions" in message
+        assert "(r3)" in message and "'python -m runner repair r2'" in message, message
+    assert database.version() == "r3" and "r2" not in sums(database)
+    write_revision(scen, "r2", "r1")  # reviewed: the script is the one that ran
+    r = run_runner(["repair", "r2"], env)
+    assert r.code == 0, r.err
+    assert sums(database)["r2"] == ("repaired", recorded["r2"][1])
+    repair = runs(database)[-1]
+    assert repair["steps"] == [{"revision": "r2", "outcome": "repaired", "old": None,
+                                "new": recorded["r2"][1]}]
+    assert "r2 (none -> " in run_runner(["history", "--limit", "1"], env).out
+    # the newest row gone looks like a run killed before it recorded: baselined, as before
+    database.sql("DELETE FROM runner_history_revisions WHERE revision = 'r3'")
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0 and "ledger.baseline" in r.err and database.version() == "r4", r.err
+    assert sums(database)["r3"][0] == "baseline"
+
+
+def test_binary_values_print_as_hex() -> None:
+    from runner.redact import redact_data
+
+    assert redact_data({"checksum": memoryview(b"\x01\xab")}) == {"checksum": "\\x01ab"}
+
+
 def test_upgrade_failure_downgrade_rows_history_and_status(database: Database) -> None:
     env = runner_env(database.url, ALEMBIC_CONFIG=LAB, LOG_FORMAT="json", **WHO)
     assert run_runner(["upgrade", "--to", "l001"], env).code == 0

@@ -1,25 +1,74 @@
-"""Never freeze production: lock_timeout + retries, blocker reports, CONCURRENTLY, statement_timeout."""
+"""Never freeze production: the lock_timeout schedule + retries, blocker reports, CONCURRENTLY,
+statement_timeout."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 
 import psycopg2
 import pytest
 
-from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from runner import config, lockschedule
+from runner.errors import ConfigError
+from tests.conftest import (
+    NEWEST,
+    REPO,
+    Database,
+    finish,
+    run_runner,
+    runner_env,
+    start_runner,
+    wait_for,
+)
 from tests.pgcluster import APP_PASSWORD
 
 pytestmark = pytest.mark.every_major  # lock and cancel behaviour differs between majors
 
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
-LOCK_TIMEOUT = 1.0
+LOCK_TIMEOUT = 1.0  # MIGRATION_LOCK_TIMEOUT here: the fixed schedule's, and CONCURRENTLY's
+CEILING = config.Settings().lock_timeout_ceiling  # the escalating schedule's longest (default)
 
 
 def lab_env(db: Database, **extra: str) -> dict[str, str]:
     return runner_env(db.url, ALEMBIC_CONFIG=LAB, MIGRATION_LOCK_TIMEOUT=f"{LOCK_TIMEOUT}s",
                       LOCK_RETRY_MAX_WAIT="1s", **extra)
+
+
+# -- the schedule (pure) ---------------------------------------------------------------------------
+def test_escalating_schedule_starts_short_and_keeps_todays_patience() -> None:
+    s = config.Settings()  # the defaults: 100 ms doubling to 500 ms; fixed: 10 x 4 s
+    nominal = lockschedule.attempts(s, rand=lambda: 0.0)
+    jittered = [lockschedule.attempts(s, rand=random.Random(seed).random) for seed in (1, 2)]
+    timeouts = [a.lock_timeout for a in nominal]
+    assert timeouts[:4] == [0.1, 0.2, 0.4, 0.5] and set(timeouts[3:]) == {0.5}
+    assert all(a.lock_timeout > 0 for a in nominal), "an attempt without lock_timeout freezes the app"
+    assert [a.number for a in nominal] == list(range(1, len(nominal) + 1)) and nominal[-1].pause == 0
+    pauses = [a.pause for a in nominal[:-2]]  # the one before the last is cut to fit the patience
+    assert pauses == sorted(pauses) and pauses[0] == 0.5 and max(pauses) == s.lock_retry_max_wait
+    for run in jittered:  # same timeouts; every pause after the first jittered by up to 1 s
+        assert [a.lock_timeout for a in run] == timeouts
+        assert all(0 <= j.pause - n.pause <= 1 for j, n in zip(run[1:-2], nominal[1:-2], strict=True))
+    assert [a.pause for a in jittered[0]] != [a.pause for a in jittered[1]]
+    # today's patience: 10 attempts of 4 s and 92 s of pauses; the escalating schedule spends the same
+    fixed = lockschedule.attempts(config.Settings(lock_timeout_schedule="fixed"), rand=lambda: 0.0)
+    assert [a.lock_timeout for a in fixed] == [4.0] * 10
+    assert sum(a.lock_timeout + a.pause for a in fixed) == lockschedule.patience(s) == 132.0
+    assert sum(a.lock_timeout + a.pause for a in nominal) == pytest.approx(132.0)
+    assert len(nominal) == 12 and sum(timeouts) == pytest.approx(5.2)  # 5.2 s of lock waits
+
+
+def test_schedule_settings_are_checked() -> None:
+    env = {"DATABASE_URL": "postgresql://u@h/d", "ALEMBIC_CONFIG": LAB}
+    with pytest.raises(ConfigError, match=r"LOCK_TIMEOUT_START .* must not exceed LOCK_TIMEOUT_CEILING"):
+        config.load({**env, "LOCK_TIMEOUT_START": "2s"})
+    with pytest.raises(ConfigError, match="greater than LOCK_TIMEOUT_CEILING"):
+        config.load({**env, "LOCK_TIMEOUT_CEILING": "10s", "MIGRATION_STATEMENT_TIMEOUT": "5s"})
+    with pytest.raises(ConfigError, match="LOCK_TIMEOUT_SCHEDULE='gitlab' is not one of"):
+        config.load({**env, "LOCK_TIMEOUT_SCHEDULE": "gitlab"})
+    tiny = config.load({**env, "LOCK_RETRY_ATTEMPTS": "1", "MIGRATION_LOCK_TIMEOUT": "50ms"})
+    assert lockschedule.attempts(tiny) == [lockschedule.Attempt(1, 0.1, 0.0)]  # never none
 
 
 @pytest.fixture
@@ -74,6 +123,9 @@ class Reader(threading.Thread):
 
 
 def test_blocked_migration_never_freezes_reads_and_retries(at) -> None:
+    """The escalating schedule (the default): attempts of 100 ms, 200 ms, 400 ms, 500 ms... time
+    out while the blocker holds on; a later attempt gets through; no read waits beyond the
+    ceiling. Each attempt really runs with its own lock_timeout (the retry log names both)."""
     db = at("l001")
     hold = blocker(db, "SELECT * FROM items WHERE note = 'secret-literal-42' FOR UPDATE")
     reader = Reader(db)
@@ -87,22 +139,26 @@ def test_blocked_migration_never_freezes_reads_and_retries(at) -> None:
     worst = reader.finish()
     assert r.code == 0, r.err
     assert db.version() == "l002"
-    assert "migrate.retry" in r.err
+    assert "hit lock_timeout (100ms); rolled back, retrying with 200ms" in r.err
+    assert "hit lock_timeout (200ms); rolled back, retrying with 400ms" in r.err
     assert "application_name=app-blocker" in r.err and "xact_age_s=" in r.err
     assert "FOR UPDATE" in r.err and "secret-literal-42" not in r.err, "literals must be scrubbed"
-    assert worst < LOCK_TIMEOUT + 0.75, f"an application read waited {worst:.2f}s"
+    assert worst < CEILING + 0.5, f"an application read waited {worst:.2f}s"
     assert len(reader.latencies) > 20
 
 
 def test_blocker_never_leaves_exit_8_unchanged(at) -> None:
     db = at("l001")
     hold = blocker(db, "SELECT count(*) FROM items")
+    env = lab_env(db, LOCK_RETRY_ATTEMPTS="3")  # patience: 3 x 1 s + 1 s of pauses = 4 s
+    schedule = lockschedule.attempts(config.load(env))
     try:
         t0 = time.monotonic()
-        r = run_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="3"))
+        r = run_runner(["upgrade"], env)
         assert r.code == 8, r.err
         assert time.monotonic() - t0 < 15
-        assert "3 attempts" in r.err and "app-blocker" in r.err
+        assert f"in {len(schedule)} attempts over" in r.err and "app-blocker" in r.err
+        assert "lock_timeout 100ms doubling to 500ms" in r.err
         assert db.version() == "l001"
         assert db.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' "
                       "AND column_name = 'flag'") == "0"
@@ -117,7 +173,8 @@ def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:
     # retry even with INVALID_INDEX_POLICY=refuse (which is about leftovers of other runs)
     repeatable = psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ
     hold = blocker(db, "SELECT count(*) FROM items", isolation=repeatable)
-    proc = start_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="30", INVALID_INDEX_POLICY="refuse"))
+    proc = start_runner(["upgrade"], lab_env(db, LOCK_RETRY_ATTEMPTS="30", INVALID_INDEX_POLICY="refuse",
+                                             LOCK_TIMEOUT_SCHEDULE="fixed"))
     wait_until_runner_waits_on_a_lock(db)
     time.sleep(3 * LOCK_TIMEOUT)  # longer than lock_timeout: at least one attempt times out
     hold.commit()
@@ -129,6 +186,25 @@ def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:
     assert db.version() == "l003"
     assert db.sql("SELECT string_agg(indisvalid::text, ',') FROM pg_index WHERE indexrelid = "
                   "'ix_items_note'::regclass") == "true"
+
+
+@pytest.mark.pg(NEWEST)  # the hook is the same on every major; CONCURRENTLY's waits are tested on each above
+def test_concurrently_keeps_migration_lock_timeout_under_the_escalating_schedule(at) -> None:
+    """CREATE INDEX CONCURRENTLY blocks no application query, and its wait for an older snapshot
+    obeys lock_timeout: it keeps MIGRATION_LOCK_TIMEOUT instead of the schedule's 100 ms, so a
+    snapshot a little older than the build does not fail it (and rebuild the index) again and again."""
+    db = at("l002")
+    hold = blocker(db, "SELECT count(*) FROM items",
+                   isolation=psycopg2.extensions.ISOLATION_LEVEL_REPEATABLE_READ)
+    proc = start_runner(["upgrade"], runner_env(db.url, ALEMBIC_CONFIG=LAB, MIGRATION_LOCK_TIMEOUT="8s"))
+    wait_until_runner_waits_on_a_lock(db)
+    time.sleep(3 * CEILING)  # longer than any escalating attempt, shorter than MIGRATION_LOCK_TIMEOUT
+    hold.commit()
+    hold.close()
+    r = finish(proc)
+    assert r.code == 0, r.err
+    assert "migrate.retry" not in r.err and "index.leftover" not in r.err
+    assert db.version() == "l003"
 
 
 def _leave_invalid_index(db: Database) -> None:

@@ -109,13 +109,14 @@ def test_foreign_env_builds_its_own_engine(database: Database) -> None:
                  f"ALTER DATABASE {database.name} OWNER TO app")
     url = database.cluster.url(database.name, user="app", password=APP_PASSWORD,
                                driver="postgresql+psycopg2")
+    # PGOPTIONS carries the attempt's lock_timeout (the escalating schedule's first: 300ms here)
     env = runner_env(url, ALEMBIC_CONFIG=str(REPO / "tests/scenarios/foreign/alembic.ini"),
-                     MIGRATION_LOCK_TIMEOUT="3s")
+                     LOCK_TIMEOUT_START="300ms")
     r = run_runner(["upgrade"], env)
     assert r.code == 0, r.err
     assert database.sql("SELECT string_agg(version_num, ',') FROM meta.foreign_version") == "f002"
     app, lock_timeout = database.sql("SELECT app || ' ' || lock_timeout FROM seen_app").split()
-    assert app.startswith("migration-runner/migrate/") and lock_timeout == "3s"
+    assert app.startswith("migration-runner/migrate/") and lock_timeout == "300ms"
     again = run_runner(["status", "--check"], env)
     assert again.code == 0 and "current:  f002" in again.out
     assert run_runner(["downgrade", "--to", "f001"], env).code == 0
@@ -126,7 +127,7 @@ def test_old_cookbook_env_gets_the_runners_connection(database: Database) -> Non
     """env.py from Alembic's older cookbook: `config.attributes.get("connection") or
     engine_from_config(...)`, then `with connectable.connect() as connection:`."""
     env = runner_env(database.url, ALEMBIC_CONFIG=str(REPO / "tests/scenarios/cookbook/alembic.ini"),
-                     MIGRATION_LOCK_TIMEOUT="3s")
+                     MIGRATION_LOCK_TIMEOUT="3s", LOCK_TIMEOUT_SCHEDULE="fixed")
     r = run_runner(["upgrade"], env)
     assert r.code == 0, r.err
     assert database.version() == "c001"

@@ -210,11 +210,12 @@ def test_redact_hides_url_and_conninfo_passwords(prefix: str, user: str, passwor
     "a@" * 50_000, "postgresql://u:pw" * 6_000, ("s3://b/" + "k:" * 10 + " ") * 3_000,
 ])
 def test_redact_is_linear_on_hostile_100kb_values(value: str) -> None:
-    """redact() runs on every log line: a 100 KB value once took 12 s per line."""
-    t0 = time.perf_counter()
+    """redact() runs on every log line: a 100 KB value once took 12 s per line (quadratic). CPU
+    time, not wall time: other processes on a loaded machine do not count against it."""
+    t0 = time.process_time()
     redact(value)
     EventLog("text", io.StringIO())("x", value, field=value)
-    assert time.perf_counter() - t0 < 0.5
+    assert time.process_time() - t0 < 1.0
 
 
 def test_documented_placeholder_is_not_masked() -> None:

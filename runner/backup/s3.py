@@ -141,17 +141,49 @@ def describe(exc: BaseException, where: str) -> str:
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return ("no AWS credentials found: use IRSA / Pod Identity, or set AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY")
-    if isinstance(exc, botocore.exceptions.ReadTimeoutError):
+    endpoint = _endpoint(exc)
+    if _timed_out(exc):  # a hung endpoint: a read, a connect or a request body that never got through
         return redact(f"S3 did not answer {where} within S3_TIMEOUT ({ATTEMPTS} attempts): the "
-                      "endpoint is hung or overloaded; check AWS_ENDPOINT_URL_S3 and the store, "
-                      "or raise S3_TIMEOUT")
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError | botocore.exceptions.ConnectTimeoutError):
-        parts = urlsplit(str(getattr(exc, "kwargs", {}).get("endpoint_url", "")))
-        host = f"{parts.scheme}://{parts.netloc}" if parts.netloc else "the S3 endpoint"
-        return redact(f"S3 unreachable: cannot connect to {host}; check AWS_ENDPOINT_URL_S3, "
+                      f"endpoint {endpoint} is hung or overloaded; check it (AWS_ENDPOINT_URL_S3) "
+                      "and the network, or raise S3_TIMEOUT")
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return redact(f"S3 unreachable: cannot connect to {endpoint}; check AWS_ENDPOINT_URL_S3, "
                       "AWS_DEFAULT_REGION and the network")
-    return redact(f"S3 error on {where} ({type(exc).__name__}: {exc}): check BACKUP_S3_URI, "
-                  "the credentials and the endpoint")
+    return redact(f"S3 error on {where} ({type(exc).__name__}: {exc}): check BACKUP_S3_URI and the "
+                  f"endpoint {endpoint}")
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """exc and what it wraps: botocore's `error`, s3transfer's `last_exception`, the exception
+    arguments (urllib3's ProtocolError carries the socket's timeout) and the cause chain."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [getattr(item, "kwargs", {}).get("error"), getattr(item, "last_exception", None),
+                 item.__cause__, item.__context__, *item.args]
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return any(isinstance(e, TimeoutError | botocore.exceptions.ReadTimeoutError
+                          | botocore.exceptions.ConnectTimeoutError) for e in _causes(exc))
+
+
+def _endpoint(exc: BaseException) -> str:
+    """scheme://host:port of the S3 endpoint exc is about, or a description of where it is set."""
+    for e in _causes(exc):
+        parts = urlsplit(str(getattr(e, "kwargs", {}).get("endpoint_url") or ""))
+        if parts.hostname:
+            port = f":{parts.port}" if parts.port else ""
+            return f"{parts.scheme}://{parts.hostname}{port}"
+        pool = getattr(e, "pool", None)  # urllib3's own errors (s3transfer passes them on)
+        if getattr(pool, "host", None):
+            return f"{pool.scheme}://{pool.host}:{pool.port}"
+    return "(AWS_ENDPOINT_URL_S3, or AWS's for the bucket's region)"
 
 
 def check_access(run: Run, s3: Any, loc: Location, database: str) -> None:

@@ -48,7 +48,9 @@ def _record(config: str, strict: bool) -> int:
         return 2
     where = f"{facts.version_table_schema}." if facts.version_table_schema else "(search_path) "
     print(f"recorded {written}: head {facts.heads[0]}, version table {where}{facts.version_table}; "
-          f"{len(facts.files)} files, {len(facts.dirs)} directories, {len(facts.env)} environment "
+          f"{len(facts.files)} files, {len(facts.dirs) + len(facts.search)} directories, "
+          f"{len(facts.probes)} paths, "
+          f"{len(facts.env)} environment "
           f"variables ({', '.join(facts.env) or 'none'}) to check at run time", file=sys.stderr)
     return 0
 

@@ -2,24 +2,36 @@
 
 Imports neither Alembic nor SQLAlchemy. Whenever the answer is not certain — no facts, facts that
 do not match the scripts and environment present, FAST_PATH=off, a database that does not answer,
-is in recovery or read-only, or is not exactly at the recorded head (an `upgrade` behind it
-first passes the start-up gate, runner.gate) — it returns False and the runner takes its full
-path, which decides (and logs) everything as before. When it answers, the
-log events, summary and termination message are those of the full path's no-op.
+is in recovery or read-only, is not exactly at the recorded head (an `upgrade` behind it first
+passes the start-up gate, runner.gate), or (`upgrade`) whose ledger holds other checksums than
+the scripts' (an applied revision edited, a ledger row missing or changed) — it returns False
+and the runner takes its full path, which decides (and logs) everything as before. When it
+answers, the log events, summary and termination message are those of the full path's no-op.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
+from runner import keepalives
 from runner.context import Run
-from runner.fastpath.facts import Facts, FactsError, facts_path, load, mismatch
+from runner.fastpath.facts import Facts, FactsError, FactsTooLarge, facts_path, load, mismatch
 from runner.sqlname import qualified
 
 CONNECT_TIMEOUT = 2  # seconds (libpq's minimum): a server that is slow to answer gets the full path
 _QUERY = ("SELECT pg_is_in_recovery(), current_setting('transaction_read_only'), "
-          "current_setting('server_version_num')::int, array(SELECT version_num FROM {table})")
+          "current_setting('server_version_num')::int, array(SELECT version_num FROM {table}), {chain}")
+# facts.chain_digest() computed by the server over the ledger's revisions table (named as
+# runner.ledger.store names it: next to the version table): one value back, whatever the number
+# of revisions
+_CHAIN = ("(SELECT encode(sha256(convert_to(coalesce(string_agg(revision || ' ' || checksum, E'\\n' "
+          "ORDER BY revision COLLATE \"C\"), ''), 'UTF8')), 'hex') FROM {ledger})")
+# undefined_table, insufficient_privilege: asked again without the ledger, which succeeds only if
+# the ledger was what is missing or unreadable (then, as on the full path, nothing to compare).
+# SQL cannot name a table that may not exist (query_to_xml could, but needs libxml)
+_NO_LEDGER = ("42P01", "42501")
 
 
 def answer(run: Run, args: argparse.Namespace) -> bool:
@@ -32,16 +44,21 @@ def answer(run: Run, args: argparse.Namespace) -> bool:
         return False
     run.cancel.check()
     t0 = run.clock()
-    row = _probe(run, facts)
+    row = _probe(run, facts, ledger=kind == "upgrade")  # wait --until-head does not check edits
     took = round(run.clock() - t0, 3)
     if row is None:
         return False
-    in_recovery, read_only, server_version, versions = row
+    in_recovery, read_only, server_version, versions, chain = row
     if in_recovery or read_only == "on":
         return False  # the full path waits, or migrates, or refuses: its decisions, its messages
     behind = list(versions or ()) != list(facts.heads)
-    if behind and not (kind == "upgrade" and _waited_for_another_copy(run, facts)):
+    # behind the head in a deploy phase, the leader stops short of the head: the gate's waiters
+    # would wait for it in turn; the full path decides what the phase applies (runner.phases)
+    gated = kind == "upgrade" and run.settings.deploy_phase == "all"
+    if behind and not (gated and _waited_for_another_copy(run, facts)):
         return False
+    if not behind and kind == "upgrade" and chain not in (None, facts.chain):
+        return False  # an applied revision was edited, or the ledger changed: the full path says which
     run.cancel.check()
     run.server_version = server_version
     _report(run, kind, facts.heads[0], took)
@@ -52,8 +69,18 @@ def _waited_for_another_copy(run: Run, facts: Facts) -> bool:
     """Behind the head: when another copy is migrating, wait for it here, cheaply (runner.gate)."""
     from runner import gate
 
-    params = {**run.settings.database_url.libpq_params(), "keepalives": 1}
+    params = gate_params(run)
     return gate.lead_or_wait(run, params, facts.version_table_schema, facts.version_table, facts.heads)
+
+
+def gate_params(run: Run) -> dict[str, Any]:
+    """Connection keywords for the start-up gate's session, which idles while its leader migrates:
+    server keepalives end a vanished leader's session, and the gate with it, within seconds
+    (runner.keepalives); the caller's options (URL, else PGOPTIONS) stay first, as libpq takes them."""
+    own = run.settings.database_url.libpq_params()
+    caller = own.get("options") or os.environ.get("PGOPTIONS")
+    return {**own, **keepalives.CLIENT,
+            "options": " ".join(filter(None, (caller, keepalives.server_options())))}
 
 
 def _eligible(run: Run, args: argparse.Namespace) -> str | None:
@@ -74,6 +101,9 @@ def _facts(run: Run) -> Facts | None:
         facts = load(path)
     except FileNotFoundError:
         return None
+    except FactsTooLarge as exc:
+        run.log.warning("fastpath.skipped", f"{exc}: running env.py")
+        return None
     except FactsError as exc:
         why: str | None = str(exc)
     else:
@@ -85,23 +115,35 @@ def _facts(run: Run) -> Facts | None:
     return None
 
 
-def _probe(run: Run, facts: Facts) -> tuple[Any, ...] | None:
-    """Connect once and read readiness and the version table; None on any failure."""
+def _probe(run: Run, facts: Facts, ledger: bool) -> tuple[Any, ...] | None:
+    """Connect once and read readiness, the version table and, with ledger, the digest of the
+    ledger's checksums (None without a ledger, HISTORY_TABLE=off, or no SELECT on it); None on
+    any failure."""
     try:
         import psycopg2
     except ImportError:
         return None
     params = {**run.settings.database_url.libpq_params(), "application_name": run.app_name("wait"),
               "connect_timeout": CONNECT_TIMEOUT, "keepalives": 1}
+    history = run.settings.history_table
+    queries = [_QUERY.format(table=_table(facts), chain=_CHAIN.format(ledger=qualified(
+        facts.version_table_schema, f"{history}_revisions")))] if ledger and history != "off" else []
+    queries.append(_QUERY.format(table=_table(facts), chain="NULL"))
     try:
         conn = psycopg2.connect(**params)
     except Exception:  # noqa: BLE001 - whatever went wrong, the full path retries and explains it
         return None
     try:
-        conn.autocommit = True  # one round trip, no BEGIN
+        conn.autocommit = True  # one round trip, no BEGIN (a failed statement aborts nothing)
         with conn.cursor() as cur:
-            cur.execute(_QUERY.format(table=_table(facts)))
-            return cur.fetchone()
+            for query in queries:
+                try:
+                    cur.execute(query)
+                    return cur.fetchone()
+                except psycopg2.Error as exc:
+                    if query is queries[-1] or exc.pgcode not in _NO_LEDGER:
+                        raise
+        return None
     except Exception:  # noqa: BLE001 - e.g. no version table yet: not at the target
         return None
     finally:
@@ -121,7 +163,7 @@ def _report(run: Run, kind: str, head: str, took: float) -> None:
     run.log("db.ready", f"database {target} is ready", server_version=run.server_version, attempts=1)
     run.durations["wait"] = took
     if kind == "upgrade":
-        run.summary.update({"from": head, "target": head})
+        run.summary.update({"phase": run.settings.deploy_phase, "from": head, "target": head})
         run.log("migrate.noop", f"database already at {head}: nothing to do")
         run.summary.update(to=head, outcome="nothing to do", applied=[])
     else:

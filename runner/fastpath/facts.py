@@ -1,11 +1,15 @@
 """The recorded facts: what a no-op needs to know, and the proof that they still apply.
 
 A facts file sits next to alembic.ini (`alembic.ini.fastpath.json`). It holds the scripts' head,
-the version table and schema env.py configures, and fingerprints of everything the answer
-depended on when it was recorded: the files read (alembic.ini, env.py, each revision file, the
-modules env.py imported), the directories listed (the version directories), the environment
-variables read (names and salted hashes, never values), the Python path and version. `mismatch()`
-re-checks all of them with file reads and hashes only: no Alembic, no SQLAlchemy, no database.
+the version table and schema env.py configures, the digest of the chain (each revision id with
+its ledger checksum: compared with the ledger's at run time), and fingerprints of everything the
+answer depended on when it was recorded: the files read (alembic.ini, env.py, each revision file,
+the modules env.py imported, the RECORD of each installed distribution they came from), the
+directories listed (the version directories, site-packages), the names an import could find in
+the other directories of the Python path, the paths probed (existence and kind), the
+environment variables read (names and salted hashes, never values), the Python path and version.
+`mismatch()` re-checks all of them with file reads, stats and hashes only: no Alembic, no
+SQLAlchemy, no database.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ import dataclasses
 import hashlib
 import json
 import os
+import stat
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-FORMAT = 1
+FORMAT = 2
 SUFFIX = ".fastpath.json"
+# a facts file is a few kilobytes (a few hundred for thousands of revisions); a bigger one is not
+# ours, and reading it whole would cost the memory of a job sized for migrations
+MAX_BYTES = 8 * 1024 * 1024
 # never part of a directory fingerprint: bytecode caches come and go, the facts file is written last
 IGNORED_NAMES = ("__pycache__",)
 
@@ -29,10 +37,15 @@ class FactsError(ValueError):
     """The facts file cannot be used; the message says why (never a value from the environment)."""
 
 
+class FactsTooLarge(FactsError):
+    """The facts file is over MAX_BYTES: ignored unread (the runner warns)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Facts:
     config: str  # the absolute path of alembic.ini the facts belong to
     heads: tuple[str, ...]
+    chain: str  # chain_digest() of every revision with its ledger checksum
     version_table: str
     version_table_schema: str | None
     python: str
@@ -41,6 +54,8 @@ class Facts:
     env: Mapping[str, str | None]  # variable -> salted sha256 of its value, None when unset
     files: Mapping[str, str]  # absolute path -> sha256 of the content
     dirs: Mapping[str, str]  # absolute path -> sha256 of the sorted names in it
+    search: Mapping[str, str]  # a directory of the Python path -> dir_digest(importable=True)
+    probes: Mapping[str, str]  # absolute path -> path_kind() of a path env.py only looked at
 
     def to_json(self) -> str:
         body = _body(self)
@@ -55,8 +70,8 @@ def facts_path(alembic_config: str | os.PathLike[str]) -> Path:
 def load(path: Path) -> Facts:
     """Read and validate a facts file; raise FactsError (FileNotFoundError when there is none)."""
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+        data = json.loads(_read_capped(path))
+    except (FileNotFoundError, FactsError):
         raise
     except (OSError, ValueError) as exc:
         raise FactsError(f"{path} is unreadable or not JSON ({type(exc).__name__})") from None
@@ -67,13 +82,15 @@ def load(path: Path) -> Facts:
         raise FactsError(f"{path} is corrupt (its digest does not match): record it again")
     try:
         return Facts(config=_str(data["config"]), heads=tuple(map(_str, data["heads"])),
-                     version_table=_str(data["version_table"]),
+                     chain=_str(data["chain"]), version_table=_str(data["version_table"]),
                      version_table_schema=_opt_str(data["version_table_schema"]),
                      python=_str(data["python"]), sys_path=tuple(map(_str, data["sys_path"])),
                      salt=_str(data["salt"]),
                      env={_str(k): _opt_str(v) for k, v in data["env"].items()},
                      files={_str(k): _str(v) for k, v in data["files"].items()},
-                     dirs={_str(k): _str(v) for k, v in data["dirs"].items()})
+                     dirs={_str(k): _str(v) for k, v in data["dirs"].items()},
+                     search={_str(k): _str(v) for k, v in data["search"].items()},
+                     probes={_str(k): _str(v) for k, v in data["probes"].items()})
     except (KeyError, TypeError, AttributeError) as exc:
         raise FactsError(f"{path} is incomplete ({type(exc).__name__}: {exc}): record it again") from None
 
@@ -94,10 +111,40 @@ def mismatch(facts: Facts, alembic_config: str | os.PathLike[str],
     for directory, recorded in facts.dirs.items():
         if dir_digest(directory) != recorded:
             return f"the files in {directory} changed"
+    for directory, recorded in facts.search.items():
+        if dir_digest(directory, importable=True) != recorded:
+            return f"the modules in {directory} (on the Python path) changed"
     for file, recorded in facts.files.items():
         if file_digest(file) != recorded:
             return f"{file} changed"
+    for probed, recorded in facts.probes.items():
+        if path_kind(probed) != recorded:
+            return f"{probed} changed (it was {recorded})"
     return None
+
+
+def chain_digest(checksums: Iterable[tuple[str, str]]) -> str:
+    """sha256 of 'revision checksum' lines sorted by revision id (code point order): what the
+    no-op query computes from the ledger's revisions table (answer.py), byte for byte."""
+    lines = sorted(f"{rev} {checksum}" for rev, checksum in checksums)
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def path_kind(path: str) -> str:
+    """What a stat of path shows, without its times: missing, file, dir, other, or a link and
+    where it points."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"error {exc.errno}"
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return f"link to {os.readlink(path)}"
+        except OSError as exc:
+            return f"error {exc.errno}"
+    return "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
 
 
 def file_digest(path: str) -> str | None:
@@ -108,9 +155,12 @@ def file_digest(path: str) -> str | None:
         return None
 
 
-def dir_digest(path: str) -> str | None:
+def dir_digest(path: str, importable: bool = False) -> str | None:
+    """sha256 of the names in a directory; importable: only those an import could find there
+    (`name`, `name.py`, `name.cpython-...so`: not `.pytest_cache` or `README-2.md`)."""
     try:
-        names = sorted(n for n in os.listdir(path) if n not in IGNORED_NAMES and not n.endswith(SUFFIX))
+        names = sorted(n for n in os.listdir(path) if n not in IGNORED_NAMES and not n.endswith(SUFFIX)
+                       and (not importable or n.split(".", 1)[0].isidentifier()))
     except OSError:
         return None
     return hashlib.sha256("\0".join(names).encode("utf-8", "surrogateescape")).hexdigest()
@@ -122,10 +172,29 @@ def env_digest(salt: str, value: str | None) -> str | None:
     return hashlib.sha256(f"{salt}\0{value}".encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def _read_capped(path: Path) -> bytes:
+    """The file's bytes; FactsTooLarge past MAX_BYTES, whatever its size said (it may grow).
+    Opened without blocking: a FIFO in its place must not hang the run."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FactsError(f"{path} is not a regular file: record the facts again")
+        size = st.st_size
+        data = fh.read(MAX_BYTES + 1) if size <= MAX_BYTES else b""
+    if size > MAX_BYTES or len(data) > MAX_BYTES:
+        raise FactsTooLarge(f"{path} is {max(size, len(data)) / 2**20:.1f} MiB, over the "
+                            f"{MAX_BYTES // 2**20} MiB a facts file may have: ignored unread; record "
+                            "it again")
+    return data
+
+
 def _body(facts: Facts) -> dict[str, Any]:
     body = dataclasses.asdict(facts)
     body.update(format=FORMAT, heads=list(facts.heads), sys_path=list(facts.sys_path),
-                env=dict(facts.env), files=dict(facts.files), dirs=dict(facts.dirs))
+                env=dict(facts.env), files=dict(facts.files), dirs=dict(facts.dirs),
+                search=dict(facts.search),
+                probes=dict(facts.probes))
     return body
 
 

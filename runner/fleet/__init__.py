@@ -15,6 +15,10 @@ from runner.errors import TargetsFailed
 from runner.fleet import pool, results, shard, table, targets
 from runner.fleet.task import Task
 
+# seconds after a signal or the deadline before the backstop reports in the main thread's place:
+# past pool.GIVE_UP, when the main thread has gathered every result it will get
+GRACE = pool.GIVE_UP + 0.6
+
 
 def run(run: Run, args: argparse.Namespace) -> None:
     """Run upgrade, downgrade or status over this pod's share of the fleet; raise TargetsFailed
@@ -41,8 +45,12 @@ def run(run: Run, args: argparse.Namespace) -> None:
         results.log_line(run, result, done, len(mine))
 
     backups = args.command != "status" and settings.backup_mode == "required"
+    by_name: dict[str, pool.Result] = {}
+    # should the backstop report in the main thread's place, the summary still has every result
+    run.finishers.append(lambda code, error: _partial(run, mine, by_name))
     with run.timed("fleet"):
-        by_name = pool.run_all(run, tasks, workers, args.fail_fast, backups, on_result) if tasks else {}
+        if tasks:
+            pool.run_all(run, tasks, workers, args.fail_fast, backups, on_result, by_name)
     ordered = [by_name[t.name] for t in mine]
     run.summary.update(results.summary(ordered))
     if args.command == "status":
@@ -51,6 +59,16 @@ def run(run: Run, args: argparse.Namespace) -> None:
     error = results.failure(ordered)
     if error:
         raise TargetsFailed(error)
+
+
+def _partial(run: Run, mine: list[targets.Target], by_name: dict[str, pool.Result]) -> None:
+    """Put the results gathered so far into the summary, unless the fleet got to do it."""
+    if "targets" in run.summary:
+        return
+    got = dict(by_name)  # a copy: the main thread may still be adding to it
+    run.summary.update(results.summary([got.get(t.name) or {
+        "target": t.name, "exit_code": None, "outcome": "not finished",
+        "error": "no result when the run was abandoned"} for t in mine]))
 
 
 def _options(args: argparse.Namespace) -> dict[str, object]:

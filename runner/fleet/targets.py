@@ -1,13 +1,20 @@
 """The fleet's targets: read from TARGETS_FILE or TARGET_SCHEMAS and checked as a whole before
 anything connects, so a typo on line 200 never leaves 199 databases migrated and one not.
 
-A TARGETS_FILE line is a full URL or a name for DATABASE_URL_TEMPLATE's `{name}` (percent-encoded
-into the URL). Messages name the line and never quote a URL: URLs may carry passwords.
+A TARGETS_FILE line is a full URL or a name for DATABASE_URL_TEMPLATE's `{name}`. A name is data
+for the one part of the URL where `{name}` stands (percent-encoded there): whatever it holds (`?`,
+`@`, `/`, `%`, non-ASCII), it can change nothing else, neither the server, the port, the user nor
+a connection parameter; a name that cannot be written there is refused naming its line. Two lines
+that reach the same database of the same server (`localhost` and `127.0.0.1`, host names in
+another case, the default port written out or not) are refused too: one database, one target.
+Messages name the line and never quote a URL: URLs may carry passwords.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import os
 import re
 from pathlib import Path
 from urllib.parse import quote
@@ -23,6 +30,10 @@ SHOWN_PROBLEMS = 5  # a file with hundreds of bad lines still gets a one-line me
 _SENTINEL = "fleettargetname0sentinel"  # stands for {name} when the template alone is parsed
 _COMMENT = re.compile(r"(^|\s)#.*$")
 _OTHER_PLACEHOLDER = re.compile(r"\{[^{}/@:?]*\}")
+# libpq parameters in a template's query that would override the part {name} stands in
+_OVERRIDES = {"database": ("dbname", "service"), "host": ("host", "hostaddr", "service"),
+              "username": ("user", "service")}
+DEFAULT_PORT = "5432"  # libpq's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,21 +85,24 @@ def from_file(path: Path, template: str) -> list[Target]:
     fill = Template(template) if template else None
     problems: list[str] = []
     targets: list[Target] = []
-    seen: dict[str, int] = {}  # host:port/database -> line: one database, one target
+    seen: dict[tuple[object, ...], tuple[int, str]] = {}  # server + database -> (line, shown as)
     for number, raw in enumerate(text.splitlines(), 1):
         entry = _COMMENT.sub("", raw).strip()
         if not entry:
             continue
         try:
-            target, identity = _parse_line(entry, number, fill)
+            target, url = _parse_line(entry, number, fill)
         except ConfigError as exc:
             problems.append(str(exc))
             continue
-        if identity in seen:
-            problems.append(f"TARGETS_FILE line {number} repeats line {seen[identity]} ({identity}): "
-                            "list each database once")
+        key = identity(url)
+        if key in seen:
+            line, shown = seen[key]
+            same = "" if shown == url.safe_target else f", the same database as {shown}"
+            problems.append(f"TARGETS_FILE line {number} repeats line {line} ({url.safe_target}"
+                            f"{same}): list each database once")
             continue
-        seen[identity] = number
+        seen[key] = (number, url.safe_target)
         targets.append(target)
     _raise(problems)
     if not targets:
@@ -96,15 +110,15 @@ def from_file(path: Path, template: str) -> list[Target]:
     return targets
 
 
-def _parse_line(entry: str, number: int, fill: Template | None) -> tuple[Target, str]:
-    """Return (target, identity) for one non-empty line."""
+def _parse_line(entry: str, number: int, fill: Template | None) -> tuple[Target, dburl.DbUrl]:
+    """Return (target, its URL) for one non-empty line."""
     where = f"TARGETS_FILE line {number}"
     if "://" in entry:
         try:
             url = dburl.parse(entry)
         except dburl.UrlError as exc:
             raise ConfigError(str(exc).replace("DATABASE_URL", where, 1)) from None
-        return Target(url.safe_target, entry, line=number), url.safe_target
+        return Target(url.safe_target, entry, line=number), url
     if any(c.isspace() for c in entry) or not entry.isprintable():
         raise ConfigError(f"{where} is malformed: write one URL or one name per line (a name has no "
                           "spaces; '#' starts a comment)")
@@ -115,7 +129,40 @@ def _parse_line(entry: str, number: int, fill: Template | None) -> tuple[Target,
         raise ConfigError(f"{where}: the name is longer than {NAME_MAX} bytes (PostgreSQL would "
                           "truncate it)")
     url = fill.url(entry, where)
-    return Target(entry, url.render(hide_password=False), line=number), url.safe_target
+    return Target(entry, url.render(hide_password=False), line=number), url
+
+
+def identity(url: dburl.DbUrl) -> tuple[object, ...]:
+    """Return what tells databases apart: the servers libpq would connect to (loopback names and
+    addresses as one, host names case-insensitive, the default port filled in) and the database.
+
+    Host names are not resolved: two names for one address may still be two servers (a proxy
+    that routes by name, such as an SNI router), and resolving would make the check depend on DNS.
+    """
+    params = url.libpq_params()
+    hosts = (params.get("hostaddr") or params.get("host") or "").split(",")
+    ports = (params.get("port") or DEFAULT_PORT).split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    servers = tuple(sorted((_host(h), p.strip() or DEFAULT_PORT) for h, p in zip(hosts, ports, strict=False)))
+    return servers, params.get("dbname") or params.get("user") or ""
+
+
+def _host(host: str) -> str:
+    host = host.strip().lower().rstrip(".")
+    if not host:
+        return "(the default socket)"
+    if host.startswith("/") or host.startswith("@"):  # a socket directory, or an abstract socket
+        return os.path.normpath(host)
+    if host == "localhost" or host.endswith(".localhost"):
+        return "(loopback)"
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return host
+    mapped = getattr(address, "ipv4_mapped", None)
+    address = mapped or address
+    return "(loopback)" if address.is_loopback else address.compressed
 
 
 class Template:
@@ -137,15 +184,26 @@ class Template:
         if not self.fields:
             raise ConfigError("DATABASE_URL_TEMPLATE has {name} in its password or query: put it in "
                               "the database name, host or user")
+        overriding = [k for f in self.fields for k in _OVERRIDES[f] if k in shape.query]
+        if overriding:
+            raise ConfigError(f"DATABASE_URL_TEMPLATE's query sets {overriding[0]}, which overrides the "
+                              f"{{name}} in its {' and '.join(self.fields)}: remove it from the query")
+        self.shape = shape
 
     def url(self, name: str, where: str) -> dburl.DbUrl:
-        """Return the URL for name; raise ConfigError when the name does not fit the template."""
+        """Return the URL for name; raise ConfigError when the name does not fit the template.
+
+        The name must land, intact, exactly where {name} stands, and every other part of the URL
+        must stay the template's: the check is made on the URL as the worker will read it again.
+        """
         try:
             url = dburl.parse(self.text.replace(PLACEHOLDER, quote(name, safe="")))
+            again = dburl.parse(url.render(hide_password=False))
         except dburl.UrlError:
-            url = None
-        got = _fields(url) if url else {}
-        if url is None or any(got.get(f) != v.replace(_SENTINEL, name) for f, v in self.fields.items()):
+            url = again = None
+        expected = dataclasses.replace(self.shape, **{
+            f: v.replace(_SENTINEL, name) for f, v in _fields(self.shape).items() if f in self.fields})
+        if url is None or url != expected or again != url:
             part = " and ".join(self.fields)
             raise ConfigError(f"{where}: the name {name!r} does not fit DATABASE_URL_TEMPLATE (it must "
                               f"be usable as the URL's {part} as it is)")
@@ -155,7 +213,7 @@ class Template:
 def _fields(url: dburl.DbUrl) -> dict[str, str]:
     """The parts of a URL {name} may stand in (never the password: it is not printed)."""
     return {k: v for k, v in (("database", url.database), ("host", url.host),
-                              ("user", url.username)) if v is not None}
+                              ("username", url.username)) if v is not None}
 
 
 def _raise(problems: list[str]) -> None:

@@ -4,7 +4,9 @@ Workers are forked from a forkserver that imported the runner, Alembic and SQLAl
 each runs its targets one after another: Alembic's `context` and `op` are module-level proxies,
 so a process migrates one database at a time. Signals are taken as in the main process (a
 sigwait watcher thread cancels the running statement, which rolls back); the fleet's
-RUN_DEADLINE arrives as a wall-clock time, so every target stops at the same moment.
+RUN_DEADLINE arrives as a wall-clock time, so every target stops at the same moment. A target
+still running GRACE seconds after that (its server stopped answering) has its ledger row ended
+from a fresh connection and its worker exits; the main process reports it as interrupted.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import cancellation, db, dburl, registry
-from runner.cancellation import Cancel
+from runner.cancellation import LAST_WORDS_WITHIN, Cancel
 from runner.config import Settings
 from runner.context import Run
 from runner.exitcodes import ExitCode
@@ -30,11 +32,14 @@ from runner.fleet.task import Task
 from runner.log import EventLog
 from runner.outcome import failure
 from runner.redact import redact
-from runner.report import finish
+from runner.report import finish, stuck_error
 
 # what a target's result carries from its run's summary (the rest stays in its log lines)
 KEPT = ("from", "to", "head", "pending", "applied", "backup")
 ERROR_CHARS = 300
+# seconds after a signal or the deadline before a target that has not stopped is abandoned: short,
+# so that its ledger row is ended before the main process gives up on the worker (pool.GIVE_UP)
+GRACE = 1.0
 
 
 class TargetLog(EventLog):
@@ -57,6 +62,7 @@ class _Worker:
 
 _worker: _Worker | None = None
 _busy = threading.Lock()  # held while a target runs
+_current: Run | None = None  # the target's run while it runs
 
 
 def init(settings: Settings, deadline_at: float | None, main_pid: int) -> None:
@@ -64,9 +70,10 @@ def init(settings: Settings, deadline_at: float | None, main_pid: int) -> None:
     global _worker
     log = EventLog(settings.log_format)
     cancel = Cancel()  # one per process: a signal stops this target and every later one
-    cancellation.install(cancel, log)
+    backstop = cancellation.install(cancel, log, GRACE)
+    backstop.last_words = _last_words
     if deadline_at is not None:
-        cancellation.start_deadline(cancel, max(0.001, deadline_at - time.time()))
+        cancellation.start_deadline(cancel, max(0.001, deadline_at - time.time()), backstop)
     db.install_statement_guard(Run(settings=settings, log=log, command="fleet", cancel=cancel))
     threading.Thread(target=_stop_with, args=(main_pid,), name="main-watch", daemon=True).start()
     _worker = _Worker(settings, cancel, deadline_at)
@@ -85,6 +92,18 @@ def _stop_with(main_pid: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     with _busy:
         os._exit(int(ExitCode.SIGTERM))
+
+
+def _last_words(code: int, why: str) -> int | None:
+    """The backstop's: end the stuck target's ledger row (a fresh connection, bounded) and let the
+    worker exit; None when no target is running (the worker stays for the pool to shut down)."""
+    run = _current
+    if run is None or not run.ending.claim():
+        return None
+    run.ending.abandoned = True
+    finish(run, ExitCode(code), stuck_error(why), within=LAST_WORDS_WITHIN)
+    run.ending.reported(code)
+    return code
 
 
 def _alive(pid: int) -> bool:
@@ -112,12 +131,19 @@ def _execute(task: Task) -> dict[str, Any]:
                                    termination_message_path=None)
     run = Run(settings=settings, log=TargetLog(settings.log_format, task.name), command=task.command,
               cancel=cancel, tenant=task.tenant)
+    global _current
+    _current = run
     try:
         _dispatch(run, task)
         code, error = ExitCode.OK, None
     except Exception as exc:  # noqa: BLE001 - this target's "main": a bug fails the target, not the fleet
         code, error = failure(exc, run)
-    finish(run, code, error)
+    if run.ending.claim():
+        _current = None
+        finish(run, code, error)
+        run.ending.reported(int(code))
+    else:  # the backstop ended it meanwhile, and ends this process
+        run.ending.wait(cancellation.EXIT_WITHIN)
     return _result(task, run, code, error, time.monotonic() - t0)
 
 

@@ -4,7 +4,8 @@ Two tables next to the version table (HISTORY_TABLE, default runner_history, and
 <HISTORY_TABLE>_revisions), written by the runner on connections of their own. The hooks below
 are what runner.commands calls; the modules: store (DDL, reads, writes), checksum (what a
 revision's checksum covers), recording (one run's row and checksums), edits (edited
-revisions), render (history and status output), admin (history, stamp, repair).
+revisions), integrity (a ledger changed by hand), render (history and status output), admin
+(history, stamp, repair).
 """
 
 from __future__ import annotations
@@ -74,6 +75,27 @@ def detach(run: Run) -> None:
     tracker = tracker_of(run)
     if tracker is not None:
         tracker.store.close()
+
+
+def check_noop(run: Run, script: ScriptDirectory, state: DbState) -> None:
+    """A no-op upgrade: refuse (exit 7) an edited applied revision or a damaged ledger, as a run
+    with work does, without the lock and without writing anything (under the lock, with what the
+    run read there)."""
+    if run.settings.history_table == "off":
+        return
+    from runner.ledger import edits
+    from runner.ledger.recording import Tracker, tracker_of
+
+    tracker = tracker_of(run)
+    if tracker is not None and tracker.script is not None:  # prepared under the lock
+        edits.check(tracker, downgrade=False)
+        return
+    reader = Tracker(run, state)  # not one of run.finishers: it records nothing
+    try:
+        reader.inspect(script, state)
+        edits.check(reader, downgrade=False)
+    finally:
+        reader.store.close()
 
 
 def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:

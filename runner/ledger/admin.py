@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import IO
 
 from alembic import command
@@ -14,7 +15,7 @@ from runner import db, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, PreflightRefused
 from runner.flow import load, locked, ready_state
-from runner.ledger import edits, render
+from runner.ledger import edits, integrity, render
 from runner.ledger.recording import GRANTS_HINT, Tracker, reason, tracker_of
 from runner.ledger.store import Store
 from runner.revisions import fmt
@@ -79,18 +80,22 @@ def stamp(run: Run, args: argparse.Namespace) -> None:
 
 
 def repair(run: Run, args: argparse.Namespace) -> None:
-    """Re-record the checksums of applied revisions whose scripts were edited (reviewed), under the lock."""
+    """Re-record the checksums of applied revisions whose scripts were edited (reviewed), under the
+    lock; also give a damaged ledger back what it lost (its checksum column, deleted rows)."""
     wanted: list[str] = args.revisions
     _require_ledger(run, "repair")
     cfg, script = load(run)
     with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         revisions.check_known(script, state.heads)
         tracker = tracker_of(run)
+        if tracker is not None and tracker.damage:
+            return _rebuild(run, tracker, state.heads)
         if tracker is None or tracker.recorded is None:  # tracker: HISTORY_TABLE is not off
             where = tracker.store.where if tracker else run.settings.history_table
             raise ConfigError(f"cannot read the ledger {where}: {GRANTS_HINT}")
         chosen = [_applied_id(tracker, rev) for rev in wanted]
-        changed = {rev: (rec, now) for rev, rec, now in edits.edited(tracker)}
+        changed = {rev: (rec.checksum, now) for rev, rec, now in edits.edited(tracker)}
+        changed.update({rev: (None, tracker.checksum(rev)) for rev in tracker.deleted})
         todo = [rev for rev in (chosen or sorted(changed)) if rev in changed]
         for rev in sorted(set(chosen) - set(changed)):
             run.log("ledger.repair", f"revision {rev} already matches its recorded checksum")
@@ -98,16 +103,40 @@ def repair(run: Run, args: argparse.Namespace) -> None:
         if not todo:
             run.summary["outcome"] = "nothing to repair"
             return
-        tracker.notes = [{"revision": rev, "outcome": "repaired", "old": changed[rev][0].checksum,
-                          "new": changed[rev][1]} for rev in todo]
-        tracker.start()
-        if not tracker.attempt("re-record the checksums", lambda conn: tracker.store.record(
-                conn, [tracker.entry(rev) for rev in todo], "repaired", replace=True)):
-            raise ConfigError(f"could not write the ledger {tracker.store.where}: {GRANTS_HINT}")
-        for rev in todo:
-            run.log("ledger.repaired", f"re-recorded the checksum of {rev}",
-                    old=changed[rev][0].checksum, new=changed[rev][1])
+        _write(tracker, {rev: changed[rev] for rev in todo}, lambda conn: tracker.store.record(
+            conn, [tracker.entry(rev) for rev in todo], "repaired", replace=True))
     run.summary["outcome"] = "repaired"
+
+
+def _rebuild(run: Run, tracker: Tracker, heads: tuple[str, ...]) -> None:
+    """The revisions table lost its checksum column (dropped or retyped): rebuild it with the
+    checksum of every applied revision, whatever revisions were named."""
+    if set(tracker.damage) - set(integrity.REPAIRABLE):
+        raise integrity.damaged_table(f"{tracker.store.where}_revisions", tracker.damage)
+    applied = sorted(tracker.applied(heads))
+    old: dict[str, str | None] = {}
+    tracker.attempt("read the ledger", lambda conn: old.update(tracker.store.old_checksums(conn)))
+    run.log.warning("ledger.rebuild", f"the ledger {tracker.store.where}_revisions lost its checksum "
+                    f"column ({tracker.damage['checksum']}): rebuilding it with the checksums of the "
+                    f"{len(applied)} applied revision(s) in these scripts")
+    run.summary.update({"from": fmt(heads), "to": fmt(heads), "repaired": applied})
+    _write(tracker, {rev: (old.get(rev), tracker.checksum(rev)) for rev in applied},
+           lambda conn: tracker.store.rebuild_checksums(
+               conn, tracker.damage, [tracker.entry(rev) for rev in applied]))
+    run.summary["outcome"] = "repaired"
+
+
+def _write(tracker: Tracker, changes: dict[str, tuple[str | None, str]],
+           write: Callable[[Connection], object]) -> None:
+    """Record the run as `running`, write, and log each revision's old and new checksum."""
+    tracker.notes = [{"revision": rev, "outcome": "repaired", "old": old, "new": new}
+                     for rev, (old, new) in changes.items()]
+    tracker.start()
+    if not tracker.attempt("re-record the checksums", write):
+        raise ConfigError(f"could not write the ledger {tracker.store.where}: {GRANTS_HINT}")
+    for rev, (old, new) in changes.items():
+        what = "recorded the missing checksum" if old is None else "re-recorded the checksum"
+        tracker.run.log("ledger.repaired", f"{what} of {rev}", old=old, new=new)
 
 
 def _applied_id(tracker: Tracker, revision: str) -> str:

@@ -2,9 +2,10 @@
 
 Its row starts as `running` once the run is about to change something (so a run killed by
 SIGKILL or the OOM killer stays visible) and is completed by report() through run.finishers, with
-the exit code and error the run really ended with. Checksums are written under the lock. Nothing
-here may change a run's outcome: a ledger that cannot be read or written logs one warning and the
-run goes on without it.
+the exit code and error the run really ended with. Checksums are written under the lock. A ledger
+that cannot be read or written never changes a run's outcome: it logs one warning and the run
+goes on without it. A ledger that can be read but is inconsistent (runner.ledger.integrity) fails
+closed instead: upgrade and stamp refuse (exit 7), repair fixes it, the others warn.
 """
 
 from __future__ import annotations
@@ -22,13 +23,17 @@ import runner
 from runner import revisions
 from runner.context import Run
 from runner.exitcodes import ExitCode
-from runner.ledger import checksum
+from runner.ledger import checksum, integrity
 from runner.ledger.store import Recorded, Store
 from runner.redact import redact
 from runner.revisions import DbState, fmt
 
 # these start their row themselves once they know they will change something
 DEFERRED_START = ("upgrade", "downgrade", "stamp", "repair")
+# these refuse an inconsistent ledger (exit 7): they rely on its checksums or write new ones next
+# to a gap. A downgrade warns (as it does about edited revisions: fixing a downgrade() is the usual
+# reason to edit one); backup and restore do not use the checksums
+REFUSE_DAMAGE = ("upgrade", "stamp")
 _FAILED_OUTCOMES = {ExitCode.LOCK_TIMEOUT: "lock timeout", ExitCode.PREFLIGHT_REFUSED: "refused",
                     ExitCode.RUN_DEADLINE: "deadline", ExitCode.SIGTERM: "interrupted",
                     ExitCode.SIGINT: "interrupted"}
@@ -49,6 +54,8 @@ class Tracker:
         self.recorded: dict[str, Recorded] | None = None  # None: not read (yet, or unreadable)
         self.kept: list[dict[str, Any]] = []  # rows a restore would otherwise lose
         self.notes: list[dict[str, Any]] = []  # steps added besides revisions (repair, restore point)
+        self.damage: dict[str, str] = {}  # column -> what is wrong with it (repair fixes it)
+        self.deleted: dict[str, list[str]] = {}  # applied revision whose row was deleted -> later ones
         self._sums: dict[str, str] = {}
 
     # -- the hooks ---------------------------------------------------------------------------
@@ -59,22 +66,52 @@ class Tracker:
         if self.run.command not in DEFERRED_START:
             self.start()
 
+    def inspect(self, script: ScriptDirectory, state: DbState) -> None:
+        """Without the lock, read-only (a no-op upgrade): read the checksums, refuse a damaged
+        ledger; write nothing, not even a baseline."""
+        self.script, self.state = script, state
+        self.attempt("read the ledger", self._read)
+
     def _prepare(self, conn: Connection) -> None:
         if self.store.ensure(conn):
             self.run.log("ledger.created", f"created the ledger tables {self.store.where} and "
                          f"{self.store.where}_revisions")
-        self.recorded = self.store.recorded(conn)
-        missing = sorted(self.applied(self.state.heads) - set(self.recorded))
+        if self.run.command == "restore":  # it replaces the ledger with the backup's copy
+            self.kept = self.store.all_runs(conn)
+        missing = self._read(conn)
         if missing:
             entries = [self.entry(rev) for rev in missing]
             self.store.record(conn, entries, "baseline", replace=False)
+            assert self.recorded is not None
             self.recorded.update({r: Recorded(c, "baseline", None, self.run.run_id)
                                   for r, c, _ in entries})
             self.run.log("ledger.baseline", f"recorded the checksums of {len(missing)} revision(s) "
                          "applied without the ledger (before it existed, or by another tool)",
                          revisions=missing)
-        if self.run.command == "restore":  # it replaces the ledger with the backup's copy
-            self.kept = self.store.all_runs(conn)
+
+    def _read(self, conn: Connection) -> list[str]:
+        """Read the checksums (self.recorded); refuse or note damage; return the applied revisions
+        without a row that may be baselined (the newest ones: see integrity.deleted)."""
+        if not self.store.has_revisions(conn):
+            return []
+        where = f"{self.store.where}_revisions"
+        self.damage = integrity.shape_problems(self.store.revision_columns(conn))
+        if self.damage:
+            self._damaged(integrity.damaged_table(where, self.damage))
+            return []  # nothing can be read from it: nothing checked, nothing baselined
+        self.recorded = self.store.recorded(conn)
+        missing = self.applied(self.state.heads) - set(self.recorded)
+        self.deleted = integrity.deleted(self.script, missing, set(self.recorded))  # type: ignore[arg-type]
+        if self.deleted:
+            self._damaged(integrity.deleted_rows(where, self.deleted))
+        return sorted(missing - set(self.deleted))
+
+    def _damaged(self, error: integrity.LedgerDamaged) -> None:
+        """Fail closed where the checksums matter; repair collects what to fix; the rest warn."""
+        if self.run.command in REFUSE_DAMAGE:
+            raise error
+        if self.run.command != "repair":
+            self.run.log.warning("ledger.damaged", f"{error}; this {self.run.command} goes on")
 
     def start(self) -> None:
         """Write the row as `running`: the run is about to change the database."""
@@ -108,6 +145,8 @@ class Tracker:
         try:
             if (code == 0 and not self.started) or self.broken:
                 return
+            if self.run.ending.abandoned:  # the backstop reports: a fresh connection, short timeouts
+                self.store.reopen_short()
             row = self.row(code, error)
 
             def write(conn: Connection) -> None:
@@ -138,8 +177,11 @@ class Tracker:
             with self.store.session() as conn:
                 fn(conn)
             return True
-        except Exception as exc:  # noqa: BLE001 - the ledger never changes a run's outcome
+        except integrity.LedgerDamaged:
+            raise  # read, and found inconsistent: fails closed
+        except Exception as exc:  # noqa: BLE001 - an unreadable ledger never changes a run's outcome
             self.broken = True
+            self.run.summary["ledger"] = f"not recorded: could not {what} ({reason(exc)})"
             self.run.log.warning("ledger.unavailable", f"could not {what} in {self.store.where} "
                                  f"({reason(exc)}); this run goes on without the ledger and keeps "
                                  f"its exit code ({GRANTS_HINT})")

@@ -80,8 +80,8 @@ def _details(row: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _step(step: dict[str, Any]) -> str:
-    if "old" in step:  # repair: which checksum replaced which
-        return f"{step['revision']} ({step['old'][:12]} -> {step['new'][:12]})"
+    if "old" in step:  # repair: which checksum replaced which (none: its row had been deleted)
+        return f"{step['revision']} ({(step['old'] or 'none')[:12]} -> {step['new'][:12]})"
     took = f" ({step['seconds']:.2f}s)" if step.get("seconds") is not None else ""
     return f"{step['revision']}{took}"
 

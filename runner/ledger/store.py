@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 
 from runner import db
 from runner.context import Run
+from runner.ledger import integrity
 from runner.sqlname import quote
 
 RUN_COLUMNS = ("id", "run_id", "command", "outcome", "exit_code", "from_revision", "to_revision",
@@ -82,6 +83,7 @@ class Store:
         self.table = run.settings.history_table
         self.schema = schema  # None: the connection's current schema, resolved on first use
         self._conn: Connection | None = None
+        self._timeouts = "SET lock_timeout = '5s'; SET statement_timeout = '20s'"
 
     @property
     def where(self) -> str:
@@ -94,7 +96,7 @@ class Store:
         if self._conn is None:
             conn = db.connect(self.run, "ledger", autocommit=True, connect_timeout=5)
             try:
-                conn.execute(sa.text("SET lock_timeout = '5s'; SET statement_timeout = '20s'"))
+                conn.execute(sa.text(self._timeouts))
                 if self.schema is None:  # where Alembic put the version table on this connection
                     self.schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
                     if self.schema is None:
@@ -109,6 +111,12 @@ class Store:
         except BaseException:
             self.close()
             raise
+
+    def reopen_short(self) -> None:
+        """Leave the kept session alone (the stuck main thread may be using it) and make the next
+        one new and short-lived: the run ends without waiting for a server that stopped answering."""
+        self._conn = None
+        self._timeouts = "SET lock_timeout = '1s'; SET statement_timeout = '1s'"
 
     def close(self) -> None:
         """End the ledger's session (the run is over, or the connection failed)."""
@@ -146,24 +154,59 @@ class Store:
         return bool(missing)
 
     # -- checksums ---------------------------------------------------------------------------
+    def has_revisions(self, conn: Connection) -> bool:
+        return conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"),
+                            {"t": self.revisions}).scalar_one()
+
+    def revision_columns(self, conn: Connection) -> dict[str, str]:
+        """{column: type} of the revisions table as it is now (someone may have changed it)."""
+        return dict(conn.execute(sa.text(integrity.COLUMNS_SQL), {"t": self.revisions}).tuples().all())
+
     def recorded(self, conn: Connection) -> dict[str, Recorded]:
         rows = conn.execute(sa.text(f"SELECT revision, checksum, kind, recorded_at, run_id "
                                     f"FROM {self.revisions}"))
-        return {r.revision: Recorded(r.checksum, r.kind, r.recorded_at, r.run_id) for r in rows}
+        return {plain(r.revision): Recorded(plain(r.checksum), plain(r.kind), r.recorded_at,
+                                            plain(r.run_id)) for r in rows}
+
+    def old_checksums(self, conn: Connection) -> dict[str, str | None]:
+        """{revision: checksum as text, whatever its column's type now, None when it has none}."""
+        return dict(conn.execute(sa.text(f"SELECT to_jsonb(r) ->> 'revision', to_jsonb(r) ->> 'checksum' "
+                                         f"FROM {self.revisions} r")).tuples().all())
 
     def record(self, conn: Connection, entries: list[tuple[str, str, str]], kind: str,
                replace: bool) -> None:
-        """Record (revision, checksum, script) entries as kind; replace: overwrite a row."""
-        if not entries:
-            return
+        """Record (revision, checksum, script) entries as kind; replace: overwrite a row. One
+        statement: all of them or none (a partial baseline would look like deleted rows)."""
+        if entries:
+            conn.execute(self._record_sql(replace), self._record_params(entries, kind))
+
+    def rebuild_checksums(self, conn: Connection, problems: dict[str, str],
+                          entries: list[tuple[str, str, str]]) -> None:
+        """repair: give the revisions table its checksum column back (dropped or retyped), record
+        entries (every applied revision) and drop the rows left without a checksum (revisions not
+        applied), in one transaction (one multi-statement query runs as one)."""
+        fix = (f"ALTER TABLE {self.revisions} ADD COLUMN checksum text NOT NULL DEFAULT ''"
+               if problems["checksum"] == "is missing" else
+               f"ALTER TABLE {self.revisions} ALTER COLUMN checksum DROP NOT NULL, "
+               f"ALTER COLUMN checksum TYPE text USING '', ALTER COLUMN checksum SET DEFAULT ''")
+        conn.execute(sa.text(f"{fix}; {self._record_sql(True).text}; "
+                             f"DELETE FROM {self.revisions} WHERE checksum = ''; "
+                             f"ALTER TABLE {self.revisions} ALTER COLUMN checksum DROP DEFAULT, "
+                             f"ALTER COLUMN checksum SET NOT NULL"),
+                     self._record_params(entries, "repaired"))
+
+    def _record_sql(self, replace: bool) -> sa.TextClause:
         action = ("DO UPDATE SET checksum = EXCLUDED.checksum, kind = EXCLUDED.kind, script = "
                   "EXCLUDED.script, recorded_at = EXCLUDED.recorded_at, run_id = EXCLUDED.run_id"
                   if replace else "DO NOTHING")
-        conn.execute(sa.text(f"INSERT INTO {self.revisions} (revision, checksum, kind, script, run_id) "
-                             f"VALUES (:revision, :checksum, :kind, :script, :run_id) "
-                             f"ON CONFLICT (revision) {action}"),
-                     [{"revision": r, "checksum": c, "kind": kind, "script": s,
-                       "run_id": self.run.run_id} for r, c, s in entries])
+        return sa.text(f"INSERT INTO {self.revisions} (revision, checksum, kind, script, run_id) "
+                       f"SELECT r, c, :kind, s, :run_id FROM unnest(CAST(:revs AS text[]), "
+                       f"CAST(:sums AS text[]), CAST(:scripts AS text[])) AS e(r, c, s) "
+                       f"ON CONFLICT (revision) {action}")
+
+    def _record_params(self, entries: list[tuple[str, str, str]], kind: str) -> dict[str, Any]:
+        return {"revs": [r for r, _, _ in entries], "sums": [c for _, c, _ in entries],
+                "scripts": [s for _, _, s in entries], "kind": kind, "run_id": self.run.run_id}
 
     def forget(self, conn: Connection, revisions: list[str]) -> None:
         """Drop the rows of revisions that are no longer applied (downgraded, stamped away)."""
@@ -185,7 +228,7 @@ class Store:
 
     def all_runs(self, conn: Connection) -> list[dict[str, Any]]:
         return [dict(r) for r in conn.execute(sa.text(
-            f"SELECT {', '.join(RUN_COLUMNS)} FROM {self.runs}")).mappings()]
+            f"SELECT {', '.join(RUN_COLUMNS)} FROM {self.runs}")).mappings()]  # put back as they are
 
     def put_back(self, conn: Connection, rows: list[dict[str, Any]]) -> None:
         """Write rows read before a restore back (the restore replaced the table with the backup's:
@@ -200,8 +243,15 @@ class Store:
 
     def latest(self, conn: Connection, limit: int) -> list[dict[str, Any]]:
         """Return the newest rows first, with the run's duration in seconds."""
-        return [dict(r) for r in conn.execute(sa.text(
+        return [{k: plain(v) for k, v in r.items()} for r in conn.execute(sa.text(
             f"SELECT {', '.join(RUN_COLUMNS)}, "
             f"extract(epoch FROM finished_at - started_at)::float8 AS seconds "
             f"FROM {self.runs} ORDER BY started_at DESC, id LIMIT :n"), {"n": limit}).mappings()]
 
+
+def plain(value: Any) -> Any:
+    """A value as the ledger shows it: binary (a bytea column, e.g. one retyped by hand) as hex
+    in PostgreSQL's spelling, never Python's `<memory at 0x...>`."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "\\x" + bytes(value).hex()
+    return value

@@ -1,0 +1,1 @@
+"""An application that pip-installs its own migrations (tests/scenarios/fastpath_package)."""
