@@ -1,6 +1,7 @@
 """Bench: the runner's streamed backup vs the common temp-file approach, in one run, on loopback.
 
     .venv/bin/python bench/backup_bench.py --sizes 1,4
+    .venv/bin/python bench/backup_bench.py --sizes 1.2 --jobs 2 --repeat 3   # parallel vs streamed
 
 For each size (GB on disk) it builds a PostgreSQL 18 database from pgbench tables plus a table of
 random hex text (not trivially compressible), starts a local S3 server (moto, 127.0.0.1), and times:
@@ -10,7 +11,10 @@ random hex text (not trivially compressible), starts a local S3 server (moto, 12
   (b)      pg_dump -Fc > /dev/null          (gzip custom format, no upload at all)
 
 and prints wall times, ratios and the runner's peak RSS (VmHWM of the runner process, and
-wait4's ru_maxrss, which also covers its pg_dump and zstd children). Not part of the test suite.
+wait4's ru_maxrss, which also covers its pg_dump and zstd children). With --jobs N it instead
+times the runner's streamed backup against BACKUP_JOBS=N (pg_dump -Fd -j N, each file shipped as
+it is closed), alternating, --repeat times each, and prints medians and the load average. Not
+part of the test suite.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -113,6 +118,47 @@ def bench_size(gb: float, aws: str, endpoint: str, s3, workdir: Path) -> dict[st
         cluster.destroy()
 
 
+def bench_jobs(gb: float, endpoint: str, s3, jobs: int, repeat: int) -> dict[str, float]:
+    """The streamed backup against BACKUP_JOBS=jobs, alternating; medians."""
+    cluster = Cluster("18").init().start()
+    try:
+        size = build(cluster, gb)
+        print(f"\n== {size / 1e9:.2f} GB database", flush=True)
+        bucket = f"bench-{int(time.time())}"
+        s3.create_bucket(Bucket=bucket)
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
+                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_S3=endpoint, AWS_EC2_METADATA_DISABLED="true",
+                   DATABASE_URL=cluster.url("bench"), ALEMBIC_CONFIG=str(REPO / "alembic.ini"),
+                   BACKUP_S3_URI=f"s3://{bucket}/bench", PG_DUMP_BIN=str(TOOLS / "pg_dump"),
+                   PG_RESTORE_BIN=str(TOOLS / "pg_restore"), PYTHONPATH=str(REPO))
+        times: dict[str, list[float]] = {"1": [], str(jobs): []}
+        stored: dict[str, float] = {}
+        loads, hwm = [], []
+        for i in range(repeat):
+            for n in (["1", str(jobs)] if i % 2 == 0 else [str(jobs), "1"]):
+                loads.append(os.getloadavg()[0])
+                cluster.psql("CHECKPOINT")
+                r = wall_rss([sys.executable, "-m", "runner", "backup"], {**env, "BACKUP_JOBS": n})
+                times[n].append(r["s"])
+                hwm.append(r["hwm"])
+                objects = [o for p in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+                           for o in p.get("Contents", [])]
+                stored[n] = sum(o["Size"] for o in objects if not o["Key"].endswith(".json")) / 1e6
+                for o in objects:  # moto keeps objects in memory
+                    s3.delete_object(Bucket=bucket, Key=o["Key"])
+                print(f"  BACKUP_JOBS={n:<3} {r['s']:6.1f} s   stored {stored[n]:.0f} MB   "
+                      f"(load {loads[-1]:.1f})", flush=True)
+        result = {"db_gb": size / 1e9, "single": statistics.median(times["1"]),
+                  "parallel": statistics.median(times[str(jobs)]), "jobs": jobs,
+                  "load": statistics.median(loads), "hwm": max(hwm),
+                  "single_mb": stored["1"], "parallel_mb": stored[str(jobs)]}
+        print(f"  medians: streamed {result['single']:.1f} s, {jobs} jobs {result['parallel']:.1f} s: "
+              f"ratio {result['parallel'] / result['single']:.2f}; load {result['load']:.1f}", flush=True)
+        return result
+    finally:
+        cluster.destroy()
+
+
 def report(r: dict[str, float]) -> None:
     print(f"  runner backup (stream, zstd)     {r['runner']:7.1f} s   object {r['runner_object_mb']:7.0f} MB",
           flush=True)
@@ -131,7 +177,22 @@ def main() -> int:
     ap.add_argument("--sizes", default="1,4", help="database sizes in GB, comma separated")
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where approach (a) writes its file")
     ap.add_argument("--runner-only", action="store_true", help="time only the runner (quick RSS check)")
+    ap.add_argument("--jobs", type=int, default=0, help="compare BACKUP_JOBS=N with the streamed backup")
+    ap.add_argument("--repeat", type=int, default=3, help="with --jobs: runs of each side (medians)")
     args = ap.parse_args()
+    if args.jobs:
+        with moto_process() as endpoint:
+            s3 = s3_client(endpoint)
+            print(f"cores: {os.cpu_count()}, PostgreSQL 18 ({TOOLS}), S3: moto at {endpoint}")
+            rows = [bench_jobs(float(gb), endpoint, s3, args.jobs, args.repeat)
+                    for gb in args.sizes.split(",")]
+        print("\n| DB size | streamed (BACKUP_JOBS=1) | BACKUP_JOBS=N | ratio | stored, 1 / N | load |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for r in rows:
+            print(f"| {r['db_gb']:.2f} GB | {r['single']:.1f} s | {r['jobs']}: {r['parallel']:.1f} s | "
+                  f"{r['parallel'] / r['single']:.2f} | {r['single_mb']:.0f} / {r['parallel_mb']:.0f} MB | "
+                  f"{r['load']:.1f} |")
+        return 0
     global RUNNER_ONLY
     RUNNER_ONLY = args.runner_only
     aws = aws_cli()

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
 from runner import db, ledger, phases, revisions
+from runner.backup.layout import is_point
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, Pending
 from runner.flow import check_direction, load, locked, ready_state
@@ -212,20 +213,27 @@ def backups(run: Run, args: argparse.Namespace) -> None:
     names = (s3.databases(run, client, loc) if all_databases
              else [from_database or run.settings.database_url.database or ""])
     found = newest([m for name in names for m in s3.backups(run, client, loc, name)])
-    print(f"{'key':<60} {'created':<25} {'size':>12} {'revision':<14} {'database':<20} server", file=out)
-    for m in found:
-        print(f"{m['key']:<60} {m['created']:<25} {m['size']:>12} {fmt(m['alembic_revision']):<14} "
-              f"{m['database']:<20} {m.get('system_identifier') or '-'}", file=out)
+    print(f"{'key':<60} {'kind':<6} {'created':<25} {'size':>12} {'revision':<14} {'database':<20} "
+          "server", file=out)
+    for m in found:  # a restore point: no size; its revision is the one before the migration
+        created = m["created"][:19] + m["created"][-6:]
+        print(f"{m['key']:<60} {'dump' if 'size' in m else 'point':<6} {created:<25} "
+              f"{m.get('size', '-'):>12} {fmt(m['alembic_revision']):<14} {m['database']:<20} "
+              f"{m.get('system_identifier') or '-'}", file=out)
     run.summary.update(backups=len(found), outcome="listed")
 
 
 def restore(run: Run, args: argparse.Namespace) -> None:
     """Replace the database's contents with a backup in one transaction, under the migration lock:
     KEY, or the newest backup of this database (or of --from-database) for 'latest'."""
-    from runner.backup import s3
+    from runner.backup import parallel, s3
     from runner.backup.restore import check_compatible, inspect_target, replay, resolve_backup
 
     which, from_database = args.backup, args.from_database
+    if is_point(which):  # a restore point: print how to recover to it, restore nothing
+        from runner.backup.point import show
+
+        return show(run, which, sys.stdout)
     if not args.yes:
         raise ConfigError("restore replaces every schema in the database with the backup's: "
                           "add --yes to confirm")
@@ -235,13 +243,19 @@ def restore(run: Run, args: argparse.Namespace) -> None:
     client, loc = s3.client(run.settings, run.cancel), s3.Location.parse(run.settings.backup_s3_uri)
     with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
         target = inspect_target(run)
-        manifest = resolve_backup(run, client, loc, target, which, from_database)
+        manifest = resolve_backup(run, client, loc, target, which, from_database,
+                                  args.from_other_database)
         tools = check_compatible(run, client, loc, manifest, target)
-        run.log("restore.begin", f"restoring {manifest['key']} in one transaction",
+        jobs = parallel.jobs_for(run, manifest, target)  # 1: streamed, in one transaction
+        run.log("restore.begin", f"restoring {manifest['key']}" + (
+                " in one transaction" if jobs == 1 else f" with {jobs} jobs into a new database"),
                 source=manifest["database"], server_version=manifest["server_version"],
-                revision=fmt(manifest["alembic_revision"]), size=manifest["size"])
+                revision=fmt(manifest["alembic_revision"]), size=manifest["size"], jobs=jobs)
         with run.timed("restore"):
-            replay(run, client, loc, manifest, target, tools)
+            if jobs > 1:
+                parallel.restore(run, client, loc, manifest, target, tools, jobs)
+            else:
+                replay(run, client, loc, manifest, target, tools)
         with db.connect(run, "verify") as conn:
             after = revisions.read_state(cfg, script, conn).heads
     run.summary.update({"backup": manifest["key"], "from": fmt(state.heads), "to": fmt(after),
@@ -249,13 +263,9 @@ def restore(run: Run, args: argparse.Namespace) -> None:
 
 
 def _backup_before(run: Run, state: DbState) -> None:
-    if run.settings.backup_mode == "off":
-        run.log.warning("backup.skipped", "BACKUP_MODE=off: migrating without a backup")
-        return
-    from runner.backup.take import take  # boto3 loads only when a backup is taken
+    from runner.backup.modes import before_migrating  # a dump, a restore point, both or nothing
 
-    with run.timed("backup"):
-        run.summary["backup"] = take(run, state)["key"]
+    before_migrating(run, state)
 
 
 def _nothing_to_do(run: Run, script: ScriptDirectory, state: DbState, downgrade: bool) -> None:

@@ -26,6 +26,8 @@ WEEK = 7 * DAY
 MAX_PATH = 4096  # PATH_MAX: longer paths fail in the kernel with "File name too long"
 BACKUP_COMMANDS = ("backup", "backups", "restore")
 MIGRATE_COMMANDS = ("upgrade", "downgrade")
+DUMP_MODES = ("required", "both")  # the BACKUP_MODEs that take a pg_dump before migrating
+POINT_MODES = ("restore-point", "both")  # ... and those that mark a restore point
 
 
 def parse_duration(value: str) -> float:
@@ -70,6 +72,32 @@ def integer(minimum: int = 1, maximum: int = 1000) -> Parser:
         return int(raw)
 
     return parse
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|kB|KB|MB|GB|TB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40}
+
+
+def size(maximum: int = 1 << 50) -> Parser:
+    """A size in bytes: a number with an optional unit (kB, MB, GB, TB: powers of 1024)."""
+
+    def parse(raw: str) -> int:
+        m = _SIZE.match(raw)
+        if not m:
+            raise ValueError("is not a size: use bytes or a unit, e.g. 512MB, 1GB")
+        value = int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "b").lower()])
+        if value > maximum:
+            raise ValueError(f"is too large: at most {maximum >> 30} GB")
+        return value
+
+    return parse
+
+
+def jobs(raw: str) -> int | None:
+    """A number of parallel jobs (1 to 64), or 'auto' (None: the CPUs available)."""
+    if raw.strip() == "auto":
+        return None
+    return integer(1, 64)(raw)
 
 
 def choice(*options: str) -> Parser:
@@ -256,10 +284,12 @@ class Settings:
                              "from the facts recorded in the image with one query, when they match "
                              "the scripts present; `off`: always run env.py.", choice("on", "off"))
     # -- backups ---------------------------------------------------------------------------------
-    backup_mode: str = setting("BACKUP_MODE", "required", "`required`: upgrade/downgrade back the "
-                               "database up to S3 before changing it (exit 5 when that fails); "
-                               "`off`: no backup (local development).", choice("required", "off"),
-                               group="backup")
+    backup_mode: str = setting(
+        "BACKUP_MODE", "required", "`required`: upgrade/downgrade back the database up to S3 (a "
+        "pg_dump) before changing it (exit 5 when that fails); `restore-point`: check that WAL "
+        "archiving is healthy and mark a restore point instead (large databases with point-in-time "
+        "recovery: docs/backups.md); `both`: the dump and the point; `off`: no backup (local "
+        "development).", choice("required", "restore-point", "both", "off"), group="backup")
     backup_s3_uri: str = setting(
         "BACKUP_S3_URI", "", "`s3://bucket/prefix`: where backups and their manifests go. "
         "Credentials, region and endpoint come from the AWS chain (`AWS_ENDPOINT_URL_S3` for "
@@ -279,6 +309,37 @@ class Settings:
     s3_timeout: float = setting("S3_TIMEOUT", "30s", "Longest wait for one S3 request (connect and "
                                 "each read) before it is retried or fails (exit 5); a hung endpoint "
                                 "is logged while the runner waits.", duration(3600.0), group="backup")
+    archive_max_lag: int = setting(
+        "ARCHIVE_MAX_LAG", "1GB", "`restore-point`/`both`: how much completed WAL may wait to be "
+        "archived before the archiver counts as falling behind (exit 5).", size(), group="backup")
+    archive_confirm_timeout: float = setting(
+        "ARCHIVE_CONFIRM_TIMEOUT", "60s", "`restore-point`/`both`: how long to wait, before "
+        "migrating, for the WAL holding the restore point to be archived (after a forced WAL "
+        "switch); exit 5 when it is not. 0: do not wait.", duration(3600.0, zero=True),
+        group="backup")
+    archive_unverifiable: str = setting(
+        "ARCHIVE_UNVERIFIABLE", "refuse", "`restore-point`/`both`, when the server does not let the "
+        "role see WAL archiving (pg_stat_archiver, hidden by some managed services): `refuse` "
+        "(exit 5) or `warn` (record the time and WAL position, migrate, and say the archive was "
+        "not checked).",
+        choice("refuse", "warn"), group="backup")
+    backup_jobs: int = setting(
+        "BACKUP_JOBS", "1", "Parallel pg_dump jobs. Above 1: a directory-format dump, each table's "
+        "file shipped to S3 as pg_dump closes it (local disk in BACKUP_WORKDIR holds the files being "
+        "written: at worst the largest tables, uncompressed); 1 streams one archive, no local disk.",
+        integer(1, 64), group="backup")
+    restore_jobs: int | None = setting(
+        "RESTORE_JOBS", "auto", "`restore`: parallel pg_restore jobs. Above 1 the backup is first "
+        "copied to BACKUP_WORKDIR and verified, restored into a new database with that many jobs, "
+        "and swapped in by renames (needs CREATEDB and ownership of the database; ends the other "
+        "sessions on it: docs/backups.md); 1 streams it into the database in one transaction. "
+        "`auto`: the CPUs available for archives of 1 GB or more, falling back to 1 where a "
+        "parallel restore cannot run.",
+        jobs, shown="auto", value=None, group="backup")
+    backup_workdir: Path | None = setting(
+        "BACKUP_WORKDIR", "", "Local directory for parallel dumps' files and for restores' verified "
+        "copy of a backup (the space needed is checked and logged first).", path,
+        shown="(the system's temporary directory)", value=None, group="backup")
     pg_dump_bin: str = setting("PG_DUMP_BIN", "pg_dump", "pg_dump to use (at least the server's major "
                                "version).", text(MAX_PATH), group="backup")
     pg_restore_bin: str = setting("PG_RESTORE_BIN", "pg_restore", "pg_restore to use; `psql` is taken "
@@ -500,11 +561,12 @@ def _check_combinations(values: dict[str, Any], command: str, errors: list[str])
         errors.append(f"LOCK_TIMEOUT_START ({start:g}s) must not exceed LOCK_TIMEOUT_CEILING "
                       f"({ceiling:g}s): lower the start or raise the ceiling")
     mode = values.get("backup_mode", defaults.backup_mode)
-    needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode == "required")
+    needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode in DUMP_MODES)
     if needs_uri and not values.get("backup_s3_uri") and not _mentioned(errors, "BACKUP_S3_URI"):
         errors.append("BACKUP_S3_URI is not set: set it to s3://BUCKET/PREFIX" + (
             "" if command in BACKUP_COMMANDS else
-            ", or BACKUP_MODE=off to migrate without a backup (local development only)"))
+            ", or BACKUP_MODE=restore-point (WAL archiving, no dump) or BACKUP_MODE=off (no backup: "
+            "local development only)"))
 
 
 def markdown_table(groups: tuple[str, ...] = (), brief: bool = False) -> str:

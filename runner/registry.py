@@ -92,6 +92,8 @@ def _restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backup", required=True, help="backup key (from 'backups') or 'latest'")
     p.add_argument("--from-database", metavar="NAME", help="with 'latest': the newest backup of "
                    "database NAME (default: the target's own name)")
+    p.add_argument("--from-other-database", action="store_true", help="with --backup KEY: allow a "
+                   "backup of another database (e.g. production into staging; refused otherwise)")
     p.add_argument("--yes", action="store_true", help="confirm: replaces the database's contents")
 
 
@@ -138,8 +140,9 @@ COMMANDS: dict[str, Command] = {
                       "runner.commands:backup"),
     "backups": Command("[--from-database NAME] [--all-databases]", "list committed backups, newest "
                        "first", _backups, "runner.commands:backups"),
-    "restore": Command("--backup KEY|latest [--from-database NAME] --yes", "replace the database's "
-                       "contents with a verified backup, in one transaction (under the lock)",
+    "restore": Command("--backup KEY|latest [--from-database NAME] [--from-other-database] --yes",
+                       "replace the database's contents with a verified backup (under the lock): in "
+                       "parallel into a new database swapped in, or in one transaction",
                        _restore, "runner.commands:restore"),
     "history": Command("[--limit N] [--format json]", "the ledger: who migrated what, when, from "
                        "which image, newest first", _history, "runner.ledger.admin:history"),

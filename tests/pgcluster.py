@@ -98,6 +98,18 @@ class Cluster:
                        "log_min_messages = warning\n")
         return self
 
+    def configure(self, lines: str) -> Cluster:
+        """Append lines to postgresql.conf (later lines win; some need a restart)."""
+        with open(self.data / "postgresql.conf", "a") as conf:
+            conf.write("\n" + lines.strip() + "\n")
+        return self
+
+    def give(self, path: Path) -> Path:
+        """Make path (a directory the tests made) the clusters' OS user's."""
+        if self.user:
+            os.chown(path, self.user.pw_uid, self.user.pw_gid)
+        return path
+
     def start(self) -> Cluster:
         out = self._run(self.bin / "pg_ctl", "-D", self.data, "-l", self.root / "server.log", "-w",
                         "-t", "60", "start", check=False)

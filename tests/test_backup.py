@@ -159,6 +159,73 @@ def test_pg_dump_killed_mid_stream(at_0002: Database, s3_server: S3Server, bucke
     assert db.version() == "0002" and "billing.customer_totals" not in db.tables()
 
 
+def test_parallel_dump_round_trip(at_0002: Database, s3_server: S3Server, bucket: str,
+                                  tmp_path: Path) -> None:
+    """BACKUP_JOBS=2: a directory-format dump whose files are shipped as pg_dump closes them
+    (large ones through zstd, small ones as they are), each recorded with its digest; nothing
+    stays on local disk; it restores both ways; a file changed in S3 is refused."""
+    db = at_0002
+    fill(db)
+    before = digest(db)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = backup_env(db, s3_server, bucket, LOG_FORMAT="json", BACKUP_JOBS="2", BACKUP_WORKDIR=str(work))
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    key = r.summary()["backup"]
+    assert key.endswith(".pgdir") and list(work.iterdir()) == []
+    body = s3_server.client.get_object(Bucket=bucket, Key=key + ".manifest.json")["Body"].read()
+    manifest = json.loads(body)
+    files = manifest["files"]
+    assert manifest["format"] == "directory" and {f["compression"] for f in files} == {"zstd", "none"}
+    stored = [f"{key}/{f['object']}" for f in files] + [key + ".manifest.json"]
+    assert sorted(stored) == s3_server.keys(bucket)
+    for jobs in ("1", "2"):
+        db.sql("CREATE TABLE marker (x int)")
+        restored = run_runner(["restore", "--backup", key, "--yes"], {**env, "RESTORE_JOBS": jobs})
+        assert restored.code == 0, restored.err
+        assert digest(db) == before and db.version() == "0002"
+    large = next(f for f in files if f["compression"] == "zstd")
+    s3_server.client.put_object(Bucket=bucket, Key=f"{key}/{large['object']}",
+                                Body=b"\0" * large["size"])
+    db.sql("CREATE TABLE marker (x int)")
+    refused = run_runner(["restore", "--backup", key, "--yes"], env)
+    assert refused.code == 5 and "does not match its manifest" in refused.err, refused.err
+    assert "public.marker" in db.tables() and list(work.iterdir()) == []
+
+
+def test_parallel_dump_that_fails_leaves_nothing(at_0002: Database, s3_server: S3Server, bucket: str,
+                                                 tmp_path: Path) -> None:
+    """pg_dump -Fd fails after its files were shipped: exit 5, nothing migrated, every object it
+    stored deleted (without a manifest it never was a backup), nothing left on local disk."""
+    db = at_0002
+    fill(db)
+    work = tmp_path / "work"
+    work.mkdir()
+    dump = wrapper(tmp_path, db, """\
+        "$REAL" "$@" && echo "pg_dump: error: failed on cue" >&2
+        exit 1
+        """)
+    r = run_runner(["upgrade"], backup_env(db, s3_server, bucket, PG_DUMP_BIN=dump, BACKUP_JOBS="2",
+                                           BACKUP_WORKDIR=str(work)))
+    assert r.code == 5 and "failed on cue" in r.err and "nothing was migrated" in r.err, r.err
+    assert s3_server.keys(bucket) == [] and s3_server.uploads(bucket) == []
+    assert db.version() == "0002" and list(work.iterdir()) == []
+    # SIGTERM once the files are shipped, pg_dump still running: the same cleanup, exit 143
+    slow = wrapper(tmp_path, db, """\
+        "$REAL" "$@" && echo "pg_dump: done" >&2
+        sleep 30
+        """)
+    env = backup_env(db, s3_server, bucket, PG_DUMP_BIN=slow, BACKUP_JOBS="2", BACKUP_WORKDIR=str(work))
+    proc = start_runner(["upgrade"], env)
+    wait_for(lambda: any(k.endswith("toc.dat") for k in s3_server.keys(bucket)), timeout=60,
+             what="the parallel dump never shipped toc.dat")
+    proc.send_signal(signal.SIGTERM)
+    done = finish(proc, timeout=60)
+    assert done.code == 143, done.err
+    assert s3_server.keys(bucket) == [] and db.version() == "0002" and list(work.iterdir()) == []
+
+
 def cmdlines() -> list[str]:
     """Return every process's command line (what `ps` shows anyone on the host)."""
     out = []
@@ -239,11 +306,12 @@ def test_old_pg_dump_refused(at_0002: Database, s3_server: S3Server, bucket: str
     assert s3_server.keys(bucket) == [] and db.version() == "0002"
 
 
-@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+@pytest.mark.parametrize("damage,jobs", [("tampered", "1"), ("tampered", "2"), ("truncated", "2")])
 def test_restore_refuses_a_damaged_backup(at_0002: Database, s3_server: S3Server, bucket: str,
-                                          damage: str) -> None:
+                                          damage: str, jobs: str) -> None:
+    """Streamed (the digest is checked before the COMMIT) or parallel (before anything else)."""
     db = at_0002
-    env = backup_env(db, s3_server, bucket)
+    env = backup_env(db, s3_server, bucket, RESTORE_JOBS=jobs)
     r = run_runner(["backup"], env)
     assert r.code == 0, r.err
     key = s3_server.keys(bucket)[0]
@@ -284,9 +352,10 @@ def test_five_runners_one_backup(at_0002: Database, s3_server: S3Server, bucket:
 
 def test_failed_restore_rolls_back(at_0002: Database, s3_server: S3Server, bucket: str,
                                    tmp_path: Path) -> None:
-    """The restore is one transaction: an error at its very end leaves the database as it was."""
+    """The restore is one transaction: an error at its very end leaves the database as it was
+    (RESTORE_JOBS=1: the streamed restore; a parallel one is in test_restore.py)."""
     db = at_0002
-    env = backup_env(db, s3_server, bucket)
+    env = backup_env(db, s3_server, bucket, RESTORE_JOBS="1")
     assert run_runner(["upgrade"], env).code == 0
     db.sql("CREATE TABLE marker (x int); INSERT INTO marker VALUES (42)")
     real = bindir(db.cluster.major) / "pg_restore"
@@ -365,15 +434,16 @@ def assert_secret_free(seen: dict[str, tuple[str, str]], connects: set[str]) -> 
 @pytest.mark.parametrize("way", ["user:password@", "?password=", "DATABASE_URL_FILE"])
 def test_passwords_reach_children_only_through_the_environment(
         database: Database, s3_server: S3Server, bucket: str, tmp_path: Path, way: str) -> None:
-    """Sample /proc of the real pg_dump and zstd (backup), zstd, pg_restore and psql (restore)
-    while they run, for each way a URL can carry the password."""
+    """Sample /proc of the real pg_dump and zstd (backup), zstd, pg_restore and psql (restore in
+    one transaction) while they run, for each way a URL can carry the password (the parallel
+    restore's pg_restore: tests/test_restore.py::test_sigterm_mid_parallel_restore)."""
     import psycopg2
 
     db = database
     url = {"user:password@": db.url, "DATABASE_URL_FILE": db.url,
            "?password=": f"postgresql://admin@127.0.0.1:{db.cluster.port}/{db.name}"
                          f"?password={quote(PASSWORD, safe='')}"}[way]
-    env = backup_env(db, s3_server, bucket)
+    env = backup_env(db, s3_server, bucket, RESTORE_JOBS="1")
     if way == "DATABASE_URL_FILE":
         (tmp_path / "url").write_text(url)
         del env["DATABASE_URL"]

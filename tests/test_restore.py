@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 
 from tests.conftest import Database, run_runner, runner_env, start_runner, wait_for
-from tests.pgcluster import Cluster, bindir
+from tests.pgcluster import APP_PASSWORD, Cluster, bindir
 from tests.result import Result
 from tests.s3_fixtures import S3Server
 
@@ -180,24 +180,30 @@ def sources(servers: dict[str, Cluster], s3_server: S3Server, matrix_bucket: str
     return made
 
 
-@pytest.mark.parametrize("source,client,target", [
-    ("15", "18", "15"),  # the issue's case: a newer client's script into an older server
-    ("15", "18", "18"),  # into a newer server (a new system identifier: `latest` still finds it)
-    ("16", "18", "16"),
-    ("16", "16", "16"),
-    ("18", "18", "18"),
+@pytest.mark.parametrize("source,client,target,jobs", [
+    ("15", "18", "15", "1"),  # the issue's case: a newer client's script into an older server
+    ("15", "18", "15", "2"),  # ... and pg_restore -j of a newer client into it
+    ("15", "18", "18", "2"),  # into a newer server (a new system identifier: `latest` still finds it)
+    ("16", "18", "16", "2"),
+    ("16", "16", "16", "1"),
+    ("18", "18", "18", "1"),
+    ("18", "18", "18", "2"),
 ])
 def test_restore_into_every_server(servers: dict[str, Cluster], sources: dict[str, Any],
                                    s3_server: S3Server, matrix_bucket: str, source: str, client: str,
-                                   target: str) -> None:
+                                   target: str, jobs: str) -> None:
+    """RESTORE_JOBS=1 streams into one transaction; 2 restores a verified local copy with two
+    jobs into a new database swapped in: both must give the source's fingerprint."""
     src, expected, extensions = sources[source]
     assert {"extension plpgsql pg_catalog"} < set(expected) and any(" m " in x for x in expected)
     assert any(x.startswith("large object 424242 admin {") for x in expected)
     db = new_database(servers[target])
     db.sql("CREATE TABLE doomed (x int); INSERT INTO doomed VALUES (1)")
-    env = restore_env(db, s3_server, matrix_bucket, client, prefix=f"c{client}", LOG_FORMAT="json")
+    env = restore_env(db, s3_server, matrix_bucket, client, prefix=f"c{client}", LOG_FORMAT="json",
+                      RESTORE_JOBS=jobs)
     r = ok(run_runner(["restore", "--backup", "latest", "--from-database", src.name, "--yes"], env))
     assert r.summary()["outcome"] == "restored"
+    assert ('"restore.swapped"' in r.err) == (jobs == "2")
     if source != target:  # PostgreSQL 16+ prints view definitions without redundant qualifiers
         reference = fingerprint(build_fixture(servers[target], extensions))
         expected = [x for x in expected if not x.startswith("view ")] + [
@@ -206,7 +212,10 @@ def test_restore_into_every_server(servers: dict[str, Cluster], sources: dict[st
     adapted = [json.loads(line)["msg"] for line in r.lines if '"restore.adapt"' in line]
     if int(target) < 17 and client == "18":
         assert adapted == [f"left out SET transaction_timeout: PostgreSQL {target} has no such setting "
-                           "(the backup's pg_restore writes it for newer servers)"]
+                           "(the backup's pg_restore writes it for newer servers)" if jobs == "1" else
+                           f"ignored pg_restore's SET transaction_timeout: PostgreSQL {target} has no "
+                           "such setting (pg_restore 18 sends it on each connection); no other error "
+                           "was reported"]
     else:
         assert adapted == []
     if extensions:
@@ -364,7 +373,9 @@ def test_restore_waits_for_locks_with_a_bound(database: Database, s3_server: S3S
     """An open application transaction: the reset gives up after lock_timeout, logs who blocks
     it, retries, and fails with exit 8 (nothing changed) when the retries run out."""
     db = labelled(database, "backed up")
-    env = restore_env(db, s3_server, bucket, MIGRATION_LOCK_TIMEOUT="500ms", LOCK_RETRY_MAX_WAIT="1s")
+    # the one-transaction restore (a parallel one ends the blocking sessions instead: below)
+    env = restore_env(db, s3_server, bucket, MIGRATION_LOCK_TIMEOUT="500ms", LOCK_RETRY_MAX_WAIT="1s",
+                      RESTORE_JOBS="1")
     backup(db, env)
     db.sql("UPDATE who SET name = 'changed'")
     holder = psycopg2.connect(db.url, application_name="busy-app")
@@ -403,7 +414,7 @@ def test_sigterm_mid_restore_rolls_back(database: Database, s3_server: S3Server,
 
     db = labelled(database, "backed up")
     db.sql("CREATE SCHEMA late")
-    env = restore_env(db, s3_server, bucket)
+    env = restore_env(db, s3_server, bucket, RESTORE_JOBS="1")  # the streamed one (parallel: below)
     backup(db, env)
     db.sql("UPDATE who SET name = 'changed'; DROP SCHEMA late")
     holder = psycopg2.connect(db.url)
@@ -426,6 +437,162 @@ def test_sigterm_mid_restore_rolls_back(database: Database, s3_server: S3Server,
     assert who(db) == "changed" and db.sql("SELECT to_regnamespace('late') IS NULL") == "t"
 
 
+# -- parallel restore: a verified local copy, N jobs into a new database, swapped in -----------
+
+PROPERTIES_SQL = """
+SELECT d.datacl::text, d.datconnlimit, shobj_description(d.oid, 'pg_database'),
+       (SELECT string_agg(coalesce(r.rolname, '-') || ':' || array_to_string(ARRAY(
+                            SELECT unnest(s.setconfig) ORDER BY 1), ';'), ' ' ORDER BY r.rolname NULLS FIRST)
+          FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole WHERE s.setdatabase = d.oid)
+  FROM pg_database d WHERE d.datname = '{name}'
+"""
+
+
+def properties(db: Database) -> str:
+    """The database's own properties: privileges, connection limit, comment, settings."""
+    return db.cluster.psql(PROPERTIES_SQL.format(name=db.name))
+
+
+def oid(db: Database) -> str:
+    return db.cluster.psql(f"SELECT oid FROM pg_database WHERE datname = '{db.name}'")
+
+
+def leftovers(cluster: Cluster) -> str:
+    return cluster.psql("SELECT string_agg(datname, ' ') FROM pg_database WHERE datname ~ "
+                        "'^runner_(restore|prev)_'")
+
+
+def test_parallel_restore_swaps_in_a_new_database(database: Database, s3_server: S3Server,
+                                                  bucket: str) -> None:
+    """Two jobs into a new database, swapped in: the data is the backup's, the database keeps its
+    own settings, privileges, connection limit and comment, the idle application session on it
+    is ended (and named in the log), the ledger keeps its history, a database left by a killed
+    restore is dropped, and nothing of the runner's is left behind."""
+    from runner.backup.staging import tag
+
+    db = labelled(database, "backed up")
+    cluster = db.cluster
+    cluster.psql("DO $$ BEGIN CREATE ROLE fixture_reader; EXCEPTION WHEN duplicate_object THEN NULL; END $$")
+    for statement in (f'ALTER DATABASE {db.name} SET search_path = "$user", public, "odd, name"',
+                      f"ALTER DATABASE {db.name} SET app.flag = 'it''s'",
+                      f"ALTER ROLE fixture_reader IN DATABASE {db.name} SET work_mem = '8MB'",
+                      f"REVOKE ALL ON DATABASE {db.name} FROM PUBLIC",
+                      f"GRANT CONNECT, TEMPORARY ON DATABASE {db.name} TO fixture_reader WITH GRANT OPTION",
+                      f"COMMENT ON DATABASE {db.name} IS 'shop''s data'",
+                      f"ALTER DATABASE {db.name} CONNECTION LIMIT 50"):
+        cluster.psql(statement)
+    env = restore_env(db, s3_server, bucket, RESTORE_JOBS="2", LOG_FORMAT="json")
+    backup(db, env)
+    backed_up = fingerprint(db)
+    db.sql("UPDATE who SET name = 'changed'")
+    before, first_oid = properties(db), oid(db)
+    dead = f"runner_restore_{tag(db.name)}_deadbeef"
+    cluster.psql(f"CREATE DATABASE {dead}")
+    app = psycopg2.connect(db.url, application_name="idle-app")
+    try:
+        r = ok(run_runner(["restore", "--backup", "latest", "--yes"], env))
+        with pytest.raises(psycopg2.OperationalError), app.cursor() as cur:
+            cur.execute("SELECT 1")
+    finally:
+        app.close()
+    assert fingerprint(db) == backed_up and oid(db) != first_oid and properties(db) == before
+    ended = [json.loads(line) for line in r.lines if '"restore.ended_session"' in line]
+    assert [e["application_name"] for e in ended] == ["idle-app"]
+    assert f"dropped {dead}, left by a restore of {db.name} that was killed" in r.err
+    assert leftovers(cluster) == "" and '"lock.release"' not in r.err  # no warning about the lock
+    history = db.sql("SELECT string_agg(command, ',' ORDER BY started_at) FROM runner_history")
+    assert history == "backup,restore"
+
+
+def test_parallel_restore_that_fails_changes_nothing(database: Database, s3_server: S3Server,
+                                                     bucket: str) -> None:
+    """pg_restore fails in the new database (the backup names a role that no longer exists):
+    exit 5, the new database is dropped, the target is the same database, unchanged."""
+    db = labelled(database, "backed up")
+    role = f"gone_{uuid.uuid4().hex[:8]}"
+    db.cluster.psql(f"CREATE ROLE {role}")
+    db.sql(f"CREATE TABLE owned (x int); ALTER TABLE owned OWNER TO {role}")
+    env = restore_env(db, s3_server, bucket, RESTORE_JOBS="2")
+    backup(db, env)
+    db.sql("DROP TABLE owned; UPDATE who SET name = 'changed'")
+    db.cluster.psql(f"DROP ROLE {role}")
+    before, first_oid = fingerprint(db), oid(db)
+    r = run_runner(["restore", "--backup", "latest", "--yes"], env)
+    assert r.code == 5, r.err
+    assert re.search(rf'pg_restore failed \(.*role "{role}" does not exist.*\): the new database was '
+                     "dropped; the database is unchanged", r.err), r.err
+    assert fingerprint(db) == before and oid(db) == first_oid and leftovers(db.cluster) == ""
+
+
+def test_parallel_restore_prerequisites(database: Database, s3_server: S3Server, bucket: str) -> None:
+    """What a parallel restore needs is checked before anything is fetched: an explicit
+    RESTORE_JOBS refuses (exit 2), `auto` says why and restores in one transaction. Here: no
+    CREATEDB, then a session of a role it may not end (local disk: test_local_copy_space)."""
+    role = f"restorer_{uuid.uuid4().hex[:8]}"
+    cluster = database.cluster
+    cluster.psql(f"CREATE ROLE {role} LOGIN PASSWORD '{APP_PASSWORD}'")
+    cluster.psql(f"ALTER DATABASE {database.name} OWNER TO {role}")
+    db = Database(cluster, database.name)
+    url = cluster.url(db.name, user=role, password=APP_PASSWORD)
+    env = {**restore_env(db, s3_server, bucket), "DATABASE_URL": url}
+    db.sql(f"SET ROLE {role}; CREATE TABLE who (name text); INSERT INTO who VALUES ('backed up')")
+    backup(db, env)
+
+    def restore(jobs: str) -> Result:
+        db.sql("UPDATE who SET name = 'changed'")
+        return run_runner(["restore", "--backup", "latest", "--yes"], {**env, "RESTORE_JOBS": jobs})
+
+    refused = restore("2")
+    assert refused.code == 2 and "RESTORE_JOBS=2: the role may not create databases (it needs CREATEDB)" \
+        in refused.err, refused.err
+    assert who(db) == "changed"
+    fallback = ok(restore("auto"))
+    assert "restore.one_transaction" in fallback.err and "CREATEDB" in fallback.err and who(db) == "backed up"
+    cluster.psql(f"ALTER ROLE {role} CREATEDB")
+    other = psycopg2.connect(db.url, application_name="admin-session")  # the superuser's
+    try:
+        refused = restore("2")
+        assert refused.code == 2 and "belong to roles this role may not end" in refused.err, refused.err
+        assert "admin-session" in refused.err and who(db) == "changed"
+    finally:
+        other.close()
+
+
+def test_sigterm_mid_parallel_restore(database: Database, s3_server: S3Server, bucket: str,
+                                      tmp_path: Path) -> None:
+    """SIGTERM while pg_restore -j runs: exit 143 within seconds, the new database dropped, the
+    database unchanged and open (the swap never started)."""
+    import signal
+
+    from tests.test_backup import assert_secret_free, sample
+
+    db = labelled(database, "backed up")
+    real = bindir(db.cluster.major)
+    for tool in ("psql",):
+        (tmp_path / tool).symlink_to(real / tool)
+    slow = tmp_path / "pg_restore"  # the real one, after a pause, for a parallel restore
+    slow.write_text(f'#!/bin/sh\ncase "$*" in *--jobs*) sleep 30;; esac\nexec {real / "pg_restore"} "$@"\n')
+    slow.chmod(0o755)
+    env = {**restore_env(db, s3_server, bucket, RESTORE_JOBS="2"), "PG_RESTORE_BIN": str(slow)}
+    backup(db, env)
+    db.sql("UPDATE who SET name = 'changed'")
+    proc = start_runner(["restore", "--backup", "latest", "--yes"], env)
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "restore.start" in line:
+            break
+    # what pg_restore -j gets: the password in its environment only (the wrapper has it all)
+    assert_secret_free(sample(proc, {"pg_restore"}), connects={"pg_restore"})
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, "".join(seen) + err
+    assert time.monotonic() - t0 < 10
+    assert who(db) == "changed" and leftovers(db.cluster) == ""
+
+
 def test_backups_of_other_and_all_databases(database: Database, s3_server: S3Server, bucket: str) -> None:
     x, y = labelled(database, "x"), new_database(database.cluster)
     key = backup(x, restore_env(x, s3_server, bucket))
@@ -438,6 +605,23 @@ def test_backups_of_other_and_all_databases(database: Database, s3_server: S3Ser
                  ["restore", "--backup", key, "--from-database", x.name, "--yes"]):
         r = run_runner(args, env_y)
         assert r.code == 2 and len([x for x in r.lines if " ERROR " in x]) == 1, r.err
+
+
+def test_key_of_another_database_needs_from_other_database(database: Database, s3_server: S3Server,
+                                                           bucket: str) -> None:
+    """`restore --backup KEY` of another database's backup: exit 2 naming both databases, nothing
+    read or changed; with --from-other-database the copy is made (production into staging)."""
+    staging, prod = labelled(database, "staging"), labelled(new_database(database.cluster), "prod")
+    key = backup(prod, restore_env(prod, s3_server, bucket))
+    env = restore_env(staging, s3_server, bucket)
+    refused = run_runner(["restore", "--backup", key, "--yes"], env)
+    assert refused.code == 2, refused.err
+    errors = [line for line in refused.lines if " ERROR " in line]
+    assert len(errors) == 1 and f"backup of database '{prod.name}', not of '{staging.name}'" in errors[0]
+    assert "--from-other-database" in errors[0] and "restore.begin" not in refused.err
+    assert who(staging) == "staging"
+    ok(run_runner(["restore", "--backup", key, "--from-other-database", "--yes"], env))
+    assert who(staging) == "prod" and who(prod) == "prod"
 
 
 # -- pure logic ----------------------------------------------------------------------------------
@@ -487,6 +671,49 @@ def test_manifest_checks(changes: dict[str, Any], found_at: str | None, database
         parse(json.dumps(m).encode(), where, loc, database)
 
 
+def directory_manifest(**changes: Any) -> dict[str, Any]:
+    from runner.backup.manifest import files_digest
+
+    files = [{"name": "3001.dat", "object": "3001.dat.zst", "compression": "zstd", "size": 7,
+              "sha256": "1" * 64, "archive_size": 20},
+             {"name": "toc.dat", "object": "toc.dat", "compression": "none", "size": 5, "sha256": "2" * 64,
+              "archive_size": 5}]
+    files = changes.pop("files", files)
+    key = "team/app/shop/20260101T000000Z-abcdef12.pgdir"
+    return good_manifest(**{"key": key, "format": "directory", "files": files,
+                            "size": sum(f["size"] for f in files), "sha256": files_digest(files),
+                            **changes})
+
+
+@pytest.mark.parametrize("changes,problem", [
+    ({}, None),
+    ({"files": [{"name": "toc.dat", "object": "toc.dat", "compression": "none", "size": 5,
+                 "sha256": "2" * 64, "archive_size": 5}]}, None),
+    ({"files": []}, "has no list of files"),
+    ({"files": [{"name": "../../etc/passwd", "object": "x", "compression": "none", "size": 1,
+                 "sha256": "2" * 64, "archive_size": 1}]}, "not one pg_dump writes"),
+    ({"files": [{"name": "toc.dat", "object": "other.dat", "compression": "none", "size": 5,
+                 "sha256": "2" * 64, "archive_size": 5}]}, "its object or compression"),
+    ({"files": [{"name": "3001.dat", "object": "3001.dat", "compression": "none", "size": 5,
+                 "sha256": "2" * 64, "archive_size": 5}]}, "has no toc.dat"),
+    ({"sha256": "3" * 64}, "does not sum up its files"),
+    ({"key": "team/app/shop/20260101T000000Z-abcdef12.pgdump.zst"}, "key ends with .pgdir"),
+])
+def test_directory_manifest_checks(changes: dict[str, Any], problem: str | None) -> None:
+    """A directory-format dump (BACKUP_JOBS) lists its files; each name must be one pg_dump writes
+    (never a path), and the list must add up to the manifest's size and digest."""
+    from runner.backup.layout import Location
+    from runner.backup.manifest import BadManifest, parse
+
+    m = directory_manifest(**changes)
+    where, loc = m["key"] + ".manifest.json", Location.parse("s3://bkt/team/app")
+    if problem is None:
+        assert parse(json.dumps(m).encode(), where, loc)["format"] == "directory"
+        return
+    with pytest.raises(BadManifest, match=re.escape(problem)):
+        parse(json.dumps(m).encode(), where, loc)
+
+
 @pytest.mark.parametrize("body,problem", [(b"{", "not valid JSON"), (b"[1]", "not a JSON object"),
                                           (b"\xff", "not valid JSON")])
 def test_manifest_that_is_not_json(body: bytes, problem: str) -> None:
@@ -495,6 +722,30 @@ def test_manifest_that_is_not_json(body: bytes, problem: str) -> None:
 
     with pytest.raises(BadManifest, match=problem):
         parse(body, "team/app/shop/x.manifest.json", Location.parse("s3://bkt/team/app"))
+
+
+def test_local_copy_space(tmp_path: Path) -> None:
+    """The local copy's size: exact from archive_size (zstd) or the object (gzip, none), estimated
+    for manifests without it; too little free space is refused before anything is fetched."""
+    import io
+
+    from runner import config
+    from runner.backup import fetch
+    from runner.context import Run
+    from runner.log import EventLog
+    from tests.conftest import REPO
+
+    settings = config.load({"DATABASE_URL": "postgresql://u@h/d", "ALEMBIC_CONFIG": str(REPO / "alembic.ini"),
+                            "BACKUP_WORKDIR": str(tmp_path)})
+    out = io.StringIO()
+    run = Run(settings, EventLog("text", out), "restore")
+    assert fetch.space_needed(good_manifest(archive_size=1000)) == (1000, True)
+    assert fetch.space_needed(good_manifest(compression="none")) == (10, True)
+    assert fetch.space_needed(good_manifest(database_size=5000)) == (5000, False)
+    assert fetch.check_space(run, good_manifest(archive_size=1000)) is None
+    why = fetch.check_space(run, good_manifest(archive_size=10 ** 15))
+    assert why and f"needs 1000000000 MB in {tmp_path} (BACKUP_WORKDIR) and only" in why
+    assert "the verified local copy of the backup needs 0 MB in" in out.getvalue()
 
 
 def test_latest_across_servers() -> None:

@@ -11,6 +11,7 @@ import fcntl
 import hashlib
 import io
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -26,7 +27,9 @@ READ_BUFFER = 1 << 20  # the BufferedReader's buffer: s3transfer's read(part) th
 
 # what each BACKUP_COMPRESSION adds to pg_dump's arguments, the filter after it, and the suffix
 COMPRESSION: dict[str, tuple[list[str], list[str] | None, str]] = {
-    "zstd": (["-Z0"], ["zstd", "-q", "-c", "-1", "-T0"], ".pgdump.zst"),
+    # -vv --no-progress: zstd's last words give the exact bytes it read (the archive's size,
+    # which a parallel restore needs on local disk); no progress lines
+    "zstd": (["-Z0"], ["zstd", "-vv", "--no-progress", "-c", "-1", "-T0"], ".pgdump.zst"),
     "gzip": ([], None, ".pgdump"),
     "none": (["-Z0"], None, ".pgdump"),
 }
@@ -40,6 +43,7 @@ class DumpStream(io.RawIOBase):
         self.run, self.procs, self.names, self.stderr_files = run, procs, names, stderr_files
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.archive_size: int | None = None  # what pg_dump wrote, before the compressor
         self.clock = clock
         self.t0 = self._last = clock()
         out = procs[-1].stdout
@@ -78,9 +82,17 @@ class DumpStream(io.RawIOBase):
                 last = tail(err) or "no message"
                 raise BackupFailed(f"{name} exited with {describe_exit(code)}: {last}{hint(last)}; "
                                    "nothing was migrated")
+        self.archive_size = self.size if len(self.procs) == 1 else read_size(self.stderr_files[-1])
 
     def elapsed(self) -> float:
         return self.clock() - self.t0
+
+
+def read_size(err: IO[bytes]) -> int | None:
+    """The bytes zstd -vv read ("(123 B => 45 B"), or None when its output says otherwise."""
+    err.seek(0)
+    found = re.findall(rb"\(\s*(\d+) B =>", err.read())
+    return int(found[-1]) if found else None
 
 
 def hint(message: str) -> str:

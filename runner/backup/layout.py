@@ -1,5 +1,8 @@
 """Where backups live: PREFIX/FOLDER/TIMESTAMP-RUNID.SUFFIX, one folder per database.
 
+A restore point (BACKUP_MODE=restore-point) has a key of the same form with the suffix
+.restorepoint: only its manifest is stored, the data is in the WAL archive.
+
 FOLDER is the database name percent-encoded with nothing left safe, so a name containing '/'
 cannot nest inside another database's folder; ordinary names (letters, digits, _ . -) encode to
 themselves, so folders written before the encoding existed are still found. Listings read one
@@ -14,6 +17,13 @@ import datetime as dt
 from urllib.parse import quote, unquote
 
 MANIFEST_SUFFIX = ".manifest.json"
+POINT_SUFFIX = ".restorepoint"  # a restore point's key: no object there, only its manifest
+DIR_SUFFIX = ".pgdir"  # a directory-format dump (BACKUP_JOBS): its files are KEY/NAME
+
+
+def is_point(key: str) -> bool:
+    """Return whether a --backup KEY (or its manifest's key) names a restore point."""
+    return key.removesuffix(MANIFEST_SUFFIX).endswith(POINT_SUFFIX)
 
 
 def folder(database: str) -> str:

@@ -4,31 +4,50 @@ A manifest says where the dump is and what it must hash to. Anyone who can write
 can edit one, so a manifest is checked against where it was found — its own key, the bucket,
 the folder of the database it claims — and for the fields and types the restore relies on,
 before any object it names is read.
+
+Two kinds share the layout: a dump's (no `kind`, or `dump`) and a restore point's
+(`restore-point`: where in the WAL the database was before a migration). A restore point's
+values end up in an operator's recovery configuration, so each must match a strict pattern.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from typing import Any
 
-from runner.backup.layout import MANIFEST_SUFFIX, Location
+from runner.backup.layout import DIR_SUFFIX, MANIFEST_SUFFIX, POINT_SUFFIX, Location
 from runner.errors import ConfigError
 
 VERSION = 1
+DUMP, POINT = "dump", "restore-point"
 COMPRESSIONS = ("zstd", "gzip", "none")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SERVER_VERSION = re.compile(r"(\d+)(?:\.(\d+))?")
-_TYPES: dict[str, type | tuple[type, ...]] = {
-    "manifest_version": int, "key": str, "bucket": str, "size": int, "sha256": str, "format": str,
-    "compression": str, "database": str, "created": str, "alembic_revision": list,
-    "server_version": str, "pg_dump_version": str,
+_LSN = re.compile(r"[0-9A-F]{1,8}/[0-9A-F]{1,8}")
+_WAL_FILE = re.compile(r"[0-9A-F]{24}")
+POINT_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,63}")  # what the runner names its points
+FILE_NAME = re.compile(r"toc\.dat|\d+\.dat(\.gz)?|blobs(_\d+)?\.toc|blob_\d+\.dat(\.gz)?")  # pg_dump -Fd
+_COMMON: dict[str, type | tuple[type, ...]] = {
+    "manifest_version": int, "key": str, "bucket": str, "database": str, "created": str,
+    "alembic_revision": list, "server_version": str,
+}
+_TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
+    DUMP: {**_COMMON, "size": int, "sha256": str, "format": str, "compression": str,
+           "pg_dump_version": str},
+    POINT: {**_COMMON, "kind": str, "lsn": str, "timeline": int, "wal_file": str, "run_id": str},
 }
 
 
 class BadManifest(ValueError):
     """The manifest cannot be trusted; the message says why (it never quotes field values)."""
+
+
+def kind(manifest: dict[str, Any]) -> str:
+    """Return what a checked manifest describes: DUMP or POINT."""
+    return str(manifest.get("kind") or DUMP)
 
 
 def parse(body: bytes, found_at: str, loc: Location, database: str | None = None) -> dict[str, Any]:
@@ -42,24 +61,27 @@ def parse(body: bytes, found_at: str, loc: Location, database: str | None = None
         raise BadManifest("not valid JSON") from None
     if not isinstance(data, dict):
         raise BadManifest("not a JSON object")
-    for name, kind in _TYPES.items():
+    what = data.get("kind", DUMP)
+    if what not in _TYPES:
+        raise BadManifest("its kind is not one this runner writes")
+    for name, expected in _TYPES[what].items():
         value = data.get(name)
         if value is None:
             raise BadManifest(f"field {name!r} is missing")
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise BadManifest(f"field {name!r} is not a {kind.__name__}")  # type: ignore[union-attr]
-    _check_values(data)
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise BadManifest(f"field {name!r} is not a {expected.__name__}")  # type: ignore[union-attr]
+    _check_common(data)
+    if what == DUMP:
+        _check_dump(data)
+    else:
+        _check_point(data)
     _check_place(data, found_at, loc, database)
     return data
 
 
-def _check_values(data: dict[str, Any]) -> None:
+def _check_common(data: dict[str, Any]) -> None:
     if data["manifest_version"] != VERSION:
         raise BadManifest(f"manifest_version {data['manifest_version']} is not {VERSION}")
-    if data["size"] < 0 or not _SHA256.fullmatch(data["sha256"]):
-        raise BadManifest("size or sha256 is malformed")
-    if data["format"] != "custom" or data["compression"] not in COMPRESSIONS:
-        raise BadManifest("format or compression is not one this runner writes")
     if not all(isinstance(r, str) for r in data["alembic_revision"]):
         raise BadManifest("alembic_revision is not a list of revision ids")
     if not _SERVER_VERSION.match(data["server_version"]):
@@ -73,6 +95,73 @@ def _check_values(data: dict[str, Any]) -> None:
         raise BadManifest("created is not an ISO 8601 time") from None
     if created.tzinfo is None:
         raise BadManifest("created has no time zone")
+
+
+def _check_dump(data: dict[str, Any]) -> None:
+    if data["size"] < 0 or not _SHA256.fullmatch(data["sha256"]):
+        raise BadManifest("size or sha256 is malformed")
+    archive = data.get("archive_size")  # the archive before compression (since parallel restore)
+    if archive is not None and not _is_size(archive):
+        raise BadManifest("archive_size is not a size")
+    if data["format"] not in ("custom", "directory") or data["compression"] not in COMPRESSIONS:
+        raise BadManifest("format or compression is not one this runner writes")
+    if data["key"].endswith(POINT_SUFFIX):
+        raise BadManifest("a dump's key ends like a restore point's")
+    if (data["format"] == "directory") != data["key"].endswith(DIR_SUFFIX):
+        raise BadManifest(f"a directory-format dump's key ends with {DIR_SUFFIX}, and only its")
+    if data["format"] == "directory":
+        _check_files(data)
+
+
+def _check_files(data: dict[str, Any]) -> None:
+    """A directory-format dump lists its files; the restore reads exactly those, each checked."""
+    files = data.get("files")
+    if not isinstance(files, list) or not files:
+        raise BadManifest("a directory-format dump has no list of files")
+    for f in files:
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str) or \
+                not FILE_NAME.fullmatch(f["name"]):
+            raise BadManifest("a file name is not one pg_dump writes")
+        if f.get("compression") not in ("zstd", "none") or \
+                f.get("object") != f["name"] + (".zst" if f["compression"] == "zstd" else ""):
+            raise BadManifest(f"file {f['name']}: its object or compression is malformed")
+        if not (_is_size(f.get("size")) and _is_size(f.get("archive_size"))
+                and isinstance(f.get("sha256"), str) and _SHA256.fullmatch(f["sha256"])):
+            raise BadManifest(f"file {f['name']}: size or sha256 is malformed")
+    names = [f["name"] for f in files]
+    if len(set(names)) != len(names) or "toc.dat" not in names:
+        raise BadManifest("the list of files repeats a name or has no toc.dat")
+    if data["size"] != sum(f["size"] for f in files) or data["sha256"] != files_digest(files):
+        raise BadManifest("size or sha256 does not sum up its files")
+
+
+def files_digest(files: list[dict[str, Any]]) -> str:
+    """The digest of a directory-format dump: sha256 over each stored object's name, size, sha256."""
+    return hashlib.sha256("".join(f"{f['object']} {f['size']} {f['sha256']}\n"
+                                  for f in files).encode()).hexdigest()
+
+
+def _is_size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_point(data: dict[str, Any]) -> None:
+    """A restore point's values are pasted into a recovery configuration: strict patterns only."""
+    if not data["key"].endswith(POINT_SUFFIX):
+        raise BadManifest(f"a restore point's key must end with {POINT_SUFFIX}")
+    if not _LSN.fullmatch(data["lsn"]):
+        raise BadManifest("lsn is not a WAL position (X/Y in hexadecimal)")
+    if not 1 <= data["timeline"] < 1 << 32 or not _WAL_FILE.fullmatch(data["wal_file"]):
+        raise BadManifest("timeline or wal_file is malformed")
+    if int(data["wal_file"][:8], 16) != data["timeline"]:
+        raise BadManifest("wal_file is not on the point's timeline")
+    name = data.get("name")
+    if name is not None and not (isinstance(name, str) and POINT_NAME.fullmatch(name)):
+        raise BadManifest("name is not a restore point name this runner writes")
+    for field in ("target_revision", "revision_after"):
+        value = data.get(field)
+        if value is not None and not (isinstance(value, list) and all(isinstance(r, str) for r in value)):
+            raise BadManifest(f"{field} is not a list of revision ids")
 
 
 def _check_place(data: dict[str, Any], found_at: str, loc: Location, database: str | None) -> None:
@@ -101,12 +190,14 @@ def newest(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def pick_latest(found: list[dict[str, Any]], database: str, target_sysid: str | None) -> dict[str, Any]:
-    """Return the backup `latest` means, or refuse (exit 2) rather than guess.
+    """Return the dump `latest` means, or refuse (exit 2) rather than guess.
 
-    A backup taken on another server is fine (restoring into a new server after a disaster is
-    the restore that matters most). Backups of one database name from several servers are
-    ambiguous: the target's own server wins when it is one of them; otherwise refuse.
+    Restore points are not candidates: the runner does not restore them. A backup taken on
+    another server is fine (restoring into a new server after a disaster is the restore that
+    matters most). Backups of one database name from several servers are ambiguous: the
+    target's own server wins when it is one of them; otherwise refuse.
     """
+    found = [m for m in found if kind(m) == DUMP]
     if not found:
         raise ConfigError(f"no backups of {database} under BACKUP_S3_URI: nothing to restore; check "
                           "BACKUP_S3_URI (and --from-database)")

@@ -17,28 +17,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
-import threading
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
 from runner import db, procs
-from runner.backup import s3, script
+from runner.backup import fetch, s3, script
+from runner.backup.feeder import Feeder
 from runner.backup.layout import MANIFEST_SUFFIX, Location
-from runner.backup.manifest import BadManifest, pick_latest, server_major
+from runner.backup.manifest import DUMP, BadManifest, kind, newest, pick_latest, server_major
 from runner.backup.session import Session
 from runner.backup.take import system_identifier
 from runner.context import Run
 from runner.errors import BackupFailed, ConfigError
 
-CHUNK = 1 << 20
-PROGRESS_EVERY = 5.0
 RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}  # major: first minor with \restrict
 
 
@@ -70,22 +68,44 @@ def inspect_target(run: Run) -> Target:
 # -- which backup ----------------------------------------------------------------------------------
 
 def resolve_backup(run: Run, client: Any, loc: Location, target: Target, which: str,
-            from_database: str | None = None) -> dict[str, Any]:
-    """Return the checked manifest of KEY, or of the newest backup of a database for 'latest'."""
+                   from_database: str | None = None, other_database: bool = False) -> dict[str, Any]:
+    """Return the checked manifest of KEY, or of the newest backup of a database for 'latest'.
+
+    A KEY of another database's backup is refused (exit 2) unless other_database
+    (--from-other-database): copying production into staging is legitimate, never by accident.
+    """
     if which == "latest":
         source = from_database or target.database
-        chosen = pick_latest(s3.backups(run, client, loc, source), source,
-                                       target.system_identifier)
+        found = s3.backups(run, client, loc, source)
+        chosen = pick_latest(found, source, target.system_identifier)
+        later = [m for m in newest(found) if kind(m) != DUMP and newest([m, chosen])[0] is m]
+        if later:
+            run.log("restore.newer_point", f"restore point {later[0]['key']} is newer than the "
+                    "dump being restored: 'restore --backup KEY' prints how to recover to it")
         if chosen.get("system_identifier") not in (None, target.system_identifier):
             run.log("restore.source", f"the backup was taken on another server (system identifier "
                     f"{chosen['system_identifier']}; this one: {target.system_identifier or 'unknown'})")
         return chosen
+    manifest = read_key(run, client, loc, which)
+    if kind(manifest) != DUMP:
+        raise ConfigError(f"--backup {which} is a restore point, not a dump: 'restore --backup "
+                          f"{which}' alone prints its recovery settings")
+    if manifest["database"] != target.database and not other_database:
+        raise ConfigError(f"--backup {which} is a backup of database {manifest['database']!r}, not of "
+                          f"{target.database!r} (the target): add --from-other-database to restore "
+                          f"{manifest['database']!r}'s data into {target.database!r}; nothing was "
+                          "changed")
+    return manifest
+
+
+def read_key(run: Run, client: Any, loc: Location, which: str) -> dict[str, Any]:
+    """Return the checked manifest that --backup KEY names (a dump's or a restore point's)."""
     key = _key(loc, which)
     try:
         return s3.read_manifest(run, client, loc, key + MANIFEST_SUFFIX)
     except BadManifest as exc:
         raise BackupFailed(f"--backup {which}: its manifest {key}{MANIFEST_SUFFIX} cannot be trusted "
-                           f"({exc}): refusing to restore it; the database was not touched") from None
+                           f"({exc}): refusing to use it; the database was not touched") from None
     except s3.S3_ERRORS as exc:
         code = str(getattr(exc, "response", {}).get("Error", {}).get("Code"))
         if code in ("NoSuchKey", "404"):
@@ -115,6 +135,7 @@ def _key(loc: Location, which: str) -> str:
 class Tools:
     pg_restore: str
     psql: str
+    major: int = 0  # pg_restore's
 
 
 def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target) -> Tools:
@@ -141,6 +162,9 @@ def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, A
         raise BackupFailed(f"psql ({p_text}) is older than PG_RESTORE_BIN ({r_text}), whose scripts "
                            "use a psql command it lacks (\\restrict): put the psql of the same "
                            "release next to PG_RESTORE_BIN. The database was not touched")
+    if manifest["format"] == "directory":
+        _check_files(run, client, loc, manifest)
+        return Tools(restore_path, psql, r_major)
     try:
         head = s3.call(run, f"reading {loc.uri(key)}",
                        lambda: client.head_object(Bucket=loc.bucket, Key=key))
@@ -153,7 +177,22 @@ def check_compatible(run: Run, client: Any, loc: Location, manifest: dict[str, A
     if head["ContentLength"] != manifest["size"]:
         raise BackupFailed(f"backup {key} does not match its manifest (size {head['ContentLength']} "
                            f"vs {manifest['size']}): refusing to restore; the database was not touched")
-    return Tools(restore_path, psql)
+    return Tools(restore_path, psql, r_major)
+
+
+def _check_files(run: Run, client: Any, loc: Location, manifest: dict[str, Any]) -> None:
+    """Every file a directory-format dump lists must be there, of the size it lists."""
+    key = manifest["key"]
+    try:
+        stored = s3.sizes(run, client, loc, key + "/")
+    except s3.S3_ERRORS as exc:
+        raise BackupFailed(f"cannot read backup {key} ({s3.describe(exc, key)}): the database was "
+                           "not touched") from None
+    wrong = [f["object"] for f in manifest["files"] if stored.get(f["object"]) != f["size"]]
+    if wrong:
+        raise BackupFailed(f"backup {key} does not match its manifest ({len(wrong)} file(s) missing or "
+                           f"of another size: {', '.join(wrong[:5])}): refusing to restore; the "
+                           "database was not touched")
 
 
 def _writes_restrict(version: tuple[int, int]) -> bool:
@@ -175,7 +214,25 @@ def _psql_next_to(restore_bin: str) -> str:
 
 def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
             tools: Tools) -> None:
-    """Replace the database's contents with the backup in one transaction (see the docstring)."""
+    """Replace the database's contents with the backup in one transaction (see the docstring).
+
+    A directory-format dump (BACKUP_JOBS) is fetched and verified into a local directory first:
+    pg_restore reads directories only from disk."""
+    if manifest["format"] != "directory":
+        return _replay(run, client, loc, manifest, target, tools, None)
+    blocked = fetch.check_space(run, manifest)
+    if blocked:
+        raise BackupFailed(f"{blocked}: a directory-format backup is restored from a local copy; free "
+                           "space or point BACKUP_WORKDIR at a larger volume; the database was not "
+                           "touched")
+    with tempfile.TemporaryDirectory(prefix=f"runner-restore-{run.run_id}-", dir=fetch.workdir(run)) as d:
+        local = Path(d) / "dump"
+        fetch.to_dir(run, client, loc, manifest, local)
+        _replay(run, client, loc, manifest, target, tools, local)
+
+
+def _replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], target: Target,
+            tools: Tools, local: Path | None) -> None:
     session = Session(run, tools.psql, set(target.settings))
     try:
         with run.cancel.on_cancel(session.kill):
@@ -183,7 +240,7 @@ def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], targe
             run.log("restore.start", f"database reset inside the transaction; streaming {manifest['key']}",
                     database=run.settings.safe_target)
             t0 = run.clock()
-            tail = _stream(run, client, loc, manifest, tools, session, target)
+            tail = _stream(run, client, loc, manifest, tools, session, target, local)
             session.commit(tail)
             took = run.clock() - t0
         run.log("restore.done", f"restored {manifest['key']}: committed", bytes=manifest["size"],
@@ -193,10 +250,11 @@ def replay(run: Run, client: Any, loc: Location, manifest: dict[str, Any], targe
 
 
 def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tools: Tools,
-            session: Session, target: Target) -> bytes:
-    """Feed the object through [zstd -d |] pg_restore into psql; return the script's tail without
-    its COMMIT once everything checked out; raise otherwise (psql is then closed by the caller)."""
-    zstd = manifest["compression"] == "zstd"
+            session: Session, target: Target, local: Path | None) -> bytes:
+    """Feed the object through [zstd -d |] pg_restore into psql (or pg_restore reads the verified
+    local directory); return the script's tail without its COMMIT once everything checked out;
+    raise otherwise (psql is then closed by the caller)."""
+    zstd = manifest["compression"] == "zstd" and local is None
     names = ["zstd", "pg_restore"] if zstd else ["pg_restore"]
     errs = [tempfile.TemporaryFile() for _ in names]
     stages: list[subprocess.Popen[bytes]] = []
@@ -205,17 +263,19 @@ def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tool
         if zstd:  # the filters get no password: only psql connects
             stages.append(procs.spawn(["zstd", "-q", "-d", "-c"], procs.child_env(), subprocess.PIPE,
                                       errs[0], fix="install zstd"))
-        stages.append(procs.spawn([tools.pg_restore, "--single-transaction", "-f", "-"],
-                                  procs.child_env(), stages[0].stdout if zstd else subprocess.PIPE,
+        source = [str(local)] if local else []
+        stages.append(procs.spawn([tools.pg_restore, "--single-transaction", "-f", "-", *source],
+                                  procs.child_env(), stages[0].stdout if zstd else
+                                  subprocess.DEVNULL if local else subprocess.PIPE,
                                   errs[-1], fix="install it"))
         if zstd:
             stages[0].stdout.close()  # type: ignore[union-attr] # only pg_restore reads it
         out = stages[-1].stdout
-        assert out is not None and stages[0].stdin is not None
+        assert out is not None
         for fd in (out.fileno(), session.stdin):
             with contextlib.suppress(OSError):
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)  # fewer, larger writes (Linux)
-        feeder = _Feeder(run, client, loc, manifest, stages[0].stdin)
+        feeder = _Verified(run) if local else Feeder(run, client, loc, manifest, stages[0].stdin)
         with run.cancel.on_cancel(lambda: procs.terminate(stages)):
             feeder.start()
             try:
@@ -245,70 +305,26 @@ def _stream(run: Run, client: Any, loc: Location, manifest: dict[str, Any], tool
         procs.reap(stages, errs)
 
 
-class _Feeder(threading.Thread):
-    """GET the object once; hash and count it while copying it into the pipeline."""
+class _Verified:
+    """Stands in for the Feeder when pg_restore reads a local copy fetched and verified before."""
 
-    def __init__(self, run: Run, client: Any, loc: Location, manifest: dict[str, Any],
-                 sink: IO[bytes]) -> None:
-        super().__init__(name="restore-feeder", daemon=True)
-        self.ctx, self.client, self.loc, self.manifest, self.sink = run, client, loc, manifest, sink
-        self.digest = hashlib.sha256()
-        self.size = 0
-        self.done = False
-        self.error: str | None = None
-        self.t0 = self._logged = self._waited = run.clock()
-        self._asking: float | None = None  # since when it waits for S3 (not for the pipeline)
+    def __init__(self, run: Run) -> None:
+        self.run = run
 
-    def run(self) -> None:  # type: ignore[override]
-        m, clock = self.manifest, self.ctx.clock
-        try:
-            self._asking = clock()
-            body = self.client.get_object(Bucket=self.loc.bucket, Key=m["key"])["Body"]
-            while True:
-                self._asking = clock()
-                chunk = body.read(CHUNK)
-                self._asking = None
-                if not chunk:
-                    break
-                self.digest.update(chunk)
-                self.size += len(chunk)
-                self.sink.write(chunk)
-            self.done = True
-        except BrokenPipeError:
-            self.error = "the restore pipeline stopped reading"
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread, which rolls back
-            self.error = f"reading backup {m['key']} failed: {s3.describe(exc, m['key'])}"
-        finally:
-            with contextlib.suppress(OSError):
-                self.sink.close()
+    def start(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: float) -> None:
+        pass
 
     def tick(self) -> None:
-        """Called by the relay at least every second: progress, a stalled S3, cancellation."""
-        run, now = self.ctx, self.ctx.clock()
-        run.cancel.check()
-        if now - self._logged >= PROGRESS_EVERY:
-            self._logged = now
-            took = now - self.t0
-            run.log("restore.progress", f"{self.size / 1e6:.0f} of {self.manifest['size'] / 1e6:.0f} MB "
-                    "read", bytes=self.size, mb_per_s=round(self.size / 1e6 / max(took, 1e-9), 1),
-                    elapsed_s=round(took, 1))
-        asking, every = self._asking, s3.wait_log_every(run.settings)
-        if asking is not None and now - asking >= every and now - self._waited >= every:
-            self._waited = now
-            run.log.warning("s3.waiting", f"S3 has sent nothing of {self.manifest['key']} for "
-                            f"{now - asking:.0f}s; still waiting", s3_timeout_s=run.settings.s3_timeout)
+        self.run.cancel.check()
 
     def check_digest(self) -> None:
-        """Raise when the whole object was read and does not match the manifest."""
-        m = self.manifest
-        if self.done and (self.size != m["size"] or self.digest.hexdigest() != m["sha256"]):
-            raise BackupFailed(f"backup {m['key']} does not match its manifest (size {self.size} vs "
-                               f"{m['size']}, sha256 {self.digest.hexdigest()[:12]}… vs "
-                               f"{m['sha256'][:12]}…): refused; its transaction was rolled back, so "
-                               "the database was not touched")
+        pass
 
     def check_complete(self) -> None:
-        """Raise unless the whole object was read."""
-        if self.error or not self.done:
-            raise BackupFailed(f"{self.error or 'the backup was not read to its end'}: the restore was "
-                               "rolled back, the database is unchanged")
+        pass

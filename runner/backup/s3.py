@@ -56,8 +56,9 @@ def client(settings: Settings, cancel: Cancel | None = None) -> Any:
     s3 = boto3.session.Session().client("s3", config=cfg)
     if cancel is not None:
         def stop_when_cancelled(event_name: str = "", **_: Any) -> None:
-            # an abort still goes out: it is what removes a cancelled upload's parts
-            if cancel.is_set and not event_name.endswith(".AbortMultipartUpload"):
+            # an abort still goes out: it is what removes a cancelled upload's parts (and so
+            # does a delete: it removes the files a cancelled parallel dump had stored)
+            if cancel.is_set and not event_name.endswith((".AbortMultipartUpload", ".DeleteObject")):
                 raise Cancelled("the run was cancelled")
 
         s3.meta.events.register("before-send.s3", stop_when_cancelled)
@@ -228,6 +229,12 @@ def databases(run: Run, s3: Any, loc: Location) -> list[str]:
         raise BackupFailed(describe(exc, loc.uri(loc.root))) from None
     names = (database_of_folder(p[len(loc.root):].rstrip("/")) for p in folders)
     return sorted(n for n in names if n is not None)
+
+
+def sizes(run: Run, s3: Any, loc: Location, prefix: str) -> dict[str, int]:
+    """Return {name: size} of the objects directly below prefix (a directory-format dump's files)."""
+    found = call(run, f"listing {loc.uri(prefix)}", lambda: _level(s3, loc.bucket, prefix)["Contents"])
+    return {o["Key"][len(prefix):]: o["Size"] for o in found}
 
 
 def read_manifest(run: Run, s3: Any, loc: Location, key: str, database: str | None = None) -> dict[str, Any]:

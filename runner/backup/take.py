@@ -11,6 +11,9 @@ import contextlib
 import ctypes
 import datetime as dt
 import math
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,6 +21,7 @@ from s3transfer.manager import TransferConfig, TransferManager
 
 from runner import db
 from runner.backup import dump, s3
+from runner.backup.layout import DIR_SUFFIX
 from runner.backup.manifest import VERSION
 from runner.context import Run
 from runner.errors import BackupFailed, RunnerError
@@ -56,34 +60,69 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
             lambda: s3.sweep_stale_uploads(client, loc, database, run.log))
     created = dt.datetime.now(dt.UTC)
     dump_args, filt, suffix = dump.COMPRESSION[settings.backup_compression]
-    key = loc.new_key(database, created, run.run_id, suffix)
+    jobs = settings.backup_jobs
+    key = loc.new_key(database, created, run.run_id, suffix if jobs == 1 else DIR_SUFFIX)
     part = part_size(size)
-    run.log("backup.start", f"backing up {database} ({size / 1e6:.0f} MB on disk) to {loc.uri(key)}",
-            compression=settings.backup_compression, part_mib=part // MiB)
-    args = [settings.pg_dump_bin, "--format=custom", *dump_args, "--no-password",
+    run.log("backup.start", f"backing up {database} ({size / 1e6:.0f} MB on disk) to {loc.uri(key)}"
+            + (f" with {jobs} jobs (directory format)" if jobs > 1 else ""),
+            compression=settings.backup_compression, part_mib=part // MiB, jobs=jobs)
+    args = [settings.pg_dump_bin, "--no-password",
             f"--lock-wait-timeout={int(settings.backup_lock_wait_timeout * 1000)}"]
-    with dump.pipeline(run, args, filt) as (stream, reader):
-        _upload(run, client, loc, key, reader, part)
-        took = stream.elapsed()
+    if jobs > 1:  # pg_dump -Fd -j: one file per table, each shipped as it is closed
+        fields = _directory(run, client, loc, key, [*args, *dump_args], jobs, part)
+    else:
+        with dump.pipeline(run, [*args, "--format=custom", *dump_args], filt) as (stream, reader):
+            _upload(run, client, loc, key, reader, part)
+            took = stream.elapsed()
+        fields = {"size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
+                  "archive_size": stream.archive_size, "duration_s": round(took, 2)}
     manifest = {
-        "manifest_version": VERSION, "key": key, "bucket": loc.bucket,
-        "size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
+        "manifest_version": VERSION, "key": key, "bucket": loc.bucket, **fields,
         "compression": settings.backup_compression, "pg_dump_version": pg_dump,
         "server_version": server, "system_identifier": sysid, "database": database,
         "database_size": size,
         "alembic_revision": list(state.heads), "version_table": state.version_table,
         "version_schema": state.version_schema, "created": created.isoformat(timespec="seconds"),
-        "run_id": run.run_id, "duration_s": round(took, 2),
+        "run_id": run.run_id,
     }
+    took = manifest["duration_s"]
     try:
         s3.write_manifest(run, client, loc, manifest)
     except s3.S3_ERRORS as exc:
         raise BackupFailed(f"the dump was uploaded but its manifest was not written "
                            f"({s3.describe(exc, key)}); nothing was migrated") from None
-    run.log("backup.done", f"backup {loc.uri(key)} complete", bytes=stream.size,
-            mb_per_s=round(stream.size / 1e6 / max(took, 1e-9), 1), seconds=round(took, 1),
+    run.log("backup.done", f"backup {loc.uri(key)} complete", bytes=manifest["size"],
+            mb_per_s=round(manifest["size"] / 1e6 / max(took, 1e-9), 1), seconds=round(took, 1),
             sha256=manifest["sha256"])
     return manifest
+
+
+def _directory(run: Run, client: Any, loc: s3.Location, key: str, args: list[str], jobs: int,
+               part: int) -> dict[str, Any]:
+    """The parallel dump: check the local disk it needs, then run it (runner.backup.dirdump)."""
+    from runner.backup import dirdump
+
+    where = Path(run.settings.backup_workdir or tempfile.gettempdir())
+    with db.connect(run, "backup-info") as conn:  # at worst the jobs largest tables at once
+        need = int(conn.execute(sa.text(
+            "SELECT coalesce(sum(s), 0) FROM (SELECT pg_catalog.pg_table_size(c.oid) AS s "
+            "FROM pg_catalog.pg_class c WHERE c.relkind IN ('r', 'm') ORDER BY 1 DESC LIMIT :n) x"),
+            {"n": jobs}).scalar_one())
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError as exc:
+        raise BackupFailed(f"BACKUP_WORKDIR={where} cannot be used ({exc.strerror}); nothing was "
+                           "migrated") from None
+    run.log("backup.space", f"the dump's files wait in {where} until shipped: about {need / 1e6:.0f} MB "
+            f"at most (the {jobs} largest tables); {free / 1e6:.0f} MB free", bytes_needed=need,
+            bytes_free=free)
+    if need > free:
+        raise BackupFailed(f"BACKUP_JOBS={jobs} needs about {need / 1e6:.0f} MB in {where} "
+                           f"(BACKUP_WORKDIR) for the largest tables' files and {free / 1e6:.0f} MB are "
+                           "free: free space, point BACKUP_WORKDIR at a larger volume, or set "
+                           "BACKUP_JOBS=1 (streams, no local disk); nothing was migrated")
+    with tempfile.TemporaryDirectory(prefix=f"runner-dump-{run.run_id}-", dir=where) as work:
+        return dirdump.dump(run, client, loc, key, args, jobs, part, Path(work))
 
 
 def system_identifier(conn: sa.Connection) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import IO
+from typing import IO, Any
 
 from alembic.script import ScriptDirectory
 
@@ -54,6 +54,27 @@ def preflight(run: Run, downgrade: bool) -> None:
     if tracker is not None:
         edits.check(tracker, downgrade)
         tracker.start()
+
+
+def note(run: Run, entry: dict[str, Any]) -> None:
+    """Add entry to the run's steps in its ledger row and write the row now (a restore point must
+    be on record before the migration, even if the run is then killed)."""
+    from runner.ledger.recording import tracker_of
+
+    tracker = tracker_of(run)
+    if tracker is not None:
+        tracker.notes.append(entry)
+        tracker.rewrite()
+
+
+def detach(run: Run) -> None:
+    """End the ledger's session on the database (a restore is about to swap the database under
+    its name): the next write connects again, to the database that has the name then."""
+    from runner.ledger.recording import tracker_of
+
+    tracker = tracker_of(run)
+    if tracker is not None:
+        tracker.store.close()
 
 
 def check_noop(run: Run, script: ScriptDirectory, state: DbState) -> None:

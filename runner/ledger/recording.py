@@ -53,7 +53,7 @@ class Tracker:
         self.state = seen
         self.recorded: dict[str, Recorded] | None = None  # None: not read (yet, or unreadable)
         self.kept: list[dict[str, Any]] = []  # rows a restore would otherwise lose
-        self.notes: list[dict[str, Any]] = []  # steps the ledger commands add (repair)
+        self.notes: list[dict[str, Any]] = []  # steps added besides revisions (repair, restore point)
         self.damage: dict[str, str] = {}  # column -> what is wrong with it (repair fixes it)
         self.deleted: dict[str, list[str]] = {}  # applied revision whose row was deleted -> later ones
         self._sums: dict[str, str] = {}
@@ -118,6 +118,12 @@ class Tracker:
         if not self.started:
             self.started = self.attempt(
                 "record the run", lambda c: self.store.save_run(c, self.row(None, None), finished=False))
+
+    def rewrite(self) -> None:
+        """Write the running row again with what the run added to it (a note)."""
+        if self.started:
+            self.attempt("record the run", lambda c: self.store.save_run(c, self.row(None, None),
+                                                                         finished=False))
 
     def leave(self) -> None:
         """Under the lock, after the steps: record the checksums of what was applied, forget what
