@@ -192,6 +192,16 @@ def test_a_table_lock_wait_is_cut_at_lock_timeout_retried_and_bounded(database: 
     assert len(events(log, "online.retry")) == 1
 
 
+def test_under_plain_alembic_a_step_retries_on_the_default_schedule(
+        database: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    """No runner (plain `alembic`): the default settings' schedule, retries logged to stderr."""
+    small_table(database)
+    with session_holding(database.url, "LOCK TABLE t IN SHARE MODE", release_after=0.3):
+        apply(database.url, lambda op: op.create_check_constraint_online("ck_t_a", "t", "a > 0"))
+    assert database.sql("SELECT convalidated FROM pg_constraint WHERE conname = 'ck_t_a'") == "t"
+    assert "online.retry" in capsys.readouterr().err
+
+
 def test_a_unique_index_over_duplicates_fails_clearly_and_leaves_nothing(database: Database) -> None:
     small_table(database)
     with pytest.raises(MigrationFailed, match=r"duplicate values in \(b\).*remove the duplicates"):

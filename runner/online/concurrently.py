@@ -25,10 +25,10 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from runner import lockschedule
 from runner.errors import LockRetriesExhausted
+from runner.lockschedule import Attempt
 from runner.log import EventLog
-from runner.online.session import LOCK_NOT_AVAILABLE, Session, describe, sqlstate
+from runner.online.session import LOCK_NOT_AVAILABLE, LockWait, Session, describe, sqlstate
 
 BLOCKERS_SQL = sa.text("""
 SELECT a.pid, a.application_name, a.state,
@@ -115,17 +115,17 @@ def run(s: Session, step: str, statement: str, prepare: Callable[[], bool] | Non
     """Run one CONCURRENTLY statement on the revision's connection, retrying table-lock waits
     under the lock_timeout schedule. prepare() runs before every attempt (it removes what a
     failed attempt left) and returns True when the work turns out to be done already."""
-    schedule = lockschedule.attempts(s.settings)
     patience = s.settings.online_index_wait_timeout
     verb = " ".join(word for word in statement.split()[:6] if word.isupper())
     pid = s.sql("SELECT pg_backend_pid()").scalar_one()
     side = s.side()  # connected before the statement starts: the watcher is ready at once
-    for attempt in schedule:
-        s.run.cancel.check()
+
+    def attempt(a: Attempt) -> bool:
+        """Whether the statement ran (False: prepare() found the work done)."""
         if prepare is not None and prepare():
-            return
+            return False
         s.set_lock_timeout(patience + BACKSTOP_MARGIN)  # in case the watcher cannot watch
-        watcher = Watcher(side, pid, attempt.lock_timeout, patience, s.run.log, s.what)
+        watcher = Watcher(side, pid, a.lock_timeout, patience, s.run.log, s.what)
         watcher.start()
         failure: sa.exc.DBAPIError | None = None
         try:
@@ -133,14 +133,12 @@ def run(s: Session, step: str, statement: str, prepare: Callable[[], bool] | Non
         except sa.exc.DBAPIError as exc:
             failure = exc
         finally:
-            watcher.stop()
+            watcher.stop()  # its verdict is final from here on
         if failure is None:
-            s.done(step)
-            return
+            return True
         s.run.cancel.check()  # SIGTERM or the deadline cancelled it: say so
         if watcher.verdict == "lock":
-            s.retry(verb, attempt, len(schedule), watcher.blockers)
-            continue
+            raise LockWait(verb, watcher.blockers)
         if watcher.verdict == "older" or sqlstate(failure) == LOCK_NOT_AVAILABLE:
             who = f" ({'; '.join(watcher.blockers)})" if watcher.blockers else ""
             raise LockRetriesExhausted(
@@ -148,3 +146,6 @@ def run(s: Session, step: str, statement: str, prepare: Callable[[], bool] | Non
                 f"finish (ONLINE_INDEX_WAIT_TIMEOUT={patience:g}s) and was cancelled{who}; a rerun "
                 "rebuilds what it left: end those transactions or retry once they are done")
         raise failure
+
+    if s.retried(attempt):
+        s.done(step)
