@@ -15,6 +15,7 @@ from runner import config, lockschedule
 from runner.context import Run
 from runner.errors import ConfigError, RunDeadline
 from runner.log import EventLog
+from tests.autovacuum_worker import vacuuming
 from tests.conftest import (
     NEWEST,
     REPO,
@@ -194,6 +195,23 @@ def test_blocker_never_leaves_exit_8_unchanged(at) -> None:
                       "AND column_name = 'flag'") == "0"
     finally:
         hold.close()
+
+
+@pytest.mark.pg(NEWEST)  # autovacuum's lock and its cancellation do not differ between majors
+def test_a_revision_queued_behind_autovacuum_cancels_it_and_gets_through(at) -> None:
+    """PostgreSQL cancels an autovacuum worker for a waiting lock only after deadlock_timeout
+    (1 s): attempts of 100-500 ms never wait that long, so without the runner's help they queue
+    behind the whole vacuum and the schedule (1.5 s here) ends in exit 8."""
+    db = at("l001")
+    db.sql("INSERT INTO items SELECT g, 'n' || g FROM generate_series(101, 10000) g")
+    with vacuuming(db, "items", "UPDATE items SET note = note || '!' WHERE id % 2 = 0") as worker:
+        r = run_runner(["upgrade", "--to", "l002"], runner_env(
+            db.url, ALEMBIC_CONFIG=LAB, MIGRATION_LOCK_TIMEOUT="100ms", LOCK_RETRY_ATTEMPTS="10",
+            LOCK_RETRY_MAX_WAIT="50ms"))
+    assert r.code == 0, r.err
+    assert db.version() == "l002"
+    cancelled = [line for line in r.err.splitlines() if "autovacuum.cancelled" in line]
+    assert len(cancelled) == 1 and f"pid {worker}:" in cancelled[0], r.err
 
 
 def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:

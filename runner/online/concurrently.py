@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -60,7 +61,7 @@ class Watcher(threading.Thread):
         self.side, self.pid, self.lock_timeout, self.patience = side, pid, lock_timeout, patience
         self.log, self.what = log, what
         self.verdict: str | None = None
-        self.blockers: list[str] = []
+        self.blockers: list[Any] = []  # the sessions it waited for when it cancelled (rows)
         self.older_waited = 0.0
         self._stop_event = threading.Event()
         self._sql = wait_sql(side.dialect.server_version_info or (0,))
@@ -96,10 +97,10 @@ class Watcher(threading.Thread):
                 report_at += REPORT_EVERY
                 self.log("online.wait", f"{self.what}: waiting {self.older_waited:.0f}s for older "
                          "transactions to finish (this holds no lock the application needs)",
-                         blockers=self._blockers() or None)
+                         blockers=describe(self._blockers()) or None)
 
-    def _blockers(self) -> list[str]:
-        return describe(self.side.execute(BLOCKERS_SQL, {"pid": self.pid}).all())
+    def _blockers(self) -> list[Any]:
+        return list(self.side.execute(BLOCKERS_SQL, {"pid": self.pid}).all())
 
     def _cancel(self, verdict: str) -> None:
         self.verdict = verdict  # before the cancel: the statement fails right after it
@@ -140,7 +141,7 @@ def run(s: Session, step: str, statement: str, prepare: Callable[[], bool] | Non
         if watcher.verdict == "lock":
             raise LockWait(verb, watcher.blockers)
         if watcher.verdict == "older" or sqlstate(failure) == LOCK_NOT_AVAILABLE:
-            who = f" ({'; '.join(watcher.blockers)})" if watcher.blockers else ""
+            who = f" ({'; '.join(describe(watcher.blockers))})" if watcher.blockers else ""
             raise LockRetriesExhausted(
                 f"{s.what}: {verb} waited {watcher.older_waited:.1f}s for older transactions to "
                 f"finish (ONLINE_INDEX_WAIT_TIMEOUT={patience:g}s) and was cancelled{who}; a rerun "

@@ -24,7 +24,7 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, CursorResult
 
-from runner import db, lockschedule
+from runner import autovacuum, db, lockschedule
 from runner.config import Settings
 from runner.context import Run
 from runner.errors import LockRetriesExhausted, MigrationFailed
@@ -42,11 +42,13 @@ T = TypeVar("T")
 AFTER_STEP: list[Callable[[str], None]] = []
 
 class LockWait(Exception):
-    """One attempt of a step hit lock_timeout (or a deadlock): Session.retried tries it again."""
+    """One attempt of a step hit lock_timeout (or a deadlock): Session.retried tries it again.
+    holders: the sessions holding the locks it waited for (rows with pid, application_name,
+    state, xact_age_s, query)."""
 
-    def __init__(self, step: str, blockers: list[str]) -> None:
+    def __init__(self, step: str, holders: Sequence[Any]) -> None:
         super().__init__(step)
-        self.step, self.blockers = step, blockers
+        self.step, self.blockers, self.pids = step, describe(holders), [h.pid for h in holders]
         self.attempt: Attempt | None = None  # set by Session.retried
 
 
@@ -234,6 +236,8 @@ class Session:
                                  f"({ms(failed.lock_timeout)}ms) on attempt {failed.number} of "
                                  f"{len(schedule)}; retrying in {failed.pause:.2f}s",
                                  attempt=failed.number, of=len(schedule), blockers=exc.blockers or None)
+            with contextlib.suppress(sa.exc.DBAPIError):  # best effort: the schedule goes on
+                autovacuum.give_way(self.conn, exc.pids, self.run.log, f"{self.what}: {exc.step}")
 
         try:
             return lockschedule.call(self.run, once, retry_on=(LockWait,), on_retry=on_retry,
@@ -248,10 +252,10 @@ class Session:
                 f"kept and a rerun continues from there: end the blocking sessions{who} or retry "
                 "at a quieter time") from None
 
-    def holders(self, tables: Sequence[int]) -> list[str]:
+    def holders(self, tables: Sequence[int]) -> list[Any]:
         """Sessions holding locks on these tables, oldest transaction first (best effort)."""
         try:
-            return describe(self.query(str(HOLDERS_SQL), oids=list(tables)).all())
+            return list(self.query(str(HOLDERS_SQL), oids=list(tables)).all())
         except sa.exc.DBAPIError:
             self.rollback()
             return []
