@@ -203,7 +203,8 @@ def test_a_revision_queued_behind_autovacuum_cancels_it_and_gets_through(at) -> 
     (1 s): attempts of 100-500 ms never wait that long, so without the runner's help they queue
     behind the whole vacuum and the schedule (1.5 s here) ends in exit 8."""
     db = at("l001")
-    db.sql("INSERT INTO items SELECT g, 'n' || g FROM generate_series(101, 10000) g")
+    # enough pages that the slowed vacuum outlasts the runner's start-up on a busy machine
+    db.sql("INSERT INTO items SELECT g, 'n' || g FROM generate_series(101, 30000) g")
     with vacuuming(db, "items", "UPDATE items SET note = note || '!' WHERE id % 2 = 0") as worker:
         r = run_runner(["upgrade", "--to", "l002"], runner_env(
             db.url, ALEMBIC_CONFIG=LAB, MIGRATION_LOCK_TIMEOUT="100ms", LOCK_RETRY_ATTEMPTS="10",
