@@ -41,6 +41,7 @@ T = TypeVar("T")
 # between two steps (and check that a rerun continues)
 AFTER_STEP: list[Callable[[str], None]] = []
 
+
 class LockWait(Exception):
     """One attempt of a step hit lock_timeout (or a deadlock): Session.retried tries it again.
     holders: the sessions holding the locks it waited for (rows with pid, application_name,
