@@ -126,16 +126,19 @@ def call(run: Run, fn: Callable[[Attempt], T], *, retry_on: tuple[type[BaseExcep
          on_retry: Callable[[BaseException, Attempt, Attempt], None],
          schedule: list[Attempt] | None = None) -> T:
     """Return fn(attempt) for the first attempt that does not raise retry_on; re-raise the last
-    such exception when the schedule or RUN_DEADLINE runs out. on_retry(exception, failed attempt,
-    next attempt) is called before each pause; pauses wake up on cancellation."""
+    such exception when the schedule runs out, stop as the deadline (RunDeadline, exit 9) when
+    RUN_DEADLINE does. on_retry(exception, failed attempt, next attempt) is called before each
+    pause; pauses wake up on cancellation. Serves the revision-level retries (runner.migrate) and
+    each step of the online operations (runner.online.session)."""
     plan = schedule if schedule is not None else attempts(run.settings)
     for attempt, following in zip(plan, [*plan[1:], None], strict=True):
         try:
             return fn(attempt)
         except retry_on as exc:
             left = run.remaining()
-            if following is None or (left is not None and left <= 0):
+            if following is None:
                 raise
+            run.stop_if_deadline(left is not None and left <= 0)  # the deadline, not the schedule
             on_retry(exc, attempt, following)
             run.cancel.sleep(attempt.pause if left is None else min(attempt.pause, left))
     raise AssertionError("an empty lock_timeout schedule")  # attempts() never returns one

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from runner import concurrently, db, indexes, lockschedule, revisions
+from runner import autovacuum, concurrently, db, indexes, lockschedule, revisions
 from runner.context import Run
 from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, RunnerError
 from runner.redact import redact, scrub_query
@@ -29,9 +29,9 @@ WHERE w.application_name = :app
 """)
 
 class _LockTimeout(Exception):
-    def __init__(self, revision: str, attempt: int, message: str) -> None:
+    def __init__(self, revision: str, attempt: int, message: str, blockers: list[int]) -> None:
         super().__init__(message)
-        self.revision, self.attempt = revision, attempt
+        self.revision, self.attempt, self.blockers = revision, attempt, blockers
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -86,6 +86,9 @@ def _with_lock_retries(run: Run, cfg: Config, script: ScriptDirectory, revision:
                         f"({lockschedule.ms(failed.lock_timeout)}); rolled back, retrying with "
                         f"{lockschedule.ms(following.lock_timeout)}", attempt=failed.number,
                         of=len(schedule), retry_in=round(failed.pause, 2))
+        assert isinstance(exc, _LockTimeout)
+        if exc.blockers:
+            _give_way(run, exc.blockers, revision)
 
     try:
         lockschedule.call(run, lambda attempt: _step_once(run, cfg, script, revision, dest, downgrade,
@@ -98,6 +101,15 @@ def _with_lock_retries(run: Run, cfg: Config, script: ScriptDirectory, revision:
             f"{run.clock() - started:.0f}s ({lockschedule.describe(run.settings)}; {exc}); the "
             "database stays at the last good revision: end the blocking sessions or retry at a "
             "quieter time") from None
+
+
+def _give_way(run: Run, pids: list[int], revision: str) -> None:
+    """Cancel the autovacuum workers among the sessions that blocked the step (runner.autovacuum)."""
+    try:
+        with db.connect(run, "monitor", autocommit=True, connect_timeout=5) as conn:
+            autovacuum.give_way(conn, pids, run.log, f"revision {revision}")
+    except Exception:  # noqa: BLE001 - best effort: the schedule goes on either way
+        return
 
 
 def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, dest: str,
@@ -125,7 +137,8 @@ def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, de
                              pid=b["pid"], application_name=b["application_name"],
                              state=b["state"], xact_age_s=b["xact_age_s"],
                              query=scrub_query(b["query"]))
-            raise _LockTimeout(revision, attempt.number, db_message(exc)) from None
+            raise _LockTimeout(revision, attempt.number, db_message(exc),
+                               [b["pid"] for b in blockers]) from None
         what = "statement_timeout reached" if code == QUERY_CANCELED else db_message(exc)
         raise MigrationFailed(f"revision {revision} failed and was rolled back: {what}"
                               + ("" if code else f" ({type(exc).__name__})")) from None

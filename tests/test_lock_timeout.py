@@ -3,6 +3,7 @@ statement_timeout."""
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 import time
@@ -11,7 +12,10 @@ import psycopg2
 import pytest
 
 from runner import config, lockschedule
-from runner.errors import ConfigError
+from runner.context import Run
+from runner.errors import ConfigError, RunDeadline
+from runner.log import EventLog
+from tests.autovacuum_worker import vacuuming
 from tests.conftest import (
     NEWEST,
     REPO,
@@ -69,6 +73,33 @@ def test_schedule_settings_are_checked() -> None:
         config.load({**env, "LOCK_TIMEOUT_SCHEDULE": "gitlab"})
     tiny = config.load({**env, "LOCK_RETRY_ATTEMPTS": "1", "MIGRATION_LOCK_TIMEOUT": "50ms"})
     assert lockschedule.attempts(tiny) == [lockschedule.Attempt(1, 0.1, 0.0)]  # never none
+
+
+def test_retries_end_as_the_deadline_when_run_deadline_runs_out_before_the_schedule() -> None:
+    """lockschedule.call serves the revision retries and every online step: when RUN_DEADLINE is
+    spent with attempts left, the run stops as the deadline (exit 9), not as retries exhausted."""
+    class Timeout(Exception):
+        pass
+
+    now, tried = [0.0], []
+    run = Run(settings=config.Settings(run_deadline=10.0), log=EventLog(stream=io.StringIO()),
+              command="test", clock=lambda: now[0], started=0.0)
+    plan = [lockschedule.Attempt(n, 0.1, 0.0) for n in (1, 2, 3)]
+
+    def attempt(a: lockschedule.Attempt) -> None:
+        tried.append(a.number)
+        now[0] += 6.0  # each attempt spends 6 s of the 10 s budget
+        raise Timeout
+
+    with pytest.raises(RunDeadline):
+        lockschedule.call(run, attempt, retry_on=(Timeout,), on_retry=lambda *_: None, schedule=plan)
+    assert tried == [1, 2]
+    now[0], tried[:] = 0.0, []  # no deadline: every attempt, then the schedule's end re-raises
+    run = Run(settings=config.Settings(), log=EventLog(stream=io.StringIO()), command="test",
+              clock=lambda: now[0], started=0.0)
+    with pytest.raises(Timeout):
+        lockschedule.call(run, attempt, retry_on=(Timeout,), on_retry=lambda *_: None, schedule=plan)
+    assert tried == [1, 2, 3]
 
 
 @pytest.fixture
@@ -164,6 +195,24 @@ def test_blocker_never_leaves_exit_8_unchanged(at) -> None:
                       "AND column_name = 'flag'") == "0"
     finally:
         hold.close()
+
+
+@pytest.mark.pg(NEWEST)  # autovacuum's lock and its cancellation do not differ between majors
+def test_a_revision_queued_behind_autovacuum_cancels_it_and_gets_through(at) -> None:
+    """PostgreSQL cancels an autovacuum worker for a waiting lock only after deadlock_timeout
+    (1 s): attempts of 100-500 ms never wait that long, so without the runner's help they queue
+    behind the whole vacuum and the schedule (1.5 s here) ends in exit 8."""
+    db = at("l001")
+    # enough pages that the slowed vacuum outlasts the runner's start-up on a busy machine
+    db.sql("INSERT INTO items SELECT g, 'n' || g FROM generate_series(101, 30000) g")
+    with vacuuming(db, "items", "UPDATE items SET note = note || '!' WHERE id % 2 = 0") as worker:
+        r = run_runner(["upgrade", "--to", "l002"], runner_env(
+            db.url, ALEMBIC_CONFIG=LAB, MIGRATION_LOCK_TIMEOUT="100ms", LOCK_RETRY_ATTEMPTS="10",
+            LOCK_RETRY_MAX_WAIT="50ms"))
+    assert r.code == 0, r.err
+    assert db.version() == "l002"
+    cancelled = [line for line in r.err.splitlines() if "autovacuum.cancelled" in line]
+    assert len(cancelled) == 1 and f"pid {worker}:" in cancelled[0], r.err
 
 
 def test_concurrent_index_waits_are_bounded_and_retried(at) -> None:

@@ -35,7 +35,9 @@ from runner.context import Run
 from runner.errors import LockRetriesExhausted, MigrationFailed, PreflightRefused
 from runner.log import EventLog
 from runner.online import backfill, replicas, session
+from tests.autovacuum_worker import vacuuming
 from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
+from tests.pgcluster import APP_PASSWORD
 
 # short waits everywhere: 100 ms lock_timeout per attempt, few attempts, short pauses
 QUICK = dict(migration_lock_timeout=0.1, lock_retry_attempts=3, lock_retry_max_wait=0.05,
@@ -190,6 +192,40 @@ def test_a_table_lock_wait_is_cut_at_lock_timeout_retried_and_bounded(database: 
             apply(database.url, lambda op: op.create_index_online("ix_t_b", "t", ["b"]), run)
     assert index_state(database, "ix_t_b") == "", "cancelled while queued: nothing was created"
     assert len(events(log, "online.retry")) == 1
+
+
+def test_under_plain_alembic_a_step_retries_on_the_default_schedule(
+        database: Database, capsys: pytest.CaptureFixture[str]) -> None:
+    """No runner (plain `alembic`): the default settings' schedule, retries logged to stderr."""
+    small_table(database)
+    with session_holding(database.url, "LOCK TABLE t IN SHARE MODE", release_after=0.3):
+        apply(database.url, lambda op: op.create_check_constraint_online("ck_t_a", "t", "a > 0"))
+    assert database.sql("SELECT convalidated FROM pg_constraint WHERE conname = 'ck_t_a'") == "t"
+    assert "online.retry" in capsys.readouterr().err
+
+
+def test_an_autovacuum_in_the_way_is_cancelled_as_postgresql_would_or_named_with_the_grant(
+        database: Database) -> None:
+    """An autovacuum worker holds SHARE UPDATE EXCLUSIVE through its whole vacuum; PostgreSQL
+    cancels it for a waiting lock only after deadlock_timeout (1 s), longer than any attempt, so
+    every attempt would queue behind it until the schedule ends. A role that may cancel it (a
+    superuser) does after the first timed-out attempt; one that may only see it (pg_monitor) says
+    what to grant."""
+    small_table(database, rows=10_000)
+    role = f"app_{database.name}"
+    database.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{APP_PASSWORD}' IN ROLE pg_monitor; "
+                 f"ALTER TABLE t OWNER TO {role}")
+    as_role = database.cluster.url(database.name, user=role, password=APP_PASSWORD)
+    with vacuuming(database, "t", "UPDATE t SET b = b + 1 WHERE id % 2 = 0") as worker:
+        run, log = online_run()
+        with pytest.raises(LockRetriesExhausted, match=f"pid {worker} "):
+            apply(as_role, lambda op: op.set_not_null_online("t", "a"), run)
+        assert "GRANT pg_signal_autovacuum_worker" in events(log, "autovacuum.kept")[0]["msg"]
+        run, log = online_run()
+        apply(database.url, lambda op: op.set_not_null_online("t", "a"), run)
+    assert [e["pid"] for e in events(log, "autovacuum.cancelled")] == [worker], log.getvalue()
+    assert database.sql("SELECT attnotnull FROM pg_attribute WHERE attrelid = 't'::regclass "
+                        "AND attname = 'a'") == "t"
 
 
 def test_a_unique_index_over_duplicates_fails_clearly_and_leaves_nothing(database: Database) -> None:

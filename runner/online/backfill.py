@@ -21,11 +21,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from runner import lockschedule
 from runner.errors import MigrationFailed
+from runner.lockschedule import Attempt
 from runner.online import catalog, replicas, state
 from runner.online.catalog import Table
-from runner.online.session import DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, Session, literal, sqlstate
+from runner.online.session import DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, LockWait, Session, literal, sqlstate
 from runner.sqlname import quote
 
 MIN_BATCH = 10
@@ -178,12 +178,10 @@ class Backfill:
         """Update the next batch of keys after last and record the checkpoint, in one statement;
         retry it on lock_timeout under the schedule (halving it). Return (claimed, new checkpoint,
         keys visited, rows updated)."""
-        schedule = lockschedule.attempts(self.settings)
-        for attempt in schedule:
-            self.s.run.cancel.check()
-            if self.lock_timeout != attempt.lock_timeout:
-                self.s.set_lock_timeout(attempt.lock_timeout)
-                self.lock_timeout = attempt.lock_timeout
+        def attempt(a: Attempt) -> tuple[bool, str | None, int, int]:
+            if self.lock_timeout != a.lock_timeout:
+                self.s.set_lock_timeout(a.lock_timeout)
+                self.lock_timeout = a.lock_timeout
             try:
                 r = self.s.sql(batch_sql(self.spec, last, upper, self.sizer.size)).one()
             except sa.exc.DBAPIError as exc:
@@ -191,11 +189,10 @@ class Backfill:
                 if sqlstate(exc) not in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED):
                     raise
                 self.sizer.halve()
-                self.s.retry(f"batch after key {last}", attempt, len(schedule),
-                             self.s.holders([self.spec.table.oid]))
-                continue
+                raise LockWait(f"batch after key {last}", self.s.holders([self.spec.table.oid])) from None
             return bool(r.claimed), r.last, int(r.visited or 0), int(r.updated or 0)
-        raise AssertionError("unreachable: retry() raises after the last attempt")
+
+        return self.s.retried(attempt)
 
     def wait_for_replicas(self, progress: Progress) -> None:
         limit = self.settings.online_backfill_max_replication_lag

@@ -21,14 +21,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from runner import lockschedule
 from runner.errors import LockRetriesExhausted
+from runner.lockschedule import Attempt
 from runner.log import EventLog
-from runner.online.session import LOCK_NOT_AVAILABLE, Session, describe, sqlstate
+from runner.online.session import LOCK_NOT_AVAILABLE, LockWait, Session, describe, sqlstate
 
 BLOCKERS_SQL = sa.text("""
 SELECT a.pid, a.application_name, a.state,
@@ -60,7 +61,7 @@ class Watcher(threading.Thread):
         self.side, self.pid, self.lock_timeout, self.patience = side, pid, lock_timeout, patience
         self.log, self.what = log, what
         self.verdict: str | None = None
-        self.blockers: list[str] = []
+        self.blockers: list[Any] = []  # the sessions it waited for when it cancelled (rows)
         self.older_waited = 0.0
         self._stop_event = threading.Event()
         self._sql = wait_sql(side.dialect.server_version_info or (0,))
@@ -96,10 +97,10 @@ class Watcher(threading.Thread):
                 report_at += REPORT_EVERY
                 self.log("online.wait", f"{self.what}: waiting {self.older_waited:.0f}s for older "
                          "transactions to finish (this holds no lock the application needs)",
-                         blockers=self._blockers() or None)
+                         blockers=describe(self._blockers()) or None)
 
-    def _blockers(self) -> list[str]:
-        return describe(self.side.execute(BLOCKERS_SQL, {"pid": self.pid}).all())
+    def _blockers(self) -> list[Any]:
+        return list(self.side.execute(BLOCKERS_SQL, {"pid": self.pid}).all())
 
     def _cancel(self, verdict: str) -> None:
         self.verdict = verdict  # before the cancel: the statement fails right after it
@@ -115,17 +116,17 @@ def run(s: Session, step: str, statement: str, prepare: Callable[[], bool] | Non
     """Run one CONCURRENTLY statement on the revision's connection, retrying table-lock waits
     under the lock_timeout schedule. prepare() runs before every attempt (it removes what a
     failed attempt left) and returns True when the work turns out to be done already."""
-    schedule = lockschedule.attempts(s.settings)
     patience = s.settings.online_index_wait_timeout
     verb = " ".join(word for word in statement.split()[:6] if word.isupper())
     pid = s.sql("SELECT pg_backend_pid()").scalar_one()
     side = s.side()  # connected before the statement starts: the watcher is ready at once
-    for attempt in schedule:
-        s.run.cancel.check()
+
+    def attempt(a: Attempt) -> bool:
+        """Whether the statement ran (False: prepare() found the work done)."""
         if prepare is not None and prepare():
-            return
+            return False
         s.set_lock_timeout(patience + BACKSTOP_MARGIN)  # in case the watcher cannot watch
-        watcher = Watcher(side, pid, attempt.lock_timeout, patience, s.run.log, s.what)
+        watcher = Watcher(side, pid, a.lock_timeout, patience, s.run.log, s.what)
         watcher.start()
         failure: sa.exc.DBAPIError | None = None
         try:
@@ -133,18 +134,19 @@ def run(s: Session, step: str, statement: str, prepare: Callable[[], bool] | Non
         except sa.exc.DBAPIError as exc:
             failure = exc
         finally:
-            watcher.stop()
+            watcher.stop()  # its verdict is final from here on
         if failure is None:
-            s.done(step)
-            return
+            return True
         s.run.cancel.check()  # SIGTERM or the deadline cancelled it: say so
         if watcher.verdict == "lock":
-            s.retry(verb, attempt, len(schedule), watcher.blockers)
-            continue
+            raise LockWait(verb, watcher.blockers)
         if watcher.verdict == "older" or sqlstate(failure) == LOCK_NOT_AVAILABLE:
-            who = f" ({'; '.join(watcher.blockers)})" if watcher.blockers else ""
+            who = f" ({'; '.join(describe(watcher.blockers))})" if watcher.blockers else ""
             raise LockRetriesExhausted(
                 f"{s.what}: {verb} waited {watcher.older_waited:.1f}s for older transactions to "
                 f"finish (ONLINE_INDEX_WAIT_TIMEOUT={patience:g}s) and was cancelled{who}; a rerun "
                 "rebuilds what it left: end those transactions or retry once they are done")
         raise failure
+
+    if s.retried(attempt):
+        s.done(step)

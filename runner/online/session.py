@@ -18,14 +18,14 @@ import contextlib
 import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, CursorResult
 
-from runner import db, lockschedule
+from runner import autovacuum, db, lockschedule
 from runner.config import Settings
 from runner.context import Run
 from runner.errors import LockRetriesExhausted, MigrationFailed, NeedsDatabase
@@ -36,6 +36,7 @@ from runner.redact import redact, scrub_query
 LOCK_NOT_AVAILABLE = "55P03"
 DEADLOCK_DETECTED = "40P01"
 QUERY_CANCELED = "57014"
+T = TypeVar("T")
 
 # called with the label of each completed step; the tests raise from here to crash an operation
 # between two steps (and check that a rerun continues)
@@ -44,6 +45,18 @@ AFTER_STEP: list[Callable[[str], None]] = []
 # statements and locks of an online operation from the revision's own by it
 RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar("runner_online_operation",
                                                                     default=None)
+
+
+class LockWait(Exception):
+    """One attempt of a step hit lock_timeout (or a deadlock): Session.retried tries it again.
+    holders: the sessions holding the locks it waited for (rows with pid, application_name,
+    state, xact_age_s, query)."""
+
+    def __init__(self, step: str, holders: Sequence[Any]) -> None:
+        super().__init__(step)
+        self.step, self.blockers, self.pids = step, describe(holders), [h.pid for h in holders]
+        self.attempt: Attempt | None = None  # set by Session.retried
+
 
 # who holds locks on the tables a step needs (asked right after its lock_timeout: the long
 # transaction it queued behind is still there)
@@ -189,12 +202,10 @@ class Session:
     def transaction(self, step: str, statements: Sequence[str], tables: Sequence[int]) -> None:
         """Run statements in one transaction, each attempt under the schedule's lock_timeout; on
         lock_timeout (or a deadlock) roll back, pause and try again; out of attempts: exit 8."""
-        schedule = lockschedule.attempts(self.settings)
-        for attempt in schedule:
-            self.run.cancel.check()
+        def attempt(a: Attempt) -> None:
             try:
                 self.sql("BEGIN")
-                self.sql(f"SET LOCAL lock_timeout = '{ms(attempt.lock_timeout)}ms'")
+                self.sql(f"SET LOCAL lock_timeout = '{ms(a.lock_timeout)}ms'")
                 for statement in statements:
                     self.sql(statement)
                 self.sql("COMMIT")
@@ -203,34 +214,55 @@ class Session:
                 self.run.cancel.check()  # cancelled by SIGTERM or the deadline: say so
                 if sqlstate(exc) not in (LOCK_NOT_AVAILABLE, DEADLOCK_DETECTED):
                     raise
-                self.retry(step, attempt, len(schedule), self.holders(tables))
-            else:
-                self.done(step)
-                return
+                raise LockWait(step, self.holders(tables)) from None
+
+        self.retried(attempt)
+        self.done(step)
 
     def rollback(self) -> None:
         with contextlib.suppress(sa.exc.DBAPIError):
             self.sql("ROLLBACK")
 
-    def retry(self, step: str, attempt: Attempt, total: int, blockers: list[str]) -> None:
-        """Log one line for a lock_timeout and pause before the next attempt; raise
-        LockRetriesExhausted (exit 8) after the last one."""
-        if attempt.number >= total:
-            who = f" ({'; '.join(blockers)})" if blockers else ""
-            raise LockRetriesExhausted(
-                f"{self.what}: {step} could not get its locks in {total} attempts (lock_timeout up "
-                f"to {ms(attempt.lock_timeout)}ms); the steps before it are kept and a rerun "
-                f"continues from there: end the blocking sessions{who} or retry at a quieter time")
-        self.run.log.warning("online.retry", f"{self.what}: {step}: lock_timeout "
-                             f"({ms(attempt.lock_timeout)}ms) on attempt {attempt.number} of "
-                             f"{total}; retrying in {attempt.pause:.2f}s",
-                             attempt=attempt.number, of=total, blockers=blockers or None)
-        self.run.cancel.sleep(attempt.pause)
+    def retried(self, attempt: Callable[[Attempt], T]) -> T:
+        """Return attempt(a) for the first attempt a of the lock_timeout schedule that does not
+        raise LockWait (runner.lockschedule.call, as the revision-level retries): one log line per
+        retry, a pause, the next attempt; out of attempts LockRetriesExhausted (exit 8)."""
+        schedule = lockschedule.attempts(self.settings)
 
-    def holders(self, tables: Sequence[int]) -> list[str]:
+        def once(a: Attempt) -> T:
+            self.run.cancel.check()
+            try:
+                return attempt(a)
+            except LockWait as exc:
+                exc.attempt = a
+                raise
+
+        def on_retry(exc: BaseException, failed: Attempt, following: Attempt) -> None:
+            assert isinstance(exc, LockWait)
+            self.run.log.warning("online.retry", f"{self.what}: {exc.step}: lock_timeout "
+                                 f"({ms(failed.lock_timeout)}ms) on attempt {failed.number} of "
+                                 f"{len(schedule)}; retrying in {failed.pause:.2f}s",
+                                 attempt=failed.number, of=len(schedule), blockers=exc.blockers or None)
+            with contextlib.suppress(sa.exc.DBAPIError):  # best effort: the schedule goes on
+                autovacuum.give_way(self.conn, exc.pids, self.run.log, f"{self.what}: {exc.step}")
+
+        try:
+            return lockschedule.call(self.run, once, retry_on=(LockWait,), on_retry=on_retry,
+                                     schedule=schedule)
+        except LockWait as exc:
+            self.run.cancel.check()
+            assert exc.attempt is not None
+            who = f" ({'; '.join(exc.blockers)})" if exc.blockers else ""
+            raise LockRetriesExhausted(
+                f"{self.what}: {exc.step} could not get its locks in {exc.attempt.number} attempts "
+                f"(lock_timeout up to {ms(exc.attempt.lock_timeout)}ms); the steps before it are "
+                f"kept and a rerun continues from there: end the blocking sessions{who} or retry "
+                "at a quieter time") from None
+
+    def holders(self, tables: Sequence[int]) -> list[Any]:
         """Sessions holding locks on these tables, oldest transaction first (best effort)."""
         try:
-            return describe(self.query(str(HOLDERS_SQL), oids=list(tables)).all())
+            return list(self.query(str(HOLDERS_SQL), oids=list(tables)).all())
         except sa.exc.DBAPIError:
             self.rollback()
             return []
