@@ -409,12 +409,23 @@ def test_sigterm_lock_timeout_and_concurrent_runners(database: Database) -> None
     wait_for(lambda: sleeping(database))
     proc.send_signal(signal.SIGTERM)
     assert finish(proc, timeout=30).code == 143
-    # one runner migrates slowly; one gives up waiting for the lock; one waits and finds nothing to do
-    holder = start_runner(["upgrade"], {**env, "LAB_MODE": "sleep", "LAB_SLEEP": "6"})
-    wait_for(lambda: sleeping(database))
-    waiter = start_runner(["upgrade"], env)
-    impatient = run_runner(["upgrade"], {**env, "LOCK_WAIT_TIMEOUT": "1s"})
-    assert impatient.code == 4, impatient.err
+    # one runner migrates slowly (until the test lets it go); one gives up waiting for the lock;
+    # one waits and finds nothing to do
+    import psycopg2
+
+    gate = psycopg2.connect(database.url)
+    try:
+        with gate.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(4242)")
+        holder = start_runner(["upgrade"], {**env, "LAB_MODE": "hold", "LAB_HOLD_KEY": "4242"})
+        wait_for(lambda: database.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE "
+                                      "'DO $$ BEGIN WHILE NOT pg_try_advisory_lock_shared%'") != "0",
+                 timeout=60, what="the holder never reached l002")
+        waiter = start_runner(["upgrade"], env)
+        impatient = run_runner(["upgrade"], {**env, "LOCK_WAIT_TIMEOUT": "1s"})
+        assert impatient.code == 4, impatient.err
+    finally:
+        gate.close()  # lets the holder finish l002
     assert finish(holder).code == 0 and finish(waiter).code == 0
     assert database.version() == "l003"
 
