@@ -61,7 +61,7 @@ _TYPES = {"text": "text", "timestamp": "timestamp with time zone", "datetime": "
 
 
 def store_for(run: Run, schema: str | None) -> Store:
-    """The ledger's store for the run's database: PostgreSQL's, or SQLite's."""
+    """Return the ledger's store for the run's database: PostgreSQL's, or SQLite's."""
     if run.settings.database_url.is_sqlite:
         return SqliteStore(run, schema)
     return Store(run, schema)
@@ -72,12 +72,12 @@ def now() -> str:
 
 
 def stamp(when: dt.datetime) -> str:
-    """A timestamp as the SQLite ledger stores it: UTC, ISO 8601, microseconds (sorts as text)."""
+    """Return a timestamp as the SQLite ledger stores it: UTC, ISO 8601, microseconds (sorts as text)."""
     return when.astimezone(dt.UTC).isoformat(timespec="microseconds")
 
 
 def moment(value: Any) -> Any:
-    """A stored timestamp back as an aware datetime (other values as they are)."""
+    """Return a stored timestamp as an aware datetime (other values as they are)."""
     if isinstance(value, str):
         with contextlib.suppress(ValueError):
             found = dt.datetime.fromisoformat(value)
@@ -157,8 +157,9 @@ class SqliteStore(Store):
 
     def rebuild_checksums(self, conn: Connection, problems: dict[str, str],
                           entries: list[tuple[str, str, str]]) -> None:
-        """repair: SQLite cannot retype a column: copy the table into a new one of the right
-        shape (checksums blank), record entries and drop what has no checksum, in one transaction."""
+        """Rebuild the revisions table for repair (SQLite cannot retype a column): copy it into a
+        new one of the right shape (checksums blank), record entries and drop what has no
+        checksum, in one transaction."""
         temp = f"{self._schema}.{quote(self.table + '_revisions_rebuilt')}"
         with _atomic(conn):
             conn.exec_driver_sql(f"DROP TABLE IF EXISTS {temp}")
@@ -219,7 +220,7 @@ class SqliteStore(Store):
 
 @contextlib.contextmanager
 def _atomic(conn: Connection) -> Iterator[None]:
-    """One write transaction on the (autocommit) ledger connection."""
+    """Run the block in one write transaction on the (autocommit) ledger connection."""
     conn.exec_driver_sql("BEGIN IMMEDIATE")
     try:
         yield

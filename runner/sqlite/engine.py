@@ -31,7 +31,7 @@ _open_lock = threading.Lock()
 
 
 def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool = False) -> Engine:
-    """The pool-less engine of one purpose for the run's SQLite file (kept for the run)."""
+    """Return the pool-less engine of one purpose for the run's SQLite file (kept for the run)."""
     key = ("sqlite", purpose, autocommit, migrating, run.settings.database_url.database, run.command)
     cached = run.engines.get(key)
     if cached is not None:

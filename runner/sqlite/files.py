@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 from runner.dburl import DbUrl
 
@@ -12,21 +13,19 @@ CREATES = ("upgrade",)  # the one command that creates a missing file (it migrat
 
 
 def path(url: DbUrl) -> Path:
-    """The database file, absolute (relative paths are relative to the working directory, as in
+    """Return the database file, absolute (relative paths are relative to the working directory, as in
     SQLAlchemy)."""
     return Path(os.path.abspath(str(url.database)))
 
 
 def lock_path(url: DbUrl) -> Path:
-    """The lock file: next to the database's real path, so two spellings of one file (a symlink,
+    """Return the lock file: next to the database's real path, so two spellings of one file (a symlink,
     a relative path) share one lock."""
     real = Path(os.path.realpath(path(url)))
     return real.with_name(real.name + LOCK_SUFFIX)
 
 
 def uri(file: Path, create: bool = False, read_only: bool = False) -> str:
-    """An sqlite3 URI filename: opened read-write (rwc: created when missing) or read-only."""
-    from urllib.parse import quote
-
+    """Return an sqlite3 URI filename for file, opened read-write (rwc: created when missing) or read-only."""
     mode = "ro" if read_only else "rwc" if create else "rw"
     return f"file:{quote(str(file))}?mode={mode}"

@@ -120,7 +120,7 @@ def _try(fd: int) -> bool:
 
 
 def _there(conn: Connection, reached: Callable[[Connection], bool]) -> bool:
-    """reached(conn); a file busy with the holder's commit right now counts as not there yet."""
+    """Return reached(conn); a file busy with the holder's commit right now counts as not there yet."""
     try:
         return reached(conn)
     except sa.exc.OperationalError as exc:
@@ -142,7 +142,7 @@ def _write_holder(run: Run, fd: int) -> None:
 
 
 def holder(fd: int) -> dict[str, Any]:
-    """Who holds the lock as the holder wrote it ({} when unknown)."""
+    """Return who holds the lock as the holder wrote it ({} when unknown)."""
     try:
         found = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):

@@ -75,7 +75,7 @@ def run(operations: Operations, name: str, args: tuple[Any, ...], kw: dict[str, 
 # -- indexes ---------------------------------------------------------------------------------------
 def create_index(operations: Operations, index_name: str, table_name: str, columns: Any, *,
                  schema: str | None = None, unique: bool = False, **kw: Any) -> None:
-    """CREATE [UNIQUE] INDEX IF NOT EXISTS (a partial index keeps its WHERE)."""
+    """Run CREATE [UNIQUE] INDEX IF NOT EXISTS (a partial index keeps its WHERE)."""
     if "postgresql_where" in kw and "sqlite_where" not in kw:
         kw["sqlite_where"] = kw["postgresql_where"]
     kw = {k: v for k, v in kw.items() if not k.startswith("postgresql_")}
@@ -91,7 +91,7 @@ def drop_index(operations: Operations, index_name: str, table_name: str | None =
 # -- constraints and NOT NULL, through batch mode ----------------------------------------------------
 @contextlib.contextmanager
 def _batch(operations: Operations, table_name: str, schema: str | None) -> Iterator[Any]:
-    """Alembic's batch mode (copy the table into a new one), with legacy_alter_table on while it
+    """Enter Alembic's batch mode (copy the table into a new one), with legacy_alter_table on while it
     renames the copy: SQLite would otherwise refuse the rename while a view names the table."""
     conn = _conn(operations)
     before = conn.exec_driver_sql("PRAGMA legacy_alter_table").scalar()
@@ -107,7 +107,7 @@ def create_foreign_key(operations: Operations, constraint_name: str, source_tabl
                        referent_table: str, local_cols: list[str], remote_cols: list[str], *,
                        source_schema: str | None = None, referent_schema: str | None = None,
                        **kw: Any) -> None:
-    """The foreign key through batch mode, then every existing row checked against it."""
+    """Add the foreign key through batch mode, then every existing row checked against it."""
     if _has_constraint(operations, source_table, source_schema, constraint_name):
         return
     options = {k: kw[k] for k in ("onupdate", "ondelete", "deferrable", "initially", "match")
@@ -126,7 +126,7 @@ def create_foreign_key(operations: Operations, constraint_name: str, source_tabl
 
 def create_check_constraint(operations: Operations, constraint_name: str, table_name: str,
                             condition: Any, *, schema: str | None = None, **kw: Any) -> None:
-    """The check through batch mode: the copy checks every existing row."""
+    """Add the check through batch mode: the copy checks every existing row."""
     if not _has_constraint(operations, table_name, schema, constraint_name):
         with _batch(operations, table_name, schema) as batch:
             batch.create_check_constraint(constraint_name, condition)
@@ -134,7 +134,7 @@ def create_check_constraint(operations: Operations, constraint_name: str, table_
 
 def create_unique_constraint(operations: Operations, constraint_name: str, table_name: str,
                              columns: Any, *, schema: str | None = None, **kw: Any) -> None:
-    """The unique constraint through batch mode: the copy fails on duplicates."""
+    """Add the unique constraint through batch mode: the copy fails on duplicates."""
     if not _has_constraint(operations, table_name, schema, constraint_name):
         with _batch(operations, table_name, schema) as batch:
             batch.create_unique_constraint(constraint_name, list(columns))
@@ -150,7 +150,7 @@ def drop_constraint(operations: Operations, constraint_name: str, table_name: st
 
 def set_not_null(operations: Operations, table_name: str, column_name: str, *,
                  schema: str | None = None) -> None:
-    """NOT NULL through batch mode: the copy fails on a NULL."""
+    """Set NOT NULL through batch mode: the copy fails on a NULL."""
     _nullable(operations, table_name, column_name, schema, False)
 
 
@@ -172,7 +172,7 @@ def _nullable(operations: Operations, table_name: str, column_name: str, schema:
 # -- columns ---------------------------------------------------------------------------------------
 def add_column(operations: Operations, table_name: str, column: sa.Column[Any], *,
                schema: str | None = None, backfill_value: Any = None) -> None:
-    """ADD COLUMN as given when SQLite can (a constant default); otherwise nullable without a
+    """Run ADD COLUMN as given when SQLite can (a constant default); otherwise nullable without a
     default, filled (backfill, else the default), then the default and NOT NULL in batch mode."""
     if _column(operations, table_name, schema, column.name) is None:
         if backfill_value is None and _plain_add(operations, table_name, column, schema):
@@ -194,7 +194,7 @@ def add_column(operations: Operations, table_name: str, column: sa.Column[Any], 
 
 def _plain_add(operations: Operations, table_name: str, column: sa.Column[Any],
                schema: str | None) -> bool:
-    """ADD COLUMN as it is; False when SQLite refuses it (a default it cannot store once)."""
+    """Run ADD COLUMN as it is; return False when SQLite refuses it (a default it cannot store once)."""
     conn = _conn(operations)
     conn.exec_driver_sql("SAVEPOINT runner_add_column")
     try:
@@ -218,7 +218,7 @@ def _default(operations: Operations, column: sa.Column[Any]) -> str | None:
 
 def drop_column(operations: Operations, table_name: str, column_name: str, *,
                 schema: str | None = None) -> None:
-    """DROP COLUMN; batch mode when SQLite refuses it (an indexed or constrained column)."""
+    """Run DROP COLUMN; batch mode when SQLite refuses it (an indexed or constrained column)."""
     if _column(operations, table_name, schema, column_name) is None:
         return
     conn = _conn(operations)
@@ -236,7 +236,7 @@ def drop_column(operations: Operations, table_name: str, column_name: str, *,
 # -- backfill --------------------------------------------------------------------------------------
 def backfill(operations: Operations, table_name: str, set: Mapping[str, Any] | str,
              where: Any = None, *, schema: str | None = None, name: str | None = None) -> None:
-    """UPDATE in keyset batches on the primary key (the rowid when there is none), each batch and
+    """Run UPDATE in keyset batches on the primary key (the rowid when there is none), each batch and
     its checkpoint one transaction outside the revision's; a rerun resumes from the checkpoint."""
     ctx = operations.get_context()
     if ctx.as_sql:
@@ -313,7 +313,7 @@ class _Batches:
         return upper
 
     def _batch(self, last: Any, upper: Any) -> tuple[int, int, Any]:
-        """One batch and its checkpoint, in one write transaction: (keys visited, rows changed,
+        """Run one batch and its checkpoint in one write transaction; return (keys visited, rows changed,
         the new checkpoint)."""
         after = "" if last is None else f" AND {self.key} > :last"
         with self._transaction() as conn:
@@ -368,7 +368,7 @@ def _column(operations: Operations, table: str, schema: str | None, name: str) -
 
 
 def _key(operations: Operations, table: str, schema: str | None) -> str:
-    """The single-column primary key a backfill walks, else SQLite's rowid."""
+    """Return the single-column primary key a backfill walks, else SQLite's rowid."""
     inspector = sa.inspect(_conn(operations))
     if not inspector.has_table(table, schema=schema):
         raise MigrationFailed(f"backfill: table {qualified(schema, table)} does not exist")
@@ -377,7 +377,7 @@ def _key(operations: Operations, table: str, schema: str | None) -> str:
 
 
 def _has_constraint(operations: Operations, table: str, schema: str | None, name: str) -> str | None:
-    """The kind of the constraint called name on table ("foreignkey", "check", "unique"), or None."""
+    """Return the kind of the constraint called name on table ("foreignkey", "check", "unique"), or None."""
     inspector = sa.inspect(_conn(operations))
     for kind, found in (("foreignkey", inspector.get_foreign_keys(table, schema=schema)),
                         ("check", inspector.get_check_constraints(table, schema=schema)),

@@ -14,7 +14,7 @@ VERIFY_SERVER_ONLY = (("verify_role_url", "VERIFY_ROLE_URL"), ("verify_template"
 
 
 def problems(values: Mapping[str, Any], command: str, template: str = "") -> list[str]:
-    """One line per setting that cannot apply to a SQLite DATABASE_URL (values: config.load's)."""
+    """Return one line per setting that cannot apply to a SQLite DATABASE_URL (values: config.load's)."""
     url = values.get("database_url")
     found = []
     verify_url = values.get("verify_database_url")

@@ -26,7 +26,7 @@ from runner.sqlite.engine import BUSY_TIMEOUT
 
 
 def target(run: Run) -> Target:
-    """What restore's checks need to know about the file it writes to."""
+    """Return what restore's checks need to know about the file it writes to."""
     return Target(str(run.settings.database_url.name), 0, sqlite3.sqlite_version, frozenset(), None)
 
 
@@ -49,7 +49,7 @@ def restore(run: Run, client: Any, loc: Location, manifest: dict[str, Any]) -> N
 
 
 def _check_copy(manifest: dict[str, Any], local: Path) -> None:
-    """The decompressed copy must be the file that was backed up: its size, and a sound database."""
+    """Refuse a decompressed copy that is not the file backed up: its size, a sound database."""
     if local.stat().st_size != manifest["archive_size"]:
         raise BackupFailed(f"backup {manifest['key']} decompressed to {local.stat().st_size} bytes, not "
                            f"{manifest['archive_size']} as its manifest says: refused; the database "

@@ -21,7 +21,7 @@ SECTIONS = ("schema", "relation", "column", "constraint", "index", "view", "trig
 
 
 def read(conn: Connection, exclude: Iterable[Table] = ()) -> Fingerprint:
-    """The fingerprint of every attached database but temp (the version table and the runner's
+    """Read the fingerprint of every attached database but temp (the version table and the runner's
     tables in exclude left out)."""
     skip = {(schema or "main", name) for schema, name in exclude}
     fp: Fingerprint = {s: {} for s in SECTIONS}
@@ -82,7 +82,7 @@ def _table(conn: Connection, inspector: sa.Inspector, schema: str, name: str, fp
 
 
 def _unwrapped(default: str) -> str:
-    """A default without the parentheses batch mode writes around it: (CURRENT_TIMESTAMP) and
+    """Return a default without the parentheses batch mode writes around it: (CURRENT_TIMESTAMP) and
     CURRENT_TIMESTAMP are one default."""
     while default.startswith("(") and default.endswith(")") and _balanced(default[1:-1]):
         default = default[1:-1]

@@ -34,7 +34,8 @@ POSTGRESQL_ONLY = "lint (Squawk) and the lock observation are PostgreSQL's: off 
 
 
 def applies(run: Run) -> bool:
-    """verify runs on a temporary SQLite file: DATABASE_URL is SQLite, VERIFY_DATABASE_URL unset."""
+    """Return whether verify runs on a temporary SQLite file (DATABASE_URL is SQLite,
+    VERIFY_DATABASE_URL unset)."""
     return run.settings.verify_database_url is None and run.settings.database_url.is_sqlite
 
 
@@ -88,7 +89,7 @@ class Scratch:
 
 @contextlib.contextmanager
 def scratch_database(run: Run) -> Iterator[Scratch]:
-    """A new temporary file for the run, removed whatever happens; env.py files that read
+    """Yield a new temporary file for the run, removed whatever happens; env.py files that read
     DATABASE_URL themselves get the scratch file's, never the target's."""
     with tempfile.TemporaryDirectory(prefix=f"runner-verify-{run.run_id}-") as work:
         scratch = Scratch(run, Path(work) / "scratch.db")
@@ -109,7 +110,7 @@ def scratch_database(run: Run) -> Iterator[Scratch]:
 
 def read_live(run: Run, url: dburl.DbUrl, var: str, version: Table,
               exclude: list[Table]) -> tuple[tuple[str, ...], Fingerprint]:
-    """`verify --against` a SQLite file: its revision and fingerprint, read-only, in one read
+    """Read `verify --against`'s SQLite file: its revision and fingerprint, read-only, in one read
     transaction. A PostgreSQL database against a SQLite scratch, or the reverse, is refused."""
     with _read_only(run, url, var) as conn:
         return _heads(conn, version), sqlite_fingerprint.read(conn, exclude)
