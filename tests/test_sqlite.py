@@ -253,6 +253,10 @@ def test_online_operations_a_failed_revision_and_an_edited_one(tmp_path: Path) -
     assert r.code == 7 and "revision s001 was edited after it was applied" in error_line(r)
     assert run_runner(["repair", "s001"], env).code == 0
     assert rows(db, "SELECT kind FROM runner_history_revisions WHERE revision = 's001'") == [("repaired",)]
+    with sqlite3.connect(db) as conn:  # a ledger damaged by hand: repair rebuilds its table
+        conn.execute("ALTER TABLE runner_history_revisions DROP COLUMN checksum")
+    assert run_runner(["repair"], env).code == 0
+    assert rows(db, "SELECT revision, length(checksum) FROM runner_history_revisions") == [("s001", 64)]
 
 
 # -- the lock --------------------------------------------------------------------------------------
