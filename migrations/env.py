@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+import runner.online  # noqa: F401 - op.add_column_online & co. under plain `alembic` too
 from migrations.models import metadata
 
 config = context.config

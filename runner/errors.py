@@ -35,6 +35,10 @@ class PreflightRefused(RunnerError):
     code = ExitCode.PREFLIGHT_REFUSED
 
 
+class NeedsDatabase(PreflightRefused):
+    """A revision cannot be rendered as offline SQL (an online operation reads the catalog)."""
+
+
 class LockRetriesExhausted(RunnerError):
     code = ExitCode.LOCK_RETRIES_EXHAUSTED
 

@@ -25,8 +25,9 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError, ProgrammingError
 
+from runner import owntables
 from runner.config import Settings
-from runner.errors import ConfigError, PreflightRefused, RunnerError
+from runner.errors import ConfigError, NeedsDatabase, PreflightRefused, RunnerError
 from runner.redact import redact
 
 
@@ -41,7 +42,7 @@ class DbState:
 
 def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     """Build the Alembic Config; sqlalchemy.url comes from DATABASE_URL."""
-    from runner.online import state  # importing runner.online registers op.*_online for env.py
+    from runner import online  # noqa: F401 - importing it registers op.*_online for env.py
 
     cfg = Config(str(settings.alembic_config), stdout=stdout or sys.stdout)
     if not cfg.file_config.has_section(cfg.config_ini_section):
@@ -55,9 +56,7 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
     # for env.py's autogenerate filter (docs/history.md): the ledger's tables, the backfills' state
-    ledger = (settings.history_table, f"{settings.history_table}_revisions")
-    cfg.attributes["runner_tables"] = (*(ledger if settings.history_table != "off" else ()),
-                                       state.TABLE)
+    cfg.attributes["runner_tables"] = owntables.names(settings)
     return cfg
 
 
@@ -280,19 +279,27 @@ def offline_sql(cfg: Config, current: tuple[str, ...], target: str) -> str:
     start = ":".join(current) if len(current) == 1 else None
     try:
         command.upgrade(cfg, f"{start}:{target}" if start else target, sql=True)
-    except RunnerError:
-        raise
+    except RunnerError as exc:
+        failed = _failing_revision(exc) if isinstance(exc, NeedsDatabase) else None
+        if failed is None:
+            raise
+        operation = str(exc).partition(": ")[0]
+        raise _offline_refusal(failed, f"{operation}: an online operation, its steps depend on the "
+                               "catalog") from None
     except Exception as exc:
         failed = _failing_revision(exc)
         if failed is None:
             raise
-        rev, path = failed
-        raise PreflightRefused(
-            f"revision {rev} ({path}) cannot be rendered offline ({type(exc).__name__}: "
-            f"{redact((str(exc).strip().splitlines() or [''])[0])[:160]}): it needs a database; "
-            "use 'plan --scratch', which captures the SQL on a throwaway database "
-            "(VERIFY_DATABASE_URL)") from None
+        first = redact((str(exc).strip().splitlines() or [""])[0])[:160]
+        raise _offline_refusal(failed, f"{type(exc).__name__}: {first}") from None
     return buf.getvalue()
+
+
+def _offline_refusal(failed: tuple[str, str], why: str) -> PreflightRefused:
+    rev, path = failed
+    return PreflightRefused(f"revision {rev} ({path}) cannot be rendered offline ({why}): it needs a "
+                            "database; use 'plan --scratch', which captures the SQL on a throwaway "
+                            "database (VERIFY_DATABASE_URL)")
 
 
 def _failing_revision(exc: BaseException) -> tuple[str, str] | None:

@@ -537,13 +537,15 @@ def test_hung_s3_respects_the_run_deadline(database: Database,
                                            hung_s3: tuple[S3Server, Callable[[], None]]) -> None:
     server, freeze = hung_s3
     bucket = server.create_bucket()
-    env = backup_env(database, server, bucket, RUN_DEADLINE="5s", S3_TIMEOUT="2s", LOG_FORMAT="json")
+    # the first "still waiting" line comes after S3_TIMEOUT / 2; the deadline leaves room for it
+    # on a loaded machine, and 3 attempts of S3_TIMEOUT with their backoff would take longer
+    env = backup_env(database, server, bucket, RUN_DEADLINE="6s", S3_TIMEOUT="4s", LOG_FORMAT="json")
     freeze()
     t0 = time.monotonic()
     r = run_runner(["restore", "--backup", "latest", "--yes"], env)
     took = time.monotonic() - t0
     assert r.code == 9, r.err
-    assert took < 10, took  # 3 attempts of S3_TIMEOUT and their backoff would take longer
+    assert took < 11, took  # RUN_DEADLINE + its 5 s, from the process's start
     waiting = [json.loads(line) for line in r.lines if '"s3.waiting"' in line]
     assert waiting and "S3 has not answered listing" in waiting[0]["msg"]
     assert r.summary()["exit_code"] == 9

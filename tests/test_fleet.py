@@ -284,7 +284,7 @@ def test_hung_server_at_the_deadline_keeps_every_result(database: Database, tmp_
     database.sql("; ".join(f"CREATE SCHEMA {t}" for t in tenants))
     env = runner_env(database.url, ALEMBIC_CONFIG=TENANTS, LOG_FORMAT="json")
     assert run_runner(["upgrade", "--parallel", "3"], {**env, "TARGET_SCHEMAS": ",".join(done)}).code == 0
-    message, deadline = tmp_path / "termination-log", 8
+    message, deadline = tmp_path / "termination-log", 10  # room to reach t002 on a loaded machine
     t0 = time.monotonic()
     proc = start_runner(["upgrade", "--parallel", "2"], {
         **env, "TARGET_SCHEMAS": ",".join(tenants), "TENANT_SLEEP": "60",

@@ -61,9 +61,10 @@ def test_upgrade_to_and_downgrade_round_trip(database: Database) -> None:
     assert database.version() == "0002"
     assert run_runner(["downgrade", "--to", "base", "--yes"], env).code == 0
     assert database.version() == ""
-    # the ledger (runner_history*) outlives the migrations: it records them
+    # the runner's own tables outlive the migrations: the ledger (runner_history*) records them,
+    # runner_backfills keeps 0005's backfill (runner.owntables)
     assert database.tables() <= {"public.alembic_version", "public.runner_history",
-                                 "public.runner_history_revisions"}
+                                 "public.runner_history_revisions", "public.runner_backfills"}
     assert run_runner(["upgrade"], env).code == 0
     assert database.version() == "0005"
 
@@ -84,11 +85,18 @@ def test_status_check(database: Database) -> None:
 def test_plan_prints_pending_sql_without_changing_anything(database: Database) -> None:
     env = runner_env(database.url)
     assert run_runner(["upgrade", "--to", "0003"], env).code == 0
-    r = run_runner(["plan"], env)
+    r = run_runner(["plan", "--to", "0004"], env)
     assert r.code == 0, r.err
     assert "CREATE VIEW billing.customer_totals" in r.out
-    assert "ALTER TABLE customers ADD COLUMN email_domain TEXT" in r.out
     assert "CREATE TABLE customers" not in r.out  # only the pending range
+    # 0005's online operation decides its steps from the catalog: no offline SQL for it (exit 7,
+    # one line naming the revision; plan --scratch runs it on a throwaway database instead)
+    refused = run_runner(["plan"], env)
+    assert refused.code == 7 and refused.out == "", refused.err
+    failed = [line for line in refused.lines if "ERROR" in line]
+    assert len(failed) == 1 and "revision 0005 (migrations/versions/0005_customer_email_domain.py) cannot " \
+        "be rendered offline (add_column_online(customers): an online operation" in failed[0], failed
+    assert "'plan --scratch'" in failed[0] and "Traceback" not in refused.err
     assert database.version() == "0003"
     assert run_runner(["upgrade"], env).code == 0
     assert "nothing to do" in run_runner(["plan"], env).out

@@ -92,7 +92,7 @@ def test_run_deadline_shorter_than_lock_wait(database: Database) -> None:
         t0 = time.monotonic()
         r = run_runner(["upgrade"], runner_env(database.url, LOCK_WAIT_TIMEOUT="60s", RUN_DEADLINE="3s"))
         assert r.code == 9, r.err
-        assert time.monotonic() - t0 < 6
+        assert time.monotonic() - t0 < 3 + 5  # RUN_DEADLINE + its bound, not LOCK_WAIT_TIMEOUT's 60 s
         assert database.tables() == set()
     finally:
         holder.close()

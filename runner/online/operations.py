@@ -280,7 +280,8 @@ def register(cls: type[OnlineOperation], fn: Callable[..., None]) -> None:
         if operations.get_context().dialect.name == "sqlite":  # local development: plain forms
             from runner.sqlite import online as sqlite_online
 
-            return sqlite_online.run(operations, registered_name(cls), operation.args, operation.kw)
+            return sqlite_online.run(operations, registered_name(cls), label(operation), operation.args,
+                                     operation.kw)
         s: Session
         with session(operations, label(operation)) as s:
             fn(s, *operation.args, **operation.kw)

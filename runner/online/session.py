@@ -15,6 +15,7 @@ log to stderr and cannot be cancelled.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -27,7 +28,7 @@ from sqlalchemy.engine import Connection, CursorResult
 from runner import db, lockschedule
 from runner.config import Settings
 from runner.context import Run
-from runner.errors import LockRetriesExhausted, MigrationFailed
+from runner.errors import LockRetriesExhausted, MigrationFailed, NeedsDatabase
 from runner.lockschedule import Attempt
 from runner.log import EventLog
 from runner.redact import redact, scrub_query
@@ -39,6 +40,10 @@ QUERY_CANCELED = "57014"
 # called with the label of each completed step; the tests raise from here to crash an operation
 # between two steps (and check that a rerun continues)
 AFTER_STEP: list[Callable[[str], None]] = []
+# the label of the operation running now, e.g. "create_index_online(ix, orders)": verify tells the
+# statements and locks of an online operation from the revision's own by it
+RUNNING: contextvars.ContextVar[str | None] = contextvars.ContextVar("runner_online_operation",
+                                                                    default=None)
 
 # who holds locks on the tables a step needs (asked right after its lock_timeout: the long
 # transaction it queued behind is still there)
@@ -158,8 +163,9 @@ class Session:
 
     def side(self) -> Connection:
         """A second connection of the same engine (autocommit), e.g. to watch the first."""
-        if self._side is None:
-            self._side = self.conn.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        if self._side is None:  # the runner's own (runner_control): not the revision's SQL
+            self._side = self.conn.engine.connect().execution_options(isolation_level="AUTOCOMMIT",
+                                                                      runner_control=True)
         return self._side
 
     def set_lock_timeout(self, seconds: float) -> None:
@@ -241,11 +247,12 @@ def session(operations: Operations, what: str) -> Iterator[Session]:
     line naming the operation (exit 6); a lost connection stays what it is (exit 11)."""
     ctx = operations.get_context()
     if ctx.as_sql:
-        raise MigrationFailed(f"{what}: online operations read the catalog to decide each step and "
-                              "cannot be rendered as offline SQL: use `plan --scratch`, or run them "
-                              "against a database")
+        raise NeedsDatabase(f"{what}: online operations read the catalog to decide each step and "
+                            "cannot be rendered as offline SQL: use `plan --scratch`, or run them "
+                            "against a database")
     s = Session(ctx, run_of(ctx), what)
     with _outside_transaction(ctx, what):
+        running = RUNNING.set(what)
         try:
             yield s
         except sa.exc.DBAPIError as exc:
@@ -257,6 +264,7 @@ def session(operations: Operations, what: str) -> Iterator[Session]:
                                   "and a rerun continues from them") from None
         finally:
             s.close()
+            RUNNING.reset(running)
     for record in s.with_revision:
         record(s.conn)
 

@@ -17,9 +17,10 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from runner.owntables import BACKFILLS
 from runner.sqlname import qualified
 
-TABLE = "runner_backfills"
+TABLE = BACKFILLS  # one of the runner's own tables (runner.owntables)
 STATES = ("running", "done")
 
 DDL = """

@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 
 from runner.errors import MigrationFailed
 from runner.online import state
-from runner.online.session import revision_of_caller, run_of
+from runner.online.session import RUNNING, revision_of_caller, run_of
 from runner.sqlname import qualified, quote
 
 EXPAND_CONTRACT = ("rename_column_expand", "rename_column_expand_revert", "rename_column_contract",
@@ -61,15 +61,20 @@ CREATE TABLE IF NOT EXISTS {table} (
 )"""
 
 
-def run(operations: Operations, name: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
-    """Run online operation `name` in its SQLite form."""
+def run(operations: Operations, name: str, label: str, args: tuple[Any, ...], kw: dict[str, Any]) -> None:
+    """Run online operation `name` in its SQLite form; verify and `plan --scratch` tell its
+    statements by label (runner.online.session.RUNNING), as on PostgreSQL."""
     if name in EXPAND_CONTRACT:
         raise MigrationFailed(
             f"{name}: expand/contract keeps two columns in sync with a trigger while old and new "
             "code run side by side, which a SQLite file for local development does not need: on "
             "SQLite write the change directly (with op.batch_alter_table(...) as b: "
             "b.alter_column(...)), under `if op.get_context().dialect.name == 'sqlite':`")
-    OPERATIONS[name](operations, *args, **kw)
+    running = RUNNING.set(label)
+    try:
+        OPERATIONS[name](operations, *args, **kw)
+    finally:
+        RUNNING.reset(running)
 
 
 # -- indexes ---------------------------------------------------------------------------------------

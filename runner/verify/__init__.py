@@ -21,11 +21,11 @@ from typing import IO, Any
 
 from alembic.script import ScriptDirectory
 
-from runner import db, revisions
+from runner import db, owntables, phases, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, PreflightRefused, VerifyFailed
 from runner.revisions import DbState
-from runner.verify import capture, drift, hazards, lint, models, sqlite_scratch, steps, weigh
+from runner.verify import capture, drift, hazards, lint, models, rollout, sqlite_scratch, steps, weigh
 from runner.verify.fingerprint import Table
 from runner.verify.observe import Observer, StepObservation, observing
 from runner.verify.report import ERROR, NOTE, WARN, Finding, fold, relative, short, write
@@ -54,17 +54,21 @@ def verify(run: Run, from_rev: str | None, against: str | None, fmt: str,
                                "roundtrip": settings.verify_roundtrip, "upgraded": 0,
                                "locks": settings.verify_locks, "against": bool(against)}
     observed: list[dict[str, Any]] = []
+    operations: dict[str, list[str]] = {}  # revision -> the online operations its upgrade ran
     order: list[str] = []
+    files: dict[str, str | None] = {}
     if script is not None:
         walked = _walk_set(script, from_rev)
         marks: dict[str, Markers] = {}
         for s in steps.topological(script):
-            marks[s.revision], problems = markers(s)
+            marks[s.revision], problems = markers(s, script)
             findings += problems
             order.append(s.revision)
+            files[s.revision] = relative(s.path)
         with run.timed("verify"), scratch_database(run) as scratch:
-            findings += _check(run, scratch, script, walked, marks, url, against, binary, summary, observed)
-    _finish(run, fold(findings), summary, fmt, out, observed, order)
+            findings += _check(run, scratch, script, walked, marks, url, against, binary, summary, observed,
+                               operations)
+    _finish(run, fold(findings), summary, fmt, out, observed, order, files, operations)
 
 
 def plan_scratch(run: Run, target: str, out: IO[str]) -> None:
@@ -117,7 +121,8 @@ def _walk_set(script: ScriptDirectory, from_rev: str | None) -> set[str] | None:
 
 def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str] | None,
            marks: dict[str, Markers], url: Any, against: str | None, binary: Any,
-           summary: dict[str, Any], observed: list[dict[str, Any]]) -> list[Finding]:
+           summary: dict[str, Any], observed: list[dict[str, Any]],
+           operations: dict[str, list[str]]) -> list[Finding]:
     cfg = revisions.alembic_config(scratch.run.settings)
     with run.cancel.on_cancel(scratch.cancel):
         env = _facts(scratch, cfg, script)
@@ -126,10 +131,8 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
                               "(VERIFY_TEMPLATE or VERIFY_SETUP stamped it): verify walks the chain "
                               "from its start; leave the version table out of the template")
         version: Table = (env.version_schema, env.version_table)
-        exclude = [version]
-        if run.settings.history_table != "off":  # the ledger's tables live next to the version table
-            history = run.settings.history_table
-            exclude += [(env.version_schema, history), (env.version_schema, f"{history}_revisions")]
+        # the runner's own tables (ledger, backfill state) live next to the version table
+        exclude = [version, *((env.version_schema, t) for t in owntables.names(run.settings))]
         findings: list[Finding] = []
         live = drift.read(run, url, against or "", version, exclude) if url else None
         if live is not None and any(revisions.lookup(script, h) is None for h in live.heads):
@@ -147,6 +150,10 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
         findings += trips.findings
         summary.update(revisions=trips.round_tripped, irreversible=trips.irreversible,
                        upgraded=trips.upgraded)
+        findings += rollout.contract_findings(trips.sql, trips.changes)
+        before = [r for r in order if walked is not None and r not in walked]  # applied without checks
+        applied = live.heads if live is not None else phases.heads_after(script, (), before)
+        findings += rollout.order_findings(script, applied, live is not None)
         if observer is not None:
             t0 = time.perf_counter()
             applied = revisions.ancestors(script, live.heads) if live is not None else set()
@@ -166,6 +173,9 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
         findings += lint.lint(binary, trips.sql, f"{v // 10000}.{v % 10000}", run.settings.verify_lint)
         summary["statements_linted"] = sum(len(r.statements) for r in trips.sql)
         summary["squawk"] = lint.version(binary)
+    summary.update(online_operations=sum(len(r.operations) for r in trips.sql),
+                   online_statements=sum(r.online_statements for r in trips.sql))
+    operations.update({r.revision: r.operations for r in trips.sql if r.operations})
     return findings
 
 
@@ -191,6 +201,7 @@ def _locks(run: Run, scratch: Scratch, trips: RoundTrips, observations: list[Ste
             hazards.estimate(recs, o, sizes, rates)
         summary["weighing_s"] = round(time.perf_counter() - t0, 3)
     findings = []
+    ran = {r.revision: r.statements for r in trips.sql}
     for o, recs in per_step:
         for rec in recs:
             observed.append(rec.row())
@@ -200,13 +211,16 @@ def _locks(run: Run, scratch: Scratch, trips: RoundTrips, observations: list[Ste
                                     cap=settings.verify_max_lock_hold if url is not None else None,
                                     applied=o.revision in applied,
                                     allow=marks.get(o.revision, Markers(None, {})).allow,
-                                    changes=trips.changes.get(o.revision, []))
+                                    changes=trips.changes.get(o.revision, []),
+                                    statements=ran.get(o.revision, []))
             if found is not None:
                 findings.append(found)
     firsts = [r for o, recs in per_step if o.step == FIRST for r in recs]
-    summary.update(observed_tables=sum(1 for r in firsts if r.kind is not None),
+    summary.update(observed_tables=sum(1 for r in firsts if r.kind is not None and not r.operation),
                    rewrites=sum(r.rewritten for r in firsts),
-                   scans_under_lock=sum(r.scanned_under_lock for r in firsts))
+                   scans_under_lock=sum(r.scanned_under_lock for r in firsts),
+                   online_steps=len({(r.revision, min(r.transactions)) for r in firsts
+                                         if r.operation and r.transactions}))
     return findings
 
 
@@ -234,10 +248,11 @@ def _models(trips: RoundTrips, has_models: bool, summary: dict[str, Any]) -> lis
 
 
 def _finish(run: Run, findings: list[Finding], summary: dict[str, Any], fmt: str, out: IO[str],
-            observed: list[dict[str, Any]], order: list[str]) -> None:
+            observed: list[dict[str, Any]], order: list[str], files: dict[str, str | None],
+            operations: dict[str, list[str]]) -> None:
     counts = {sev: sum(f.severity == sev for f in findings) for sev in (ERROR, WARN, NOTE)}
     summary.update(errors=counts[ERROR], warnings=counts[WARN], notes=counts[NOTE])
-    write(findings, summary, fmt, out, observed, order)
+    write(findings, summary, fmt, out, observed, order, files, operations)
     run.summary.update(verify=summary)
     run.cancel.check()  # a signal during the lint: exit as interrupted, not with a verdict
     if counts[ERROR]:
@@ -273,7 +288,12 @@ def _capture_plan(run: Run, scratch: Scratch, cfg: Any, script: ScriptDirectory,
                                           "not touched") from None
             parents = ",".join(s._versioned_down_revisions) or "base"
             print(f"\n-- Running upgrade {parents} -> {s.revision} ({relative(s.path)})", file=out)
+            operation = None
             for stmt in seen:
+                if stmt.operation != operation and stmt.operation:
+                    print(f"-- op.{stmt.operation}: an online operation; its steps depend on the catalog "
+                          "and the data (here: the scratch database's)\n", file=out)
+                operation = stmt.operation
                 if not stmt.catalog_read:
                     print(stmt.sql.strip().rstrip(";") + ";\n", file=out)
 

@@ -2,7 +2,8 @@
 
 Works for revisions that inspect the database and for env.py files that build their own engine:
 the listener is on every Engine and records only between begin() and end(), which the walk
-calls around a revision's first upgrade; the runner's control connections are left out.
+calls around a revision's first upgrade; the runner's control connections are left out. A
+statement an online operation ran (op.create_index_online...) names the operation.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from runner.online.session import RUNNING
+
 CATALOG_SCHEMAS = ("pg_catalog", "information_schema")
 # what the dialect runs on a new connection: not part of any revision
 _DIALECT_SETUP = ("select pg_catalog.version()", "select current_schema()", "show ", "pragma ")
@@ -25,6 +28,7 @@ class Statement:
     sql: str  # with its parameters bound, as the server received it (when the driver can say)
     version_table: bool  # Alembic's bookkeeping (create / insert / update / delete of it)
     catalog_read: bool  # reflection, the dialect's connection setup, Alembic reading its version
+    operation: str | None = None  # the online operation that ran it (runner.online), if one did
 
 
 class _Recorder:
@@ -75,7 +79,8 @@ def _record(conn: Any, cursor: Any, statement: str, parameters: Any, context: An
     construct = getattr(compiled, "statement", None)
     target.append(Statement(_bound(cursor, statement, parameters, executemany),
                             _is_version_table(construct, _recorder.version_table),
-                            _is_catalog_read(construct, statement, _recorder.version_table)))
+                            _is_catalog_read(construct, statement, _recorder.version_table),
+                            RUNNING.get()))
 
 
 def _bound(cursor: Any, statement: str, parameters: Any, executemany: bool) -> str:

@@ -17,17 +17,24 @@ Tables the revision created itself are left out: nobody else can be using them y
 A downgrade's errors are warnings (it runs only to roll back); VERIFY_LOCKS=warn makes every
 error a warning; `runner_allow = {"table-rewrite": "reason"}` makes a kind a note; with
 --against, revisions the live database already ran are notes. Each finding says what to use
-instead, read from how the schema changed (a column's type, a new NOT NULL, a new index...).
+instead, read from how the schema changed (a column's type, a new NOT NULL, a new index...:
+runner.verify.instead).
+
+The steps of an online operation (runner.online) are kept apart, one Record per step and table:
+each is a short transaction or one CONCURRENTLY statement, and what matters is what each step
+held. Their brief strong locks are what docs/online.md says they take: shown, not reported; a
+rewrite or a scan under a blocking lock in one of them, or (with --against) an estimated hold
+above VERIFY_MAX_LOCK_HOLD, is reported like any other.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from runner.verify.fingerprint import Fingerprint
+from runner.verify import instead
+from runner.verify.instead import Change
 from runner.verify.observe import DML, MODES, STRONG, StepObservation, mode_name, strongest
 from runner.verify.report import ERROR, NOTE, WARN, Finding
 from runner.verify.units import human_bytes, human_rows, human_seconds
@@ -35,8 +42,6 @@ from runner.verify.weigh import Rates, Size, work
 
 KINDS = ("table-rewrite", "scan-under-lock", "strong-lock", "full-table-update")
 UPGRADE, DOWNGRADE = "upgrade", "downgrade"
-
-_COLUMN_TAIL = re.compile(r" (?:not null|generated |default |collate |comment )")
 
 
 @dataclasses.dataclass
@@ -57,6 +62,8 @@ class Record:
     in_live: bool | None = None  # None: not weighed (no --against)
     hold: float | None = None  # estimated seconds a blocking lock is held in production
     statement: str | None = None
+    operation: str | None = None  # the online operation whose step this is (one transaction)
+    scanned: bool = False  # read in full (under whatever lock: for an online step, this one's)
 
     @property
     def kind(self) -> str | None:
@@ -83,31 +90,36 @@ class Record:
                 "live_bytes": self.size.total_bytes if self.size and self.size.known else None,
                 "live_rows": self.size.rows if self.size and self.size.known else None,
                 "in_live": self.in_live,
-                "estimated_hold_s": None if self.hold is None else round(self.hold, 3)}
+                "estimated_hold_s": None if self.hold is None else round(self.hold, 3),
+                "operation": self.operation, "scan": self.scanned,
+                "transaction": min(self.transactions) if self.operation and self.transactions else None}
 
 
 def records(obs: StepObservation, existing: frozenset[str], skip: set[str]) -> list[Record]:
-    """Merge a step's transactions into one Record per existing table (skip: the version and
-    ledger tables)."""
-    found: dict[str, Record] = {}
+    """Merge a step's transactions into one Record per existing table, and one per table and
+    transaction for the steps of online operations (skip: the runner's own tables)."""
+    found: dict[tuple[str, int | None], Record] = {}
     for i, txn in enumerate(obs.transactions):
         for touch in txn.touched:
             if touch.relation not in existing or touch.relation in skip:
                 continue
-            rec = found.setdefault(touch.relation, Record(obs.revision, obs.step, touch.relation))
+            key = (touch.relation, i if txn.operation else None)
+            rec = found.setdefault(key, Record(obs.revision, obs.step, touch.relation,
+                                               operation=txn.operation))
             rec.mode = strongest({m for m in (rec.mode, touch.mode) if m})
             rec.rewritten |= touch.rewritten
             # the same transaction held a lock that blocks writes on it: during the read, or from right
             # after it until commit
             rec.scanned_under_lock |= touch.scanned and touch.strong
             rec.full_update |= touch.scanned and DML in touch.modes
-            rec.sampled |= txn.statement is not None
+            rec.scanned |= touch.scanned
+            rec.sampled |= txn.sampled
             rec.dropped |= touch.dropped
-            if touch.strong or touch.scanned or touch.rewritten:
+            if touch.strong or touch.scanned or touch.rewritten or txn.operation:
                 rec.transactions.add(i)
             if txn.statement is not None and rec.statement is None:
                 rec.statement = txn.statement
-    return [r for r in found.values() if r.mode is not None or r.rewritten or r.full_update]
+    return [r for r in found.values() if r.mode is not None or r.rewritten or r.full_update or r.scanned]
 
 
 def estimate(recs: list[Record], obs: StepObservation, sizes: Mapping[str, Size],
@@ -122,19 +134,27 @@ def estimate(recs: list[Record], obs: StepObservation, sizes: Mapping[str, Size]
 
 
 def finding(rec: Record, file: str | None, *, mode: str, cap: float | None, applied: bool,
-            allow: Mapping[str, str], changes: list[str]) -> Finding | None:
-    """The finding a Record makes (None: nothing worth saying)."""
+            allow: Mapping[str, str], changes: Sequence[Change],
+            statements: Sequence[str] = ()) -> Finding | None:
+    """The finding a Record makes (None: nothing worth saying). changes and statements: how the
+    revision's upgrade changed the schema and the SQL it ran, for what to use instead."""
     kind = rec.kind
     if kind is None or (rec.step == DOWNGRADE and kind == "strong-lock"):
         return None
     severity, weight = _severity(rec, kind, cap, applied)
+    if rec.operation is not None and kind == "strong-lock" and severity == NOTE:
+        return None  # an online step's brief lock, as docs/online.md says: in the table, not a finding
     if severity == ERROR and (rec.step == DOWNGRADE or mode == "warn"):
         severity = WARN
-    message = f"{rec.step}: {_what(rec, kind)}; {weight}"
+    step = f"{rec.step}: {rec.operation}" if rec.operation else rec.step
+    message = f"{step}: {_what(rec, kind)}; {weight}"
     if kind in allow:
         severity, message = NOTE, f"{message}; allowed by runner_allow: {allow[kind]}"
+    better = None if rec.operation or rec.dropped else instead.for_observed(
+        kind, rec.relation, downgrade=rec.step == DOWNGRADE, full_update=rec.full_update, found=changes,
+        statements=statements)  # an online operation is the replacement already; a dropped table has none
     return Finding("locks", severity, message, rec.revision, file, kind, rec.statement,
-                   instead=instead(kind, rec, changes), step=rec.step, observed=rec.row())
+                   instead=better, step=rec.step, observed=rec.row())
 
 
 def _severity(rec: Record, kind: str, cap: float | None, applied: bool) -> tuple[str, str]:
@@ -171,82 +191,3 @@ def _what(rec: Record, kind: str) -> str:
         return f"{lock} on {rec.relation}{how}{gone}: {waits} while it is held"
     return (f"{rec.relation} read in full by an UPDATE or DELETE in one transaction: its rows stay locked "
             "until it commits")
-
-
-# -- "use instead" --------------------------------------------------------------------------------------
-def changes(before: Fingerprint | None, after: Fingerprint | None) -> list[str]:
-    """How the schema changed, as tags per table: 'public.t:type', ':not-null', ':add-column',
-    ':rename-column', ':index', ':drop-index', ':unique', ':foreign-key', ':check'."""
-    if before is None or after is None:
-        return []
-    tags: set[str] = set()
-    old, new = before.get("column", {}), after.get("column", {})
-    for key in set(old) | set(new):
-        table = key.rsplit(".", 1)[0]
-        if key in old and key in new and old[key] != new[key]:
-            if _type(old[key]) != _type(new[key]):
-                tags.add(f"{table}:type")
-            if " not null" in new[key] and " not null" not in old[key]:
-                tags.add(f"{table}:not-null")
-        elif key in new and key not in old:
-            if " not null" in new[key] or " default " in new[key]:  # a nullable column is instant
-                tags.add(f"{table}:add-column")
-            if any(k.rsplit(".", 1)[0] == table and k not in new and _type(old[k]) == _type(new[key])
-                   for k in old):
-                tags.add(f"{table}:rename-column")
-    for section, added, gone in (("index", "index", "drop-index"), ("constraint", None, None)):
-        old_s, new_s = before.get(section, {}), after.get(section, {})
-        for key in set(new_s) - set(old_s):
-            definition = new_s[key]
-            if section == "index":
-                m = re.search(r" ON (?:ONLY )?(\S+) USING ", definition)
-                if m:
-                    tags.add(f"{m.group(1)}:{'unique' if definition.startswith('CREATE UNIQUE') else added}")
-            else:
-                table = key.rsplit(".", 1)[0]
-                for prefix, tag in (("FOREIGN KEY", "foreign-key"), ("CHECK", "check"), ("UNIQUE", "unique"),
-                                    ("PRIMARY KEY", "unique")):
-                    if definition.startswith(prefix):
-                        tags.add(f"{table}:{tag}")
-        if gone:
-            for key in set(old_s) - set(new_s):
-                m = re.search(r" ON (?:ONLY )?(\S+) USING ", old_s[key])
-                if m:
-                    tags.add(f"{m.group(1)}:{gone}")
-    return sorted(tags)
-
-
-def _type(column: str) -> str:
-    return _COLUMN_TAIL.split(column, 1)[0]
-
-
-_INSTEAD = {  # tag -> the online operation that replaces the blocking statement
-    "type": "op.alter_column_type_expand / op.alter_column_type_contract",
-    "not-null": "op.set_not_null_online",
-    "add-column": "op.add_column_online",
-    "rename-column": "op.rename_column_expand / op.rename_column_contract",
-    "index": "op.create_index_online",
-    "drop-index": "op.drop_index_online",
-    "unique": "op.create_unique_constraint_online",
-    "foreign-key": "op.create_foreign_key_online",
-    "check": "op.create_check_constraint_online",
-}
-# which schema changes can explain each kind, most specific first
-_EXPLAINS = {
-    "table-rewrite": ("type", "add-column"),
-    "scan-under-lock": ("not-null", "foreign-key", "check", "unique", "index", "type"),
-    "strong-lock": ("rename-column", "drop-index", "foreign-key", "check", "unique", "not-null"),
-}
-
-
-def instead(kind: str, rec: Record, tags: list[str]) -> str | None:
-    """The online operation that does what this revision did without the blocking lock."""
-    if rec.dropped:
-        return None  # dropping a table: no online form of that
-    mine = {t.rsplit(":", 1)[1] for t in tags if t.rsplit(":", 1)[0] == rec.relation}
-    if rec.step == DOWNGRADE:  # undoing an index is dropping it, and the other way round
-        mine = {{"index": "drop-index", "drop-index": "index"}.get(t, t) for t in mine}
-    hints = [_INSTEAD[t] for t in _EXPLAINS.get(kind, ()) if t in mine]
-    if kind in ("scan-under-lock", "full-table-update") and rec.full_update:
-        hints.append("op.backfill")
-    return " or ".join(dict.fromkeys(hints)) or None

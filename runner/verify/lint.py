@@ -5,6 +5,12 @@ On top of Squawk, a finding about an object the revision itself created is not a
 other session can be using it yet), and a revision may allow a rule with a reason:
 
     runner_allow = {"ban-drop-column": "contract step: no release reads orders.note since 2.3"}
+
+A post-deploy revision (runner_phase = "post-deploy") runs once the previous release is gone: what
+only breaks that release (dropping a column, a table, a NOT NULL...) is a note there. The
+statements of online operations are not linted: they are the safe form of what the rules flag,
+and verify observes what each of their steps does instead. Each finding names the online
+operation to use instead, with its arguments (runner.verify.instead).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 from runner.cancellation import unblock_in_child
 from runner.errors import ConfigError
+from runner.verify import instead
 from runner.verify.report import ERROR, NOTE, WARN, Finding, short
 
 # rule -> why it is not checked
@@ -40,18 +47,6 @@ EXCLUDED: dict[str, str] = {
     "prefer-timestamp-tz": "style, not a migration hazard",
     "ban-char-field": "style, not a migration hazard",
     "require-enum-value-ordering": "style, not a migration hazard",
-}
-# rule -> the online operation that does the same without the blocking lock
-INSTEAD: dict[str, str] = {
-    "require-concurrent-index-creation": "op.create_index_online",
-    "require-concurrent-index-deletion": "op.drop_index_online",
-    "adding-foreign-key-constraint": "op.create_foreign_key_online",
-    "adding-not-nullable-field": "op.set_not_null_online",
-    "changing-column-type": "op.alter_column_type_expand / op.alter_column_type_contract",
-    "renaming-column": "op.rename_column_expand / op.rename_column_contract",
-    "disallowed-unique-constraint": "op.create_unique_constraint_online",
-    "adding-field-with-default": "op.add_column_online",
-    "adding-required-field": "op.add_column_online",
 }
 NOT_PARSED = "syntax-error"  # Squawk's parser lags PostgreSQL's: the server ran it, so it is valid
 
@@ -73,13 +68,18 @@ _LEADING_COMMENTS = re.compile(r"^(?:\s+|--[^\n]*\n?|/\*.*?\*/)*", re.S)
 
 @dataclasses.dataclass
 class RevisionSql:
-    """What one revision executed, and what existed before it ran."""
+    """What one revision executed, and what existed before it ran. The statements of its online
+    operations are not linted (they are the safe form; verify observes what they do instead):
+    `operations` names the calls, `online_statements` counts their statements."""
 
     revision: str
     file: str | None
     statements: list[str]
     existing: set[str]  # object names before the revision (fingerprint.relation_names)
     allow: Mapping[str, str]  # rule -> reason (runner_allow)
+    operations: list[str] = dataclasses.field(default_factory=list)  # "create_index_online(ix, t)"
+    online_statements: int = 0
+    post_deploy: bool = False  # runner_phase = "post-deploy": the previous release no longer runs
 
 
 def squawk_binary() -> Path:
@@ -158,16 +158,11 @@ def _finding(rev: RevisionSql, statement: str, item: dict, mode: str) -> Finding
     if rule in rev.allow:
         return Finding("lint", NOTE, f"allowed by runner_allow: {rev.allow[rule]}", rev.revision,
                        rev.file, rule, short(statement), message)
+    if rev.post_deploy and rule in instead.BREAKS_THE_PREVIOUS_RELEASE:
+        return Finding("lint", NOTE, "post-deploy revision (runner_phase): the release that used it no "
+                       f"longer runs: {message}", rev.revision, rev.file, rule, short(statement))
     return Finding("lint", ERROR if mode == "error" else WARN, message, rev.revision, rev.file, rule,
-                   short(statement), helptext, instead=instead(rule, statement))
-
-
-def instead(rule: str, statement: str) -> str | None:
-    """The online operation to use instead of what a rule flags."""
-    if rule == "constraint-missing-not-valid":
-        foreign = re.search(r"\b(FOREIGN\s+KEY|REFERENCES)\b", statement, re.I)
-        return "op.create_foreign_key_online" if foreign else "op.create_check_constraint_online"
-    return INSTEAD.get(rule)
+                   short(statement), helptext, instead=instead.for_rule(rule, statement))
 
 
 def _run(binary: Path, files: list[str], pg_version: str) -> list[dict]:

@@ -22,7 +22,12 @@ Statements that run outside a transaction (`autocommit_block()`: CREATE INDEX CO
 ALTER TYPE ... ADD VALUE, VACUUM) have no commit to observe: their locks are sampled from a second
 connection while the statement runs (at once, then 1, 2, 4 ... 32 ms apart: a statement takes its
 table locks as it starts and holds them to its end, but a lock taken and released in between can
-be missed), and relfilenode is compared before and after the statement.
+be missed), and relfilenode is compared before and after the statement. A transaction opened
+with BEGIN on such a connection (each step of an online operation is one, runner.online) is
+observed like any other: its tables when BEGIN returns, its locks, rewrites and scans just before
+its COMMIT. Statements that take no table lock (SET, SHOW) are not sampled.
+
+Each transaction and sampled statement names the online operation that ran it, if one did.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +46,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from runner import db
 from runner.context import Run
+from runner.online.session import RUNNING
 
 MODES = ("AccessShareLock", "RowShareLock", "RowExclusiveLock", "ShareUpdateExclusiveLock", "ShareLock",
          "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
@@ -69,6 +76,12 @@ T = TypeVar("T")
 _FORCE_FLUSH = "SELECT pg_stat_force_next_flush();\n"
 _SAMPLE = ("SELECT relation::bigint, mode FROM pg_locks WHERE pid = %s AND locktype = 'relation' "
            "AND granted AND relation >= 16384")
+# transaction control sent as statements on a connection outside a transaction (an online step)
+_BEGIN = re.compile(r"\s*(?:BEGIN|START\s+TRANSACTION)\b", re.I)
+_COMMIT = re.compile(r"\s*(?:COMMIT|END)(?:\s+(?:WORK|TRANSACTION))?\s*;?\s*$", re.I)
+_ROLLBACK = re.compile(r"\s*(?:ROLLBACK|ABORT)(?:\s+(?:WORK|TRANSACTION))?\s*;?\s*$", re.I)
+_NO_TABLE_LOCK = re.compile(r"\s*(?:SET|SHOW|RESET)\b", re.I)
+_IN_TRANSACTION = 2  # libpq's PQTRANS_INTRANS: idle in a transaction, no error
 
 
 def mode_name(mode: str) -> str:
@@ -132,7 +145,19 @@ class Touch:
 @dataclasses.dataclass
 class Transaction:
     touched: list[Touch]
-    statement: str | None = None  # set when it was one statement outside a transaction (sampled)
+    statement: str | None = None  # the statement (sampled), or the first of a BEGIN ... COMMIT
+    sampled: bool = False  # one statement outside a transaction, watched from a second connection
+    operation: str | None = None  # the online operation that ran it (runner.online)
+
+
+@dataclasses.dataclass
+class _Opened:
+    """A transaction opened by BEGIN on a connection outside a transaction (an online step)."""
+
+    dbapi: int  # id() of the DBAPI connection
+    baseline: Snapshot
+    operation: str | None
+    statement: str | None = None
 
 
 @dataclasses.dataclass
@@ -188,6 +213,8 @@ class Observer:
         self._started = 0.0
         self._monitor: Connection | None = None
         self._outside: _Sampler | None = None
+        self._opened: _Opened | None = None
+        self._beginning = False  # a BEGIN is running outside a transaction: read the baseline after it
         # the tables as they were committed last (their scan counters flushed since): the next
         # transaction's baseline without reading it again; None when unknown (start, a failure)
         self._known: Snapshot | None = None
@@ -197,6 +224,7 @@ class Observer:
     def arm(self, revision: str, step: str, conn: Connection) -> None:
         """A step is about to run on conn."""
         self._baseline, self._started = None, time.monotonic()
+        self._opened, self._beginning = None, False
         if conn.in_transaction() and not _autocommit(conn):  # runs inside a transaction already open
             self._baseline = snapshot(conn, locks=False)
         before = _names(self._baseline) if self._baseline is not None else frozenset()
@@ -218,7 +246,7 @@ class Observer:
     def abort(self) -> None:
         """The step failed: what it did is rolled back; keep nothing of it."""
         self._stop_sampler()
-        self._current, self._baseline = None, None
+        self._current, self._baseline, self._opened, self._beginning = None, None, None, False
 
     def close(self) -> None:
         self.abort()
@@ -251,14 +279,48 @@ class Observer:
 
     @_timed
     def on_statement(self, conn: Connection, statement: str) -> None:
-        """A statement is about to run: outside a transaction, watch it from a second connection."""
+        """A statement is about to run: outside a transaction, watch it from a second connection;
+        a transaction it opened with BEGIN is read at its COMMIT."""
         if self._current is None or not _autocommit(conn):
             return
+        opened = self._opened
+        if opened is not None and opened.dbapi == id(conn.connection.dbapi_connection):
+            if _COMMIT.match(statement):
+                self._commit_opened(conn, opened)
+            elif _ROLLBACK.match(statement):
+                self._opened, self._known = None, None  # its scans may still be pending: read afresh
+            elif opened.statement is None and not _NO_TABLE_LOCK.match(statement):
+                opened.statement = statement
+            return
+        if _BEGIN.match(statement):
+            self._beginning = True
+            return
+        if _NO_TABLE_LOCK.match(statement) or _COMMIT.match(statement) or _ROLLBACK.match(statement):
+            return
         monitor = self._monitor_connection()
-        self._outside = _Sampler(monitor, _backend_pid(conn), statement, self._known)
+        self._outside = _Sampler(monitor, _backend_pid(conn), statement, self._known, RUNNING.get())
+
+    def _commit_opened(self, conn: Connection, opened: _Opened) -> None:
+        """Just before the COMMIT of a transaction opened by BEGIN: what it did (as on_commit)."""
+        self._opened = None
+        if not _in_transaction(conn):
+            self._known = None  # failed: the COMMIT rolls it back
+            return
+        end = snapshot(conn, flush=True)
+        touched = diff(opened.baseline, end)
+        self._known = _merge(opened.baseline, end)
+        if touched and self._current is not None:
+            self._current.transactions.append(Transaction(touched, opened.statement, False, opened.operation))
 
     @_timed
     def on_statement_done(self, conn: Connection | None, failed: bool = False) -> None:
+        if self._beginning:
+            self._beginning = False
+            if not failed and conn is not None and self._current is not None and _in_transaction(conn):
+                # the tables (and pending scan counters) as the transaction starts: no lock yet
+                self._opened = _Opened(id(conn.connection.dbapi_connection), snapshot(conn, locks=False),
+                                       RUNNING.get())
+            return
         sampler, self._outside = self._outside, None
         if sampler is None or self._current is None:
             return
@@ -267,7 +329,8 @@ class Observer:
         if not failed and conn is not None and _flush_next(conn):
             self._known = after  # its scans reach the statistics before the next transaction
         if not failed and touched:
-            self._current.transactions.append(Transaction(touched, sampler.statement))
+            self._current.transactions.append(Transaction(touched, sampler.statement, sampled=True,
+                                                          operation=sampler.operation))
 
     # -- helpers --------------------------------------------------------------------------------------
     def _end(self, end: Snapshot) -> None:
@@ -373,6 +436,15 @@ def _autocommit(conn: Connection) -> bool:
     return bool(getattr(dbapi, "autocommit", False))
 
 
+def _in_transaction(conn: Connection) -> bool:
+    """Whether the server holds a transaction open on conn, not failed (libpq's status)."""
+    dbapi = conn.connection.dbapi_connection
+    status = getattr(getattr(dbapi, "info", None), "transaction_status", None)  # psycopg2 2.8+, psycopg 3
+    if status is None and hasattr(dbapi, "get_transaction_status"):
+        status = dbapi.get_transaction_status()
+    return status is not None and int(status) == _IN_TRANSACTION
+
+
 def _backend_pid(conn: Connection) -> int:
     dbapi = conn.connection.dbapi_connection
     get = getattr(dbapi, "get_backend_pid", None)  # psycopg2
@@ -392,8 +464,9 @@ def _backend_pid(conn: Connection) -> int:
 class _Sampler:
     """Poll one backend's table locks from the monitor connection while its statement runs."""
 
-    def __init__(self, monitor: Connection, pid: int, statement: str, known: Snapshot | None) -> None:
-        self.statement, self.pid = statement, pid
+    def __init__(self, monitor: Connection, pid: int, statement: str, known: Snapshot | None,
+                 operation: str | None = None) -> None:
+        self.statement, self.pid, self.operation = statement, pid, operation
         self._cursor = monitor.connection.cursor()
         if known is None:
             self._cursor.execute(_RELATIONS)

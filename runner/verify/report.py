@@ -3,7 +3,8 @@
 Text: findings grouped by revision, most severe revision first (then chain order); inside a
 revision by check with counts, most severe first, at most GROUP_LINES lines per check (JSON has
 them all); failures that only follow from another finding are folded under it; the tables a
-revision was observed to lock, where that matters; and a one-screen summary at the end.
+revision was observed to lock, where that matters; what each step of its online operations held,
+one line per operation; and a one-screen summary at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from runner.redact import redact, redact_data
@@ -29,7 +30,7 @@ SUMMARY_REVISIONS = 12  # revisions named in the summary
 class Finding:
     """One problem (or note) about the chain.
 
-    check: chain | migration | roundtrip | lint | locks | models | drift; severity: error (fails
+    check: chain | migration | roundtrip | lint | locks | phase | models | drift; severity: error (fails
     verify), warning or note. instead: the online operation that does the same without the
     blocking lock; step: the walk's step (upgrade, downgrade, upgrade again); observed: the
     table, lock, rewrite and live size behind a `locks` finding; folded_into: the check of the
@@ -90,28 +91,37 @@ def fold(findings: list[Finding]) -> list[Finding]:
 
 
 def write(findings: list[Finding], summary: dict[str, Any], fmt: str, out: IO[str],
-          observed: Sequence[dict[str, Any]] = (), order: Sequence[str] = ()) -> None:
+          observed: Sequence[dict[str, Any]] = (), order: Sequence[str] = (),
+          files: Mapping[str, str | None] | None = None,
+          operations: Mapping[str, Sequence[str]] | None = None) -> None:
     if fmt == "json":
         json.dump({"findings": [f.as_dict() for f in findings], "summary": summary,
-                   "observed": redact_data(list(observed))}, out, indent=2)
+                   "observed": redact_data(list(observed)),
+                   "online_operations": redact_data(dict(operations or {}))}, out, indent=2)
         out.write("\n")
         return
-    out.write(text(findings, summary, observed, order))
+    out.write(text(findings, summary, observed, order, files, operations))
     out.flush()
 
 
 def text(findings: list[Finding], summary: dict[str, Any], observed: Sequence[dict[str, Any]],
-         order: Sequence[str]) -> str:
-    """The text report: groups by revision, tables of observed locks, then the summary."""
+         order: Sequence[str], files: Mapping[str, str | None] | None = None,
+         operations: Mapping[str, Sequence[str]] | None = None) -> str:
+    """The text report: groups by revision, tables of observed locks, then the summary (files:
+    revision -> its file; operations: revision -> the online operations its upgrade ran)."""
     rank = {rev: i for i, rev in enumerate(order)}
     groups: dict[str | None, list[Finding]] = {}
     for f in findings:
         groups.setdefault(f.revision, []).append(f)
     rows: dict[str, list[dict[str, Any]]] = {}
+    online: dict[str, list[dict[str, Any]]] = {}
     for row in observed:
-        if _shown(row):
+        if row.get("operation") and row["step"] == "upgrade":
+            online.setdefault(row["revision"], []).append(row)
+        elif _shown(row):
             rows.setdefault(row["revision"], []).append(row)
-    for rev in rows:
+    calls = {rev: list(ops) for rev, ops in (operations or {}).items() if ops}
+    for rev in (*rows, *online, *calls):
         groups.setdefault(rev, [])
 
     def key(rev: str | None) -> tuple[int, int, str]:
@@ -121,7 +131,9 @@ def text(findings: list[Finding], summary: dict[str, Any], observed: Sequence[di
 
     lines: list[str] = []
     for rev in sorted(groups, key=key):
-        lines += _group(rev, groups[rev], rows.get(rev or "", []))
+        file = (files or {}).get(rev or "")
+        lines += _group(rev, groups[rev], rows.get(rev or "", []), online.get(rev or "", []), file,
+                        calls.get(rev or "", []))
     lines += summary_block(findings, summary, [r for r in sorted(groups, key=key) if r])
     return "".join(line + "\n" for line in lines)
 
@@ -134,11 +146,13 @@ def _shown(row: dict[str, Any]) -> bool:
     return row["step"] == "downgrade" and row.get("kind") in ("table-rewrite", "scan-under-lock")
 
 
-def _group(rev: str | None, found: list[Finding], rows: list[dict[str, Any]]) -> list[str]:
+def _group(rev: str | None, found: list[Finding], rows: list[dict[str, Any]],
+           online: list[dict[str, Any]], file: str | None, calls: list[str]) -> list[str]:
     live = [f for f in found if not f.folded_into]
-    file = next((f.file for f in found if f.file), None)
+    file = next((f.file for f in found if f.file), file)
     title = f"{rev} ({file})" if rev and file else rev or "the chain as a whole"
-    lines = [f"{title}: {_counts(live) or 'observed locks only'}"]
+    quiet = "online operations, no finding" if calls and not rows else "observed locks only"
+    lines = [f"{title}: {_counts(live) or quiet}"]
     by_check: dict[str, list[Finding]] = {}
     for f in live:
         by_check.setdefault(f.check, []).append(f)
@@ -160,7 +174,47 @@ def _group(rev: str | None, found: list[Finding], rows: list[dict[str, Any]]) ->
     if rows and (any(f.check == "locks" and f.severity != NOTE for f in live)
                  or any(r["rewrite"] or r["scan_under_lock"] for r in rows)):
         lines += _table(rows)
+    elif not live and not calls:
+        return []  # weak or brief locks only: the JSON has them
+    return lines + _online(calls, online)
+
+
+def _online(calls: list[str], rows: list[dict[str, Any]]) -> list[str]:
+    """One line per online operation the upgrade ran: what each of its steps held, in order (->
+    between steps; consecutive identical steps, like backfill batches, counted)."""
+    if not calls:
+        return []
+    steps: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for r in sorted(rows, key=lambda r: r.get("transaction") or 0):
+        steps.setdefault(r["operation"], {}).setdefault(r.get("transaction") or 0, []).append(r)
+    lines = [f"  online: {len(calls)} operation(s), the locks of each step in order (docs/online.md)"]
+    for operation in calls[:GROUP_LINES]:
+        parts: list[list[Any]] = []
+        for step in steps.get(operation, {}).values():
+            what = _step(step)
+            if what and parts and parts[-1][0] == what:
+                parts[-1][1] += 1
+            elif what:
+                parts.append([what, 1])
+        held = " -> ".join(w + (f" (x{n})" if n > 1 else "") for w, n in parts) or (
+            "no table lock seen (a statement outside a transaction can end between two samples)")
+        lines.append(f"    {operation}: {held}")
+    if len(calls) > GROUP_LINES:
+        lines.append(f"    ... and {len(calls) - GROUP_LINES} more online operation(s) (--format json "
+                     "has every step)")
     return lines
+
+
+def _step(rows: list[dict[str, Any]]) -> str:
+    """One step of an online operation: 'SHARE UPDATE EXCLUSIVE on public.t, read in full'."""
+    kinds: dict[tuple[str, bool, bool, bool], list[str]] = {}
+    for r in rows:
+        if r["lock"] in (None, "ACCESS SHARE") and not (r["scan"] or r["rewrite"]):
+            continue
+        kinds.setdefault((r["lock"] or "?", r["scan"], r["rewrite"], r["sampled"]), []).append(r["relation"])
+    return "; ".join(f"{lock} on {', '.join(sorted(tables))}" + (", rewritten" if rewrite else "")
+                     + (", read in full" if scan and not rewrite else "") + (" (sampled)" if sampled else "")
+                     for (lock, scan, rewrite, sampled), tables in kinds.items())
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
@@ -209,6 +263,10 @@ def summary_block(findings: list[Finding], s: dict[str, Any], revisions: list[st
         lines.append(f"  observed: {s.get('observed_tables', 0)} existing table(s) locked, "
                      f"{s.get('rewrites', 0)} rewrite(s), {s.get('scans_under_lock', 0)} scan(s) under a "
                      f"blocking lock{_rates(s)}")
+    if s.get("online_operations"):
+        lines.append(f"  online operations: {s['online_operations']}, {s.get('online_steps', 0)} step(s) "
+                     f"observed; {s.get('online_statements', 0)} statement(s) of theirs not linted (each "
+                     "revision shows what its steps held)")
     lines.append(summary_line(s))
     return lines
 

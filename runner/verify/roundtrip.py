@@ -24,11 +24,12 @@ from alembic.runtime.migration import RevisionStep
 from alembic.script import Script, ScriptDirectory
 from sqlalchemy.engine import Connection
 
-from runner import db
-from runner.errors import RunnerError
+from runner import db, phases
+from runner.errors import PreflightRefused, RunnerError
 from runner.migrate import sqlstate
-from runner.verify import capture, fingerprint, hazards, steps
+from runner.verify import capture, fingerprint, instead, steps
 from runner.verify.fingerprint import Fingerprint, Table
+from runner.verify.instead import Change
 from runner.verify.lint import RevisionSql
 from runner.verify.observe import ObservationFailed, Observer
 from runner.verify.report import ERROR, NOTE, WARN, Finding, relative
@@ -50,10 +51,11 @@ class Markers:
 
     irreversible: str | None
     allow: dict[str, str]
+    post_deploy: bool = False  # runner_phase = "post-deploy" (runner.phases)
 
 
-def markers(script: Script) -> tuple[Markers, list[Finding]]:
-    """Read runner_irreversible and runner_allow; a malformed marker is a finding."""
+def markers(script: Script, directory: ScriptDirectory) -> tuple[Markers, list[Finding]]:
+    """Read runner_irreversible, runner_allow and runner_phase; a malformed marker is a finding."""
     module, problems = script.module, []
     where = dict(revision=script.revision, file=relative(script.path))
     irreversible = getattr(module, "runner_irreversible", None)
@@ -67,7 +69,12 @@ def markers(script: Script) -> tuple[Markers, list[Finding]]:
         problems.append(Finding("chain", ERROR, 'runner_allow must be a dict {"squawk-rule": '
                                 '"reason"} with a reason for every rule', **where))
         allow = {}
-    return Markers(irreversible, dict(allow)), problems
+    try:
+        post_deploy = phases.phase_of(directory, script.revision) == phases.POST
+    except PreflightRefused as exc:  # what upgrade refuses (exit 7)
+        problems.append(Finding("chain", ERROR, str(exc), **where))
+        post_deploy = False
+    return Markers(irreversible, dict(allow), post_deploy), problems
 
 
 class RoundTrips:
@@ -80,7 +87,7 @@ class RoundTrips:
         self.scratch, self.cfg, self.script = scratch, cfg, script
         self.mode = scratch.server.settings.verify_roundtrip  # error, warn, off (upgrades only)
         self.observer = observer
-        self.changes: dict[str, list[str]] = {}  # revision -> how its upgrade changed each table
+        self.changes: dict[str, list[Change]] = {}  # revision -> how its upgrade changed each table
         self.upgraded = 0
         self.exclude, self.version_table, self.marks = exclude, version_table, marks
         self.keep_at = None if keep_at is None else frozenset(keep_at)
@@ -164,7 +171,7 @@ class RoundTrips:
                 yield from self._step(rev, AGAIN, conn)
                 self.round_tripped += 1
             self._before = self._fingerprint(conn)
-            self.changes[rev] = hazards.changes(before, self._before)
+            self.changes[rev] = instead.changes(before, self._before)
             self.upgraded += 1
             self._todo.pop(0)
             self.scratch.server.log("verify.revision", f"{rev}: " + (
@@ -239,10 +246,12 @@ class RoundTrips:
         if self._seen is None:
             return
         capture.end()
-        executed = [s.sql for s in self._seen if not (s.version_table or s.catalog_read)]
-        self.sql.append(RevisionSql(rev, self.file_of(rev), executed,
-                                    fingerprint.relation_names(self._before or {}),
-                                    self.marks.get(rev, Markers(None, {})).allow))
+        executed = [s for s in self._seen if not (s.version_table or s.catalog_read)]
+        mark = self.marks.get(rev, Markers(None, {}))
+        self.sql.append(RevisionSql(rev, self.file_of(rev), [s.sql for s in executed if not s.operation],
+                                    fingerprint.relation_names(self._before or {}), mark.allow,
+                                    list(dict.fromkeys(s.operation for s in executed if s.operation)),
+                                    sum(1 for s in executed if s.operation), mark.post_deploy))
         self._seen = None
 
     def _finding(self, severity: str, check: str, message: str, rev: str, step: str | None = None) -> None:
