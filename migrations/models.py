@@ -6,10 +6,12 @@
 import sqlalchemy as sa
 
 metadata = sa.MetaData()
+# SQLite (local development): only an INTEGER PRIMARY KEY numbers new rows; PostgreSQL gets BIGINT
+ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
 
 customers = sa.Table(
     "customers", metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", ID, sa.Identity(), primary_key=True),
     sa.Column("email", sa.Text, nullable=False, unique=True),
     sa.Column("name", sa.Text, nullable=False),
     sa.Column("email_domain", sa.Text, nullable=True),
@@ -19,7 +21,7 @@ customers = sa.Table(
 
 orders = sa.Table(
     "orders", metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", ID, sa.Identity(), primary_key=True),
     sa.Column("customer_id", sa.BigInteger, sa.ForeignKey("customers.id", ondelete="CASCADE"),
               nullable=False),
     sa.Column("total_cents", sa.BigInteger, nullable=False),
@@ -30,7 +32,7 @@ orders = sa.Table(
 
 invoices = sa.Table(
     "invoices", metadata,
-    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("id", ID, sa.Identity(), primary_key=True),
     sa.Column("order_id", sa.BigInteger, sa.ForeignKey("orders.id"), nullable=False),
     sa.Column("amount_cents", sa.BigInteger, nullable=False),
     sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False,

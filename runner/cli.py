@@ -144,7 +144,8 @@ def _target(settings: config.Settings, env: Mapping[str, str], command: str) -> 
     if fleet_mode(env, command):
         return "a fleet of targets"
     if command == "verify":
-        return "a throwaway database on VERIFY_DATABASE_URL"
+        return ("a temporary SQLite file" if settings.database_url.is_sqlite
+                and settings.verify_database_url is None else "a throwaway database on VERIFY_DATABASE_URL")
     return settings.safe_target
 
 

@@ -190,7 +190,10 @@ def plan(run: Run, args: argparse.Namespace) -> None:
 
 def backup(run: Run, args: argparse.Namespace) -> None:
     """Back the database up to BACKUP_S3_URI, under the migration lock (no migration waits on it)."""
-    from runner.backup.take import take
+    if run.settings.database_url.is_sqlite:  # a consistent copy of the file (SQLite's backup API)
+        from runner.sqlite.backup import take
+    else:
+        from runner.backup.take import take
 
     cfg, script = load(run)
     with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
@@ -211,7 +214,7 @@ def backups(run: Run, args: argparse.Namespace) -> None:
     out = sys.stdout
     loc, client = s3.Location.parse(run.settings.backup_s3_uri), s3.client(run.settings, run.cancel)
     names = (s3.databases(run, client, loc) if all_databases
-             else [from_database or run.settings.database_url.database or ""])
+             else [from_database or run.settings.database_url.name or ""])
     found = newest([m for name in names for m in s3.backups(run, client, loc, name)])
     print(f"{'key':<60} {'kind':<6} {'created':<25} {'size':>12} {'revision':<14} {'database':<20} "
           "server", file=out)
@@ -227,9 +230,15 @@ def restore(run: Run, args: argparse.Namespace) -> None:
     """Replace the database's contents with a backup in one transaction, under the migration lock:
     KEY, or the newest backup of this database (or of --from-database) for 'latest'."""
     from runner.backup import parallel, s3
+    from runner.backup.manifest import check_target_format
     from runner.backup.restore import check_compatible, inspect_target, replay, resolve_backup
+    from runner.sqlite import restore as sqlite_restore
 
     which, from_database = args.backup, args.from_database
+    sqlite = run.settings.database_url.is_sqlite  # a SQLite file: runner.sqlite.restore
+    if sqlite and is_point(which):
+        raise ConfigError(f"--backup {which} is a restore point (PostgreSQL's WAL archive): a SQLite "
+                          "database has none; pick a backup from 'python -m runner backups'")
     if is_point(which):  # a restore point: print how to recover to it, restore nothing
         from runner.backup.point import show
 
@@ -242,9 +251,14 @@ def restore(run: Run, args: argparse.Namespace) -> None:
     cfg, script = load(run)
     client, loc = s3.client(run.settings, run.cancel), s3.Location.parse(run.settings.backup_s3_uri)
     with locked(run, cfg, script, ready_state(run, cfg, script)) as state:
-        target = inspect_target(run)
+        target = sqlite_restore.target(run) if sqlite else inspect_target(run)
         manifest = resolve_backup(run, client, loc, target, which, from_database,
                                   args.from_other_database)
+        check_target_format(manifest, sqlite)  # a pg_dump into SQLite, or the reverse: exit 2
+        if sqlite:
+            with run.timed("restore"):
+                sqlite_restore.restore(run, client, loc, manifest)
+            return _restored(run, cfg, script, state, manifest)
         tools = check_compatible(run, client, loc, manifest, target)
         jobs = parallel.jobs_for(run, manifest, target)  # 1: streamed, in one transaction
         run.log("restore.begin", f"restoring {manifest['key']}" + (
@@ -256,8 +270,14 @@ def restore(run: Run, args: argparse.Namespace) -> None:
                 parallel.restore(run, client, loc, manifest, target, tools, jobs)
             else:
                 replay(run, client, loc, manifest, target, tools)
-        with db.connect(run, "verify") as conn:
-            after = revisions.read_state(cfg, script, conn).heads
+        _restored(run, cfg, script, state, manifest)
+
+
+def _restored(run: Run, cfg: Any, script: ScriptDirectory, state: DbState,
+              manifest: dict[str, Any]) -> None:
+    """Read the revision the restore left (still under the lock) and report it."""
+    with db.connect(run, "verify") as conn:
+        after = revisions.read_state(cfg, script, conn).heads
     run.summary.update({"backup": manifest["key"], "from": fmt(state.heads), "to": fmt(after),
                         "outcome": "restored"})
 

@@ -213,7 +213,8 @@ class Settings:
     database_url: DbUrl = setting(
         "DATABASE_URL", "", "SQLAlchemy PostgreSQL URL; any driver (postgresql://, +psycopg2, "
         "+psycopg, +asyncpg). `DATABASE_URL_FILE` reads it from a file. Percent-encode `@ : / ? #` "
-        "in the user and password. Use a direct connection, not a transaction-mode PgBouncer.",
+        "in the user and password. Use a direct connection, not a transaction-mode PgBouncer. "
+        "Local development: `sqlite:///path.db` (docs/sqlite.md).",
         secret=True, shown="(required)", value=DbUrl("postgresql"))
     alembic_config: Path = setting("ALEMBIC_CONFIG", "alembic.ini", "Path to alembic.ini (flag `-c`).",
                                    path, shown="./alembic.ini")
@@ -455,8 +456,10 @@ class Settings:
 
     @property
     def sync_url(self) -> Any:
-        """The SQLAlchemy URL the runner's own connections use (psycopg2, whatever the app uses)."""
-        return self.database_url.set(drivername="postgresql+psycopg2").to_sqlalchemy()
+        """The SQLAlchemy URL the runner's own connections use (psycopg2, whatever the app uses;
+        pysqlite for a SQLite file)."""
+        driver = "sqlite+pysqlite" if self.database_url.is_sqlite else "postgresql+psycopg2"
+        return self.database_url.set(drivername=driver).to_sqlalchemy()
 
     @property
     def safe_target(self) -> str:
@@ -507,6 +510,13 @@ def load(environ: Mapping[str, str] | None = None, overrides: Mapping[str, str] 
         errors.append(f"DATABASE_URL is not set: set it to {dburl.PLACEHOLDER}")
     _check_alembic_config(values.get("alembic_config", Path("alembic.ini")), errors)
     _check_combinations(values, command, errors)
+    template = values.get("database_url_template", "")
+    if any(u is not None and u.is_sqlite for u in (values.get("database_url"),
+                                                   values.get("verify_database_url"))) \
+            or template.lstrip().startswith("sqlite"):
+        from runner.sqlite import refusals  # what cannot work on a SQLite file (imported only then)
+
+        errors += refusals.problems(values, command, template)
     if errors:
         raise ConfigError("; ".join(errors))
     return Settings(**values)
@@ -563,8 +573,10 @@ def _check_combinations(values: dict[str, Any], command: str, errors: list[str])
     mode = values.get("backup_mode", defaults.backup_mode)
     needs_uri = command in BACKUP_COMMANDS or (command in MIGRATE_COMMANDS and mode in DUMP_MODES)
     if needs_uri and not values.get("backup_s3_uri") and not _mentioned(errors, "BACKUP_S3_URI"):
+        url = values.get("database_url")
         errors.append("BACKUP_S3_URI is not set: set it to s3://BUCKET/PREFIX" + (
             "" if command in BACKUP_COMMANDS else
+            ", or BACKUP_MODE=off (no backup: local development only)" if url and url.is_sqlite else
             ", or BACKUP_MODE=restore-point (WAL archiving, no dump) or BACKUP_MODE=off (no backup: "
             "local development only)"))
 

@@ -49,7 +49,12 @@ def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool 
 
     Pool-less: every connect() is a new server session with the settings below. The engine
     itself is kept for the run, so SQLAlchemy initialises its dialect once, not per connection.
+    A SQLite file (local development) gets runner.sqlite.engine's instead.
     """
+    if run.settings.database_url.is_sqlite:
+        from runner.sqlite import engine as sqlite_engine
+
+        return sqlite_engine.engine(run, purpose, autocommit=autocommit, migrating=migrating)
     key = (purpose, autocommit, migrating, int(connect_timeout), run.server_version, lock_timeout,
            run.settings.database_url.render(hide_password=False))
     cached = run.engines.get(key)
@@ -81,6 +86,8 @@ def connection_lost(exc: BaseException | None) -> bool:
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if type(getattr(exc, "orig", exc)).__module__ == "sqlite3":
+            return False  # a SQLite file has no connection to lose: its errors are the statement's
         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
             return True
         orig = getattr(exc, "orig", exc)
@@ -131,6 +138,10 @@ def libpq_environment(run: Run, lock_timeout: float | None = None) -> dict[str, 
 
 def cancel_own_statements(run: Run) -> int:
     """Cancel this run's running statements from a fresh connection; return how many."""
+    if run.settings.database_url.is_sqlite:
+        from runner.sqlite import engine as sqlite_engine
+
+        return sqlite_engine.interrupt(run)
     with connect(run, "cancel", autocommit=True, connect_timeout=5) as conn:
         return conn.execute(sa.text(
             "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity "

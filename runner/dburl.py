@@ -37,6 +37,8 @@ _PATTERN = re.compile(
 )
 # drivers we accept; the runner's own connections always use psycopg2 (libpq)
 DRIVERS = {"postgresql", "postgres", "psycopg2", "psycopg", "asyncpg", "pg8000", "psycopg2cffi"}
+# SQLite for local development (docs/sqlite.md): the runner's own connections use pysqlite
+SQLITE_DRIVERS = {"pysqlite", "aiosqlite"}
 SECRET_PARAMS = ("password", "sslpassword")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 PLACEHOLDER = "postgresql://USER:PASSWORD@HOST:PORT/DB"
@@ -60,8 +62,23 @@ class DbUrl:
         return dataclasses.replace(self, **changes)
 
     @property
+    def is_sqlite(self) -> bool:
+        """A SQLite file (local development), not a PostgreSQL server."""
+        return self.drivername.startswith("sqlite")
+
+    @property
+    def name(self) -> str | None:
+        """The database's name: PostgreSQL's database, a SQLite file's name without its directory
+        (backups are kept per name)."""
+        if self.is_sqlite and self.database:
+            return self.database.rstrip("/").rpartition("/")[2]
+        return self.database
+
+    @property
     def safe_target(self) -> str:
-        """host:port/database for logs: no user, no password."""
+        """host:port/database for logs: no user, no password (SQLite: the file's path)."""
+        if self.is_sqlite:
+            return str(self.database)
         host = self.host or _first(self.query.get("host")) or "local socket"
         return f"{host}:{self.port or 5432}/{self.database}"
 
@@ -132,9 +149,12 @@ def parse(raw: str) -> DbUrl:
         raise UrlError("DATABASE_URL has an '@' in its user or password that is not "
                        "percent-encoded: write it as %40 (and ':' as %3A, '/' as %2F)")
     backend, _, driver = parts["name"].partition("+")
+    if backend == "sqlite":
+        return _sqlite(parts, driver, bool(query))
     if backend not in ("postgresql", "postgres") or (driver and driver not in DRIVERS):
-        raise UrlError(f"DATABASE_URL uses '{parts['name']}': only PostgreSQL URLs are supported "
-                       "(postgresql://, postgresql+psycopg2://, +psycopg, +asyncpg)")
+        raise UrlError(f"DATABASE_URL uses '{parts['name']}': only PostgreSQL URLs, and sqlite:/// "
+                       "files for local development, are supported (postgresql://, "
+                       "postgresql+psycopg2://, +psycopg, +asyncpg, sqlite:///path.db)")
     port = _port(parts["port"])
     database = unquote(parts["database"]) if parts["database"] else None
     if not database:
@@ -142,6 +162,27 @@ def parse(raw: str) -> DbUrl:
     _check_query(query)
     name = "postgresql" + (f"+{driver}" if driver else "")
     return DbUrl(name, username, password, host, port, database, query)
+
+
+def _sqlite(parts: dict[str, Any], driver: str, has_query: bool) -> DbUrl:
+    """A SQLite file, as SQLAlchemy reads it: sqlite:///relative.db, sqlite:////absolute.db."""
+    if driver and driver not in SQLITE_DRIVERS:
+        raise UrlError(f"DATABASE_URL uses 'sqlite+{driver}': use sqlite:///path.db (the runner "
+                       "opens the file with Python's sqlite3)")
+    if parts["username"] is not None or parts["ipv4host"] or parts["ipv6host"] or parts["port"]:
+        raise UrlError("DATABASE_URL is a SQLite URL with a user or host: a SQLite URL names a file, "
+                       "use sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    database = unquote(parts["database"]) if parts["database"] else ""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        raise UrlError("DATABASE_URL is an in-memory or URI-form SQLite database: nothing would "
+                       "persist and concurrent runners could not share it; name a file: "
+                       "sqlite:///path.db (relative) or sqlite:////path.db (absolute)")
+    if has_query:
+        raise UrlError("DATABASE_URL is a SQLite URL with a query string: the runner opens the file "
+                       "itself; remove the ?... part (sqlite:///path.db)")
+    if database.endswith("/") or "\0" in database:
+        raise UrlError("DATABASE_URL names a directory, not a SQLite file: use sqlite:///path.db")
+    return DbUrl("sqlite" + (f"+{driver}" if driver else ""), database=database)
 
 
 def _port(text: str | None) -> int | None:

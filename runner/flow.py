@@ -49,7 +49,10 @@ def locked(run: Run, cfg: Config, script: ScriptDirectory, seen: DbState,
     With goal, a waiter reads the version table on every poll and stops waiting once the database
     is there: it yields that state without taking the lock (read-only; nothing left to do).
     """
-    from runner.lock import migration_lock  # off the no-op fast path
+    if run.settings.database_url.is_sqlite:  # a kernel lock on a file next to the database
+        from runner.sqlite.lock import migration_lock
+    else:
+        from runner.lock import migration_lock  # off the no-op fast path
 
     ledger.track(run, seen)  # the ledger records this run, a lock timeout too
     there = None if goal is None else lambda conn: set(revisions.stamped(conn, seen)) == set(goal)

@@ -239,7 +239,11 @@ def backfill_lines(rows: list[dict[str, Any]]) -> list[str]:
     for b in sorted(rows, key=lambda b: b["state"] == "done"):
         estimate = f" of ~{b['rows_estimate']}" if b.get("rows_estimate") else ""
         when = b.get("finished_at") or b.get("updated_at")
+        if isinstance(when, str):  # SQLite keeps CURRENT_TIMESTAMP's text, in UTC
+            when = f"{when} UTC"
+        elif when:
+            when = f"{when:%Y-%m-%d %H:%M:%S %Z}"
         out.append(f"  {b['name']}: {b['state']}, {b.get('rows_done') or 0}{estimate} rows, "
                    f"revision {b.get('revision') or '-'}, {b['relation']}"
-                   + (f", last change {when:%Y-%m-%d %H:%M:%S %Z}" if when else ""))
+                   + (f", last change {when}" if when else ""))
     return out

@@ -49,8 +49,9 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
         raise ConfigError(f"ALEMBIC_CONFIG={settings.alembic_config} has no [alembic] section: "
                           "point it at your project's alembic.ini")
     app_url = settings.database_url
-    if "+" not in app_url.drivername:  # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3
-        app_url = app_url.set(drivername="postgresql+psycopg2")  # the image ships psycopg2
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the image ships psycopg2
+    if "+" not in app_url.drivername and not app_url.is_sqlite:
+        app_url = app_url.set(drivername="postgresql+psycopg2")
     url = app_url.to_sqlalchemy().render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner
@@ -224,6 +225,10 @@ def stamped(conn: Connection, state: DbState) -> tuple[str, ...]:
         return tuple(conn.execute(sa.text(f"SELECT version_num FROM {table}")).scalars())
     except ProgrammingError as exc:
         if getattr(exc.orig, "pgcode", None) == "42P01":  # no version table yet: at base
+            return ()
+        raise
+    except sa.exc.OperationalError as exc:
+        if conn.dialect.name == "sqlite" and "no such table" in str(exc.orig):  # SQLite's 42P01
             return ()
         raise
 

@@ -88,6 +88,10 @@ def _refusal(exc: sa.exc.DBAPIError) -> Exception:
 def wait_until_ready(run: Run) -> Connection:
     """Probe until ready or the deadline (exit 3; exit 12 for authentication); return an open
     connection."""
+    if run.settings.database_url.is_sqlite:  # a file: runner.sqlite.wait says when it is ready
+        from runner.sqlite.wait import wait_until_ready as file_ready
+
+        return file_ready(run)
     limit, capped = run.limit(run.settings.wait_timeout)
     attempts, refused_since = 0, None
 

@@ -30,7 +30,7 @@ def _settings_cases(url: str, tmp: str) -> list[Case]:
         ("malformed url", ["upgrade"], {"DATABASE_URL": "postgresql://user:pw@host:notaport/db"},
          "DATABASE_URL", ()),
         ("mysql url", ["upgrade"], {"DATABASE_URL": "mysql://u:p@127.0.0.1/db"}, "only PostgreSQL", ()),
-        ("sqlite url", ["upgrade"], {"DATABASE_URL": "sqlite:///x.db"}, "only PostgreSQL", ()),
+        ("in-memory sqlite url", ["upgrade"], {"DATABASE_URL": "sqlite://"}, "in-memory", ()),
         ("no database name", ["upgrade"], {"DATABASE_URL": base + "/"}, "append /DBNAME", ()),
         ("missing url", ["upgrade"], {"DATABASE_URL": ""}, "DATABASE_URL is not set: set it to "
          "postgresql://USER:PASSWORD@HOST:PORT/DB", ()),

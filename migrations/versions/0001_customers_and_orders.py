@@ -12,11 +12,14 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+# SQLite (local development): only an INTEGER PRIMARY KEY numbers new rows; PostgreSQL gets BIGINT
+ID = sa.BigInteger().with_variant(sa.Integer, "sqlite")
+
 
 def upgrade() -> None:
     op.create_table(
         "customers",
-        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("id", ID, sa.Identity(), primary_key=True),
         sa.Column("email", sa.Text, nullable=False, unique=True),
         sa.Column("name", sa.Text, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False,
@@ -24,7 +27,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "orders",
-        sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+        sa.Column("id", ID, sa.Identity(), primary_key=True),
         sa.Column("customer_id", sa.BigInteger,
                   sa.ForeignKey("customers.id", ondelete="CASCADE"), nullable=False),
         sa.Column("total_cents", sa.BigInteger, nullable=False),

@@ -12,9 +12,14 @@ branch_labels = None
 depends_on = None
 
 
+def schema() -> str:
+    """SQLite has no schemas: env.py maps billing into the database file, and raw SQL says so."""
+    return "" if op.get_context().dialect.name == "sqlite" else "billing."
+
+
 def upgrade() -> None:
-    op.execute("""
-        CREATE VIEW billing.customer_totals AS
+    op.execute(f"""
+        CREATE VIEW {schema()}customer_totals AS
         SELECT c.id AS customer_id, c.email, count(o.id) AS orders,
                coalesce(sum(o.total_cents), 0) AS total_cents
         FROM customers c LEFT JOIN orders o ON o.customer_id = c.id
@@ -23,4 +28,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP VIEW billing.customer_totals")
+    op.execute(f"DROP VIEW {schema()}customer_totals")

@@ -32,13 +32,14 @@ MB = 1e6
 CHUNK = 1 << 20
 FETCH_JOBS = 4  # files of a directory-format dump fetched at a time
 PROGRESS_EVERY = 5.0
+DECOMPRESS = {"zstd": ["zstd", "-q", "-d", "-c"], "gzip": ["gzip", "-q", "-d", "-c"]}
 
 
 def space_needed(manifest: dict[str, Any]) -> tuple[int, bool]:
     """Return (bytes the local copy takes, exact?). Manifests written before archive_size
     existed give an estimate: the database's size when it was backed up (a -Z0 archive has no
     indexes and no free space, but text and decompressed TOAST values can outgrow it)."""
-    if manifest["format"] == "directory":
+    if manifest["format"] in ("directory", "sqlite"):
         return manifest["archive_size"], True
     if manifest["compression"] != "zstd":
         return manifest["size"], True
@@ -71,14 +72,14 @@ def check_space(run: Run, manifest: dict[str, Any]) -> str | None:
 
 def to_file(run: Run, client: Any, loc: Location, manifest: dict[str, Any], path: Path) -> None:
     """Write the backup's archive to path; raise BackupFailed unless its object matched the manifest."""
-    zstd = manifest["compression"] == "zstd"
+    filt = decompressor(manifest)
     err = tempfile.TemporaryFile()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     stages: list[subprocess.Popen[bytes]] = []
     try:
-        if zstd:  # the decompressor gets no password and writes the file itself
-            stages.append(procs.spawn(["zstd", "-q", "-d", "-c"], procs.child_env(), subprocess.PIPE,
-                                      err, fix="install zstd", stdout=fd))
+        if filt:  # the decompressor gets no password and writes the file itself
+            stages.append(procs.spawn(filt, procs.child_env(), subprocess.PIPE,
+                                      err, fix=f"install {filt[0]}", stdout=fd))
             sink = stages[0].stdin
         else:
             sink = os.fdopen(os.dup(fd), "wb", buffering=0)
@@ -103,6 +104,15 @@ def to_file(run: Run, client: Any, loc: Location, manifest: dict[str, Any], path
     finally:
         procs.reap(stages, [err])
         os.close(fd)
+
+
+def decompressor(manifest: dict[str, Any]) -> list[str] | None:
+    """The filter that turns the stored object back into the archive (pg_dump's own gzip
+    compression stays in the archive; a SQLite file's gzip does not)."""
+    compression = manifest["compression"]
+    if compression == "zstd" or (compression == "gzip" and manifest["format"] == "sqlite"):
+        return DECOMPRESS[compression]
+    return None
 
 
 def _failed(why: str, path: Path, code: int | None = None) -> str:

@@ -19,6 +19,8 @@ from urllib.parse import quote, unquote
 MANIFEST_SUFFIX = ".manifest.json"
 POINT_SUFFIX = ".restorepoint"  # a restore point's key: no object there, only its manifest
 DIR_SUFFIX = ".pgdir"  # a directory-format dump (BACKUP_JOBS): its files are KEY/NAME
+# a SQLite database file (format `sqlite`), by BACKUP_COMPRESSION
+SQLITE_SUFFIXES = {"zstd": ".sqlite.zst", "gzip": ".sqlite.gz", "none": ".sqlite"}
 
 
 def is_point(key: str) -> bool:

@@ -18,11 +18,12 @@ import json
 import re
 from typing import Any
 
-from runner.backup.layout import DIR_SUFFIX, MANIFEST_SUFFIX, POINT_SUFFIX, Location
+from runner.backup.layout import DIR_SUFFIX, MANIFEST_SUFFIX, POINT_SUFFIX, SQLITE_SUFFIXES, Location
 from runner.errors import ConfigError
 
 VERSION = 1
 DUMP, POINT = "dump", "restore-point"
+SQLITE = "sqlite"  # a dump's format: a copy of a SQLite database file (runner.sqlite.backup)
 COMPRESSIONS = ("zstd", "gzip", "none")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SERVER_VERSION = re.compile(r"(\d+)(?:\.(\d+))?")
@@ -39,6 +40,9 @@ _TYPES: dict[str, dict[str, type | tuple[type, ...]]] = {
            "pg_dump_version": str},
     POINT: {**_COMMON, "kind": str, "lsn": str, "timeline": int, "wal_file": str, "run_id": str},
 }
+_SQLITE_TYPES: dict[str, type | tuple[type, ...]] = {
+    **_COMMON, "size": int, "sha256": str, "format": str, "compression": str, "archive_size": int,
+    "sqlite_version": str}
 
 
 class BadManifest(ValueError):
@@ -64,7 +68,8 @@ def parse(body: bytes, found_at: str, loc: Location, database: str | None = None
     what = data.get("kind", DUMP)
     if what not in _TYPES:
         raise BadManifest("its kind is not one this runner writes")
-    for name, expected in _TYPES[what].items():
+    types = _SQLITE_TYPES if what == DUMP and data.get("format") == SQLITE else _TYPES[what]
+    for name, expected in types.items():
         value = data.get(name)
         if value is None:
             raise BadManifest(f"field {name!r} is missing")
@@ -103,8 +108,13 @@ def _check_dump(data: dict[str, Any]) -> None:
     archive = data.get("archive_size")  # the archive before compression (since parallel restore)
     if archive is not None and not _is_size(archive):
         raise BadManifest("archive_size is not a size")
-    if data["format"] not in ("custom", "directory") or data["compression"] not in COMPRESSIONS:
+    if data["format"] not in ("custom", "directory", SQLITE) or data["compression"] not in COMPRESSIONS:
         raise BadManifest("format or compression is not one this runner writes")
+    sqlite_key = data["key"].endswith(tuple(SQLITE_SUFFIXES.values()))
+    if (data["format"] == SQLITE) != sqlite_key or (sqlite_key and not data["key"].endswith(
+            SQLITE_SUFFIXES[data["compression"]])):
+        raise BadManifest("a SQLite backup's key ends with .sqlite (and its compression's suffix), "
+                          "and only its")
     if data["key"].endswith(POINT_SUFFIX):
         raise BadManifest("a dump's key ends like a restore point's")
     if (data["format"] == "directory") != data["key"].endswith(DIR_SUFFIX):
@@ -175,6 +185,19 @@ def _check_place(data: dict[str, Any], found_at: str, loc: Location, database: s
         raise BadManifest("the database it claims is not the folder it is stored in")
     if database is not None and data["database"] != database:
         raise BadManifest(f"it belongs to another database, not {database}")
+
+
+def check_target_format(manifest: dict[str, Any], target_is_sqlite: bool) -> None:
+    """Refuse (exit 2) a pg_dump archive for a SQLite file, or a SQLite file for PostgreSQL."""
+    stored = manifest["format"]
+    if (stored == SQLITE) == target_is_sqlite:
+        return
+    have = f"a SQLite database file (format {SQLITE})" if stored == SQLITE else \
+        f"a PostgreSQL dump (format {stored}, pg_dump)"
+    want = "a SQLite file (sqlite:/// DATABASE_URL)" if target_is_sqlite else "a PostgreSQL database"
+    raise ConfigError(f"backup {manifest['key']} is {have} and the target is {want}: a backup "
+                      "restores into the same kind of database only; pick another backup or another "
+                      "DATABASE_URL. Nothing was changed")
 
 
 def server_major(manifest: dict[str, Any]) -> int:

@@ -19,7 +19,10 @@ def before_migrating(run: Run, state: DbState) -> None:
     if mode == "both":  # a broken archive fails in milliseconds, not after the dump
         point.check(run)
     if mode in DUMP_MODES:
-        from runner.backup.take import take  # boto3 loads only when a dump is taken
+        if run.settings.database_url.is_sqlite:
+            from runner.sqlite.backup import take  # a consistent copy of the file
+        else:
+            from runner.backup.take import take  # boto3 loads only when a dump is taken
 
         with run.timed("backup"):
             run.summary["backup"] = take(run, state)["key"]

@@ -72,7 +72,7 @@ def take(run: Run, state: DbState) -> dict[str, Any]:
         fields = _directory(run, client, loc, key, [*args, *dump_args], jobs, part)
     else:
         with dump.pipeline(run, [*args, "--format=custom", *dump_args], filt) as (stream, reader):
-            _upload(run, client, loc, key, reader, part)
+            upload(run, client, loc, key, reader, part)
             took = stream.elapsed()
         fields = {"size": stream.size, "sha256": stream.sha256.hexdigest(), "format": "custom",
                   "archive_size": stream.archive_size, "duration_s": round(took, 2)}
@@ -146,7 +146,7 @@ def _mmap_part_buffers() -> None:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
-def _upload(run: Run, client: Any, loc: s3.Location, key: str, reader: Any, part: int) -> None:
+def upload(run: Run, client: Any, loc: s3.Location, key: str, reader: Any, part: int) -> None:
     """Stream reader into one object; on any failure the multipart upload is aborted."""
     _mmap_part_buffers()
     cfg = TransferConfig(multipart_threshold=part, multipart_chunksize=part,

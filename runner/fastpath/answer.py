@@ -85,8 +85,8 @@ def gate_params(run: Run) -> dict[str, Any]:
 
 def _eligible(run: Run, args: argparse.Namespace) -> str | None:
     s = run.settings
-    if s.fast_path != "on" or s.targets_file or s.target_schemas:
-        return None
+    if s.fast_path != "on" or s.targets_file or s.target_schemas or s.database_url.is_sqlite:
+        return None  # a SQLite file (local development) takes the full path
     if args.command == "upgrade" and getattr(args, "to", None) in ("head", "heads"):
         return "upgrade"
     if args.command == "wait" and getattr(args, "until_head", False):

@@ -118,6 +118,9 @@ def _parse_line(entry: str, number: int, fill: Template | None) -> tuple[Target,
             url = dburl.parse(entry)
         except dburl.UrlError as exc:
             raise ConfigError(str(exc).replace("DATABASE_URL", where, 1)) from None
+        if url.is_sqlite:
+            raise ConfigError(f"{where} is a SQLite file: fleets are PostgreSQL-only (SQLite is for "
+                              "local development, docs/sqlite.md); migrate it alone with DATABASE_URL")
         return Target(url.safe_target, entry, line=number), url
     if any(c.isspace() for c in entry) or not entry.isprintable():
         raise ConfigError(f"{where} is malformed: write one URL or one name per line (a name has no "

@@ -104,9 +104,9 @@ def print_last_run(run: Run, state: DbState, out: IO[str]) -> None:
         return
     from runner.ledger import render
     from runner.ledger.recording import reason
-    from runner.ledger.store import Store
+    from runner.ledger.sqlite_store import store_for
 
-    store = Store(run, state.version_schema)
+    store = store_for(run, state.version_schema)
     try:
         with store.session() as conn:
             rows = store.latest(conn, 1) if store.exists(conn) else []

@@ -17,7 +17,7 @@ from runner.errors import ConfigError, MigrationFailed, PreflightRefused
 from runner.flow import load, locked, ready_state
 from runner.ledger import edits, integrity, render
 from runner.ledger.recording import GRANTS_HINT, Tracker, reason, tracker_of
-from runner.ledger.store import Store
+from runner.ledger.sqlite_store import store_for
 from runner.revisions import fmt
 
 
@@ -28,7 +28,7 @@ def history(run: Run, args: argparse.Namespace, out: IO[str] | None = None) -> N
         raise ConfigError(f"history --limit {limit}: give a number of runs, at least 1")
     _require_ledger(run, "history")
     cfg, script = load(run)
-    store = Store(run, ready_state(run, cfg, script).version_schema)
+    store = store_for(run, ready_state(run, cfg, script).version_schema)
     try:
         with store.session() as conn:
             rows = store.latest(conn, limit) if store.exists(conn) else []

@@ -24,7 +24,8 @@ from runner import revisions
 from runner.context import Run
 from runner.exitcodes import ExitCode
 from runner.ledger import checksum, integrity
-from runner.ledger.store import Recorded, Store
+from runner.ledger.sqlite_store import store_for
+from runner.ledger.store import Recorded
 from runner.redact import redact
 from runner.revisions import DbState, fmt
 
@@ -46,7 +47,7 @@ class Tracker:
 
     def __init__(self, run: Run, seen: DbState) -> None:
         self.run, self.seen = run, seen
-        self.store = Store(run, seen.version_schema)
+        self.store = store_for(run, seen.version_schema)  # PostgreSQL's, or a SQLite file's
         self.id = str(uuid.uuid4())  # the row's key: run ids are short, made for reading
         self.started = self.broken = False
         self.script: ScriptDirectory | None = None

@@ -277,6 +277,11 @@ def registered_name(cls: type[OnlineOperation]) -> str:
 
 def register(cls: type[OnlineOperation], fn: Callable[..., None]) -> None:
     def implementation(operations: Operations, operation: OnlineOperation) -> None:
+        if operations.get_context().dialect.name == "sqlite":  # local development: plain forms
+            from runner.sqlite import online as sqlite_online
+
+            return sqlite_online.run(operations, registered_name(cls), label(operation), operation.args,
+                                     operation.kw)
         s: Session
         with session(operations, label(operation)) as s:
             fn(s, *operation.args, **operation.kw)

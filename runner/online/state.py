@@ -59,6 +59,8 @@ def ensure(conn: Connection, schema: str | None) -> None:
 
 
 def exists(conn: Connection, schema: str | None) -> bool:
+    if conn.dialect.name == "sqlite":  # no to_regclass(); SQLAlchemy's inspector asks sqlite_master
+        return sa.inspect(conn).has_table(TABLE, schema)
     return bool(conn.execute(sa.text("SELECT to_regclass(:t) IS NOT NULL"),
                              {"t": table(schema)}).scalar_one())
 

@@ -25,7 +25,7 @@ from runner import db, owntables, phases, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, PreflightRefused, VerifyFailed
 from runner.revisions import DbState
-from runner.verify import capture, drift, hazards, lint, models, rollout, steps, weigh
+from runner.verify import capture, drift, hazards, lint, models, rollout, sqlite_scratch, steps, weigh
 from runner.verify.fingerprint import Table
 from runner.verify.observe import Observer, StepObservation, observing
 from runner.verify.report import ERROR, NOTE, WARN, Finding, fold, relative, short, write
@@ -42,6 +42,8 @@ def verify(run: Run, from_rev: str | None, against: str | None, fmt: str,
            out: IO[str] | None = None) -> None:
     """Verify the chain on a scratch database; print the findings; exit 13 when any fails."""
     out = out or sys.stdout
+    if sqlite_scratch.applies(run):  # a temporary SQLite file: no lint, no lock observation
+        sqlite_scratch.adapt(run)
     settings = run.settings
     server_run(run)  # bad input first (exit 2), before any connection
     url = drift.live_url(run, against) if against else None

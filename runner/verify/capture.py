@@ -20,7 +20,7 @@ from runner.online.session import RUNNING
 
 CATALOG_SCHEMAS = ("pg_catalog", "information_schema")
 # what the dialect runs on a new connection: not part of any revision
-_DIALECT_SETUP = ("select pg_catalog.version()", "select current_schema()", "show ")
+_DIALECT_SETUP = ("select pg_catalog.version()", "select current_schema()", "show ", "pragma ")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from runner.errors import ConfigError, NotReady
 from runner.migrate import sqlstate
 from runner.revisions import fmt
 from runner.sqlname import qualified
-from runner.verify import fingerprint
+from runner.verify import fingerprint, sqlite_scratch
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.report import ERROR, Finding
 from runner.wait import reason
@@ -64,6 +64,10 @@ def live_url(run: Run, var: str) -> DbUrl:
 
 def read(run: Run, url: DbUrl, var: str, version: Table, exclude: list[Table]) -> Live:
     """Read the live database's revision and fingerprint, read-only, from one snapshot."""
+    if url.is_sqlite or sqlite_scratch.applies(run):  # a SQLite file (or a mix, refused there)
+        heads, fp = sqlite_scratch.read_live(run, url, var, version, exclude)
+        run.log("verify.live", f"read the live database {url.safe_target} (read-only)", revision=fmt(heads))
+        return Live(heads, fp, url.safe_target)
     with read_only(run, url, var) as conn:
         heads = _heads(conn, version)
         fp = fingerprint.query(conn, exclude)
@@ -73,6 +77,8 @@ def read(run: Run, url: DbUrl, var: str, version: Table, exclude: list[Table]) -
 
 def read_heads(run: Run, url: DbUrl, var: str, version: Table) -> tuple[str, ...]:
     """Read only the live database's revision(s), read-only."""
+    if url.is_sqlite or sqlite_scratch.applies(run):
+        return sqlite_scratch.read_heads(run, url, var, version)
     with read_only(run, url, var) as conn:
         return _heads(conn, version)
 

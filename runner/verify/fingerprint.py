@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from runner.sqlname import quote
+from runner.verify import sqlite_fingerprint
 
 # section -> {object key -> definition}
 Fingerprint = dict[str, dict[str, str]]
@@ -173,6 +174,8 @@ Table = tuple[str | None, str]  # (schema or None for "the search_path's", name)
 def read(conn: Connection, exclude: Iterable[Table] = ()) -> Fingerprint:
     """Read the fingerprint of conn's database in a transaction of its own, with a prepared
     statement (planned once per connection: verify reads hundreds of fingerprints)."""
+    if conn.dialect.name == "sqlite":  # from sqlite_master and pragmas
+        return sqlite_fingerprint.read(conn, exclude)
     with conn.begin():
         return query(conn, exclude, prepared=True)
 
@@ -181,6 +184,8 @@ def query(conn: Connection, exclude: Iterable[Table] = (), prepared: bool = Fals
     """Read the fingerprint inside the caller's transaction. exclude: tables left out (the
     version table, the runner's history table); one without a schema is found through the
     session's search_path, as Alembic finds it."""
+    if conn.dialect.name == "sqlite":
+        return sqlite_fingerprint.read(conn, exclude)
     tables = list(exclude)
     names = [f"{schema}.{name}" for schema, name in tables if schema]
     bare = [quote(name) for schema, name in tables if not schema]

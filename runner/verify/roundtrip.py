@@ -269,7 +269,8 @@ class RoundTrips:
         return fp
 
     def _read(self, conn: Connection) -> Fingerprint:
-        if conn.in_transaction():  # env.py runs every revision in one transaction: read in it
+        # env.py runs every revision in one transaction: read in it (SQLite: no search_path to keep)
+        if conn.in_transaction() and conn.dialect.name != "sqlite":
             path = conn.exec_driver_sql("SELECT current_setting('search_path')").scalar()
             fp = fingerprint.query(conn, self.exclude, prepared=True)
             conn.execute(sa.text("SELECT set_config('search_path', :p, true)"), {"p": path})

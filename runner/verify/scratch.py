@@ -24,7 +24,7 @@ from runner.context import Run
 from runner.errors import ConfigError
 from runner.migrate import sqlstate
 from runner.sqlname import quote
-from runner.verify import prepare
+from runner.verify import prepare, sqlite_scratch
 from runner.verify import role as roles
 from runner.verify.role import Role
 from runner.wait import reason, wait_until_ready
@@ -36,7 +36,10 @@ INSUFFICIENT_PRIVILEGE = "42501"
 
 
 def server_run(run: Run) -> Run:
-    """A copy of run whose database is VERIFY_DATABASE_URL (the server's maintenance database)."""
+    """A copy of run whose database is VERIFY_DATABASE_URL (the server's maintenance database);
+    on SQLite the run itself (its scratch is a temporary file: runner.verify.sqlite_scratch)."""
+    if sqlite_scratch.applies(run):
+        return run
     url = run.settings.verify_database_url
     if url is None:
         raise ConfigError("VERIFY_DATABASE_URL is not set: point it at a server where the runner "
@@ -123,7 +126,11 @@ def _create_failed(exc: sa.exc.DBAPIError, template: str | None) -> Exception:
 def scratch_database(run: Run) -> Iterator[Scratch]:
     """Wait for the verify server, sweep stale scratch databases and roles, create this run's
     role and database, and drop both whatever happens: failure, SIGTERM/SIGINT or RUN_DEADLINE
-    (they raise through here)."""
+    (they raise through here). On SQLite: a temporary file (runner.verify.sqlite_scratch)."""
+    if sqlite_scratch.applies(run):
+        with sqlite_scratch.scratch_database(run) as scratch:
+            yield scratch  # type: ignore[misc]  # the same interface, for a file
+        return
     server = server_run(run)
     wait_until_ready(server).close()
     name = name_for(run)
