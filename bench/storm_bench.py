@@ -3,7 +3,7 @@
 Every deploy of a scaled-out service may start many copies of the Job at once; exactly one
 migrates, the others must find nothing to do, quickly. Prints the median wall time of a single
 run and of a storm (each on a fresh database at the same revision, alternating), with the no-op
-facts recorded as the image records them (copies wait at the start-up gate, runner.gate) and
+facts recorded as the image records them (copies wait at the start-up gate, runner.lock.gate) and
 with FAST_PATH=off (every copy runs env.py and polls the migration lock), and the ratios
 storm/single (target: <= 2.5).
 Usage: .venv/bin/python bench/storm_bench.py [--rounds 3] [--runners 20] [--sleep 2] [--major 18]

@@ -21,7 +21,7 @@ from runner.errors import ConfigError, MigrationFailed, Pending
 from runner.flow import check_direction, load, locked, ready_state
 from runner.flow import plan as resolve_target
 from runner.revisions import DbState, fmt
-from runner.wait import wait_until_ready
+from runner.wait.ready import wait_until_ready
 
 
 def upgrade(run: Run, args: argparse.Namespace) -> None:
@@ -63,7 +63,7 @@ def _migrate(run: Run, target: str, downgrade: bool) -> None:
         _note_other_phase(run, script, state, wanted, phase)
         return _nothing_to_do(run, script, state, downgrade)
     # 2. the lock, then look again: another copy may have migrated meanwhile
-    from runner.migrate import apply_steps  # off the no-op fast path, like the lock
+    from runner.migrate.apply import apply_steps  # off the no-op fast path, like the lock
 
     with locked(run, cfg, script, state, goal) as state:
         revisions.check_known(script, state.heads)
@@ -123,7 +123,7 @@ def status(run: Run, args: argparse.Namespace, out: IO[str] | None = None) -> No
         try:
             backfills = phases.backfills(conn, state.version_schema)
         except sa.exc.DBAPIError as exc:  # status reports the revisions; the backfills are extra
-            from runner.migrate import db_message
+            from runner.db import db_message
 
             run.log.warning("status.backfills", f"cannot read the backfills ({db_message(exc)})")
             backfills = []
@@ -164,7 +164,7 @@ def status(run: Run, args: argparse.Namespace, out: IO[str] | None = None) -> No
 def wait(run: Run, args: argparse.Namespace) -> None:
     """Wait until the database is ready; with --until-head, until it is at the scripts' head too."""
     if args.until_head:  # init containers: read-only polling, no lock, no migration
-        from runner.headwait import wait_for_head
+        from runner.wait.head import wait_for_head
 
         cfg, script = load(run)
         return wait_for_head(run, cfg, script)

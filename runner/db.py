@@ -27,7 +27,7 @@ def _ms(seconds: float) -> str:
 
 def session_options(run: Run, migrating: bool, lock_timeout: float | None = None) -> str:
     """Return libpq `options` (-c name=value ...) for a runner connection; a migrating one gets
-    lock_timeout (an attempt's, runner.lockschedule), by default the schedule's longest."""
+    lock_timeout (an attempt's, runner.migrate.lockschedule), by default the schedule's longest."""
     opts = {"idle_in_transaction_session_timeout": IDLE_IN_TX_TIMEOUT, **keepalives.SERVER}
     if run.server_version >= 120000:
         opts["tcp_user_timeout"] = keepalives.SERVER_USER_TIMEOUT
@@ -78,6 +78,19 @@ def engine(run: Run, purpose: str, *, autocommit: bool = False, migrating: bool 
 
 def connect(run: Run, purpose: str, **kw: Any) -> Connection:
     return engine(run, purpose, **kw).connect()
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """Return the SQLSTATE of a database error (psycopg2 or psycopg), or None."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+
+
+def db_message(exc: BaseException) -> str:
+    """Return the server's error as one redacted line (no SQL, no parameters)."""
+    orig = getattr(exc, "orig", exc)
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    return redact(first)
 
 
 def connection_lost(exc: BaseException | None) -> bool:
@@ -167,6 +180,6 @@ def apply_libpq_environment(run: Run, lock_timeout: float | None = None) -> None
 
 def _longest(settings: Any) -> float:
     """The schedule's longest lock_timeout, for migrating connections outside its attempts."""
-    from runner.lockschedule import ceiling
+    from runner.migrate.lockschedule import ceiling
 
     return ceiling(settings)

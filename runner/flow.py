@@ -18,7 +18,7 @@ from runner import db, ledger, revisions
 from runner.context import Run
 from runner.errors import PreflightRefused
 from runner.revisions import DbState, fmt
-from runner.wait import wait_until_ready
+from runner.wait.ready import wait_until_ready
 
 
 def load(run: Run) -> tuple[Config, ScriptDirectory]:
@@ -52,7 +52,7 @@ def locked(run: Run, cfg: Config, script: ScriptDirectory, seen: DbState,
     if run.settings.database_url.is_sqlite:  # a kernel lock on a file next to the database
         from runner.sqlite.lock import migration_lock
     else:
-        from runner.lock import migration_lock  # off the no-op fast path
+        from runner.lock.migration import migration_lock  # off the no-op fast path
 
     ledger.track(run, seen)  # the ledger records this run, a lock timeout too
     there = None if goal is None else lambda conn: set(revisions.stamped(conn, seen)) == set(goal)

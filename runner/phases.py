@@ -121,7 +121,7 @@ def check_backfills(backfills: list[dict[str, Any]], post: list[str], resumed: s
 
 
 def step_guard(script: ScriptDirectory, read: Callable[[], list[dict[str, Any]]]) -> Callable[[str], None]:
-    """Return a check for runner.migrate: right before a post-deploy revision runs, no backfill
+    """Return a check for runner.migrate.apply: right before a post-deploy revision runs, no backfill
     may be unfinished (one a pre-deploy revision of this run left behind, say)."""
 
     def check(revision: str) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
-from runner.lock import lock_key
+from runner.lock.key import lock_key
 from tests.conftest import NEWEST, REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
 from tests.pgcluster import APP_PASSWORD, PASSWORD, Cluster, free_port
 from tests.result import Result

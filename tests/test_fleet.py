@@ -30,7 +30,7 @@ from runner.context import Run
 from runner.errors import ConfigError
 from runner.exitcodes import ExitCode
 from runner.fleet import results, shard, targets
-from runner.lockkey import lock_key
+from runner.lock.key import lock_key
 from runner.log import EventLog
 from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner, wait_for
 from tests.pgcluster import APP_PASSWORD, Cluster, bindir, free_port

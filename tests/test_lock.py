@@ -10,7 +10,7 @@ import time
 
 import psycopg2
 
-from runner.lock import lock_key
+from runner.lock.key import lock_key
 from tests.conftest import REPO, Database, finish, run_runner, runner_env, start_runner
 
 LAB = str(REPO / "tests/scenarios/lab/alembic.ini")
@@ -42,7 +42,7 @@ def test_ten_runners_exactly_one_applies(database: Database) -> None:
 
 def test_storm_with_recorded_facts_waits_at_the_gate(database: Database, tmp_path) -> None:
     """With the no-op facts recorded (as the image does), copies that find another copy migrating
-    wait for it without running env.py (runner.gate), then find nothing to do."""
+    wait for it without running env.py (runner.lock.gate), then find nothing to do."""
     shutil.copytree(REPO / "tests/scenarios/lab", tmp_path / "lab",
                     ignore=shutil.ignore_patterns("__pycache__"))
     ini = str(tmp_path / "lab/alembic.ini")

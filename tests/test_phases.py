@@ -16,7 +16,7 @@ from pathlib import Path
 import psycopg2
 import sqlalchemy as sa
 
-from runner.lockkey import lock_key
+from runner.lock.key import lock_key
 from runner.online import state
 from tests.conftest import REPO, Database, run_runner, runner_env
 

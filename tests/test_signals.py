@@ -83,7 +83,7 @@ def test_run_deadline_stops_cleanly(at_l001: Database) -> None:
 def test_run_deadline_shorter_than_lock_wait(database: Database) -> None:
     import psycopg2
 
-    from runner.lock import lock_key
+    from runner.lock.key import lock_key
 
     holder = psycopg2.connect(database.url)
     try:

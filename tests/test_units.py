@@ -18,8 +18,7 @@ from runner.cli import build_parser
 from runner.errors import ConfigError
 from runner.exitcodes import DESCRIPTIONS, ExitCode, non_retriable
 from runner.log import EventLog
-from runner.migrate import scrub_query
-from runner.redact import redact, register_secret
+from runner.redact import redact, register_secret, scrub_query
 from tests.conftest import REPO
 
 INI = str(REPO / "alembic.ini")
@@ -294,6 +293,6 @@ def test_termination_message_is_valid_json_within_the_limit() -> None:
     ("DROP INDEX CONCURRENTLY ix_a", None),
 ])
 def test_parse_create_concurrently(sql: str, found: tuple[str, str] | None) -> None:
-    from runner.indexes import parse_create
+    from runner.migrate.indexes import parse_create
 
     assert parse_create(sql) == found

@@ -239,7 +239,8 @@ class _Blockers:
         self.conn: Any = None
 
     def poll(self) -> None:
-        from runner.migrate import BLOCKERS_SQL, scrub_query
+        from runner.migrate.apply import BLOCKERS_SQL
+        from runner.redact import scrub_query
 
         try:
             if self.conn is None:

@@ -26,8 +26,8 @@ from sqlalchemy.engine import Connection
 
 from runner import db
 from runner.context import Run
+from runner.db import db_message
 from runner.errors import BackupFailed, LockRetriesExhausted
-from runner.migrate import db_message
 
 MAINTENANCE = ("postgres", "template1")
 SESSIONS_GONE_WITHIN = 15.0  # seconds for terminated sessions to exit

@@ -3,7 +3,7 @@
 Imports neither Alembic nor SQLAlchemy. Whenever the answer is not certain — no facts, facts that
 do not match the scripts and environment present, FAST_PATH=off, a database that does not answer,
 is in recovery or read-only, is not exactly at the recorded head (an `upgrade` behind it first
-passes the start-up gate, runner.gate), or (`upgrade`) whose ledger holds other checksums than
+passes the start-up gate, runner.lock.gate), or (`upgrade`) whose ledger holds other checksums than
 the scripts' (an applied revision edited, a ledger row missing or changed) — it returns False
 and the runner takes its full path, which decides (and logs) everything as before. When it
 answers, the log events, summary and termination message are those of the full path's no-op.
@@ -66,8 +66,8 @@ def answer(run: Run, args: argparse.Namespace) -> bool:
 
 
 def _waited_for_another_copy(run: Run, facts: Facts) -> bool:
-    """Behind the head: when another copy is migrating, wait for it here, cheaply (runner.gate)."""
-    from runner import gate
+    """Behind the head: when another copy is migrating, wait for it here, cheaply (runner.lock.gate)."""
+    from runner.lock import gate
 
     params = gate_params(run)
     return gate.lead_or_wait(run, params, facts.version_table_schema, facts.version_table, facts.heads)

@@ -37,8 +37,9 @@ from runner.fleet import worker
 from runner.fleet.task import Task
 
 # imported once by the forkserver: every worker starts with them loaded
-PRELOAD = ["runner.fleet.worker", "runner.migrate", "runner.lock", "runner.wait", "runner.revisions",
-           "alembic.command", "sqlalchemy.dialects.postgresql.psycopg2", "psycopg2", "tenacity"]
+PRELOAD = ["runner.fleet.worker", "runner.migrate.apply", "runner.lock.migration", "runner.wait.ready",
+           "runner.revisions", "alembic.command", "sqlalchemy.dialects.postgresql.psycopg2", "psycopg2",
+           "tenacity"]
 BACKUP_PRELOAD = ["runner.backup.take", "boto3", "botocore.client"]
 SIGNALS = {"SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 POLL = 0.5  # seconds: how often a cancelled fleet looks for workers that started after the signal

@@ -22,7 +22,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from runner.errors import MigrationFailed
-from runner.lockschedule import Attempt
+from runner.migrate.lockschedule import Attempt
 from runner.online import catalog, replicas, state
 from runner.online.catalog import Table
 from runner.online.session import DEADLOCK_DETECTED, LOCK_NOT_AVAILABLE, LockWait, Session, literal, sqlstate

@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from runner.errors import LockRetriesExhausted
-from runner.lockschedule import Attempt
 from runner.log import EventLog
+from runner.migrate.lockschedule import Attempt
 from runner.online.session import LOCK_NOT_AVAILABLE, LockWait, Session, describe, sqlstate
 
 BLOCKERS_SQL = sa.text("""

@@ -25,12 +25,13 @@ from alembic.operations import Operations
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Connection, CursorResult
 
-from runner import autovacuum, db, lockschedule
+from runner import db
 from runner.config import Settings
 from runner.context import Run
 from runner.errors import LockRetriesExhausted, MigrationFailed, NeedsDatabase
-from runner.lockschedule import Attempt
 from runner.log import EventLog
+from runner.migrate import autovacuum, lockschedule
+from runner.migrate.lockschedule import Attempt
 from runner.redact import redact, scrub_query
 
 LOCK_NOT_AVAILABLE = "55P03"
@@ -225,7 +226,7 @@ class Session:
 
     def retried(self, attempt: Callable[[Attempt], T]) -> T:
         """Return attempt(a) for the first attempt a of the lock_timeout schedule that does not
-        raise LockWait (runner.lockschedule.call, as the revision-level retries): one log line per
+        raise LockWait (runner.migrate.lockschedule.call, as the revision-level retries): one log line per
         retry, a pause, the next attempt; out of attempts LockRetriesExhausted (exit 8)."""
         schedule = lockschedule.attempts(self.settings)
 

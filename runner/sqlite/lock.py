@@ -41,7 +41,7 @@ class _Held(Exception):
 @contextlib.contextmanager
 def migration_lock(run: Run, version_schema: str, version_table: str,
                    reached: Callable[[Connection], bool] | None = None) -> Iterator[Connection | None]:
-    """Hold the lock for the block (runner.lock's contract): yield a connection to the file, or
+    """Hold the lock for the block (runner.lock.migration's contract): yield a connection to the file, or
     None when reached() says another copy already brought the database where this run goes."""
     path = files.lock_path(run.settings.database_url)
     try:

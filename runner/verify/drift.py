@@ -20,15 +20,15 @@ import sqlalchemy as sa
 
 from runner import config, db, dburl
 from runner.context import Run
+from runner.db import sqlstate
 from runner.dburl import DbUrl
 from runner.errors import ConfigError, NotReady
-from runner.migrate import sqlstate
 from runner.revisions import fmt
 from runner.sqlname import qualified
 from runner.verify import fingerprint, sqlite_scratch
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.report import ERROR, Finding
-from runner.wait import reason
+from runner.wait.ready import reason
 
 LIVE_LOCK_TIMEOUT = 5.0
 LOCK_NOT_AVAILABLE = "55P03"

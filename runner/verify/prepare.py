@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from runner.errors import ConfigError
 from runner.sqlname import quote
 from runner.verify.steps import describe
-from runner.wait import reason
+from runner.wait.ready import reason
 
 # pg_dump (17.6+, 18) brackets a script with these psql meta-commands, a guard for psql alone
 _PSQL_GUARD = re.compile(r"^\\(?:un)?restrict\b")

@@ -18,12 +18,12 @@ from psycopg2.extensions import encrypt_password
 from sqlalchemy.engine import Connection
 
 from runner.context import Run
+from runner.db import sqlstate
 from runner.dburl import DbUrl
 from runner.errors import ConfigError
-from runner.migrate import sqlstate
 from runner.redact import register_secret
 from runner.sqlname import quote
-from runner.wait import reason
+from runner.wait.ready import reason
 
 INSUFFICIENT_PRIVILEGE = "42501"
 # roles whose members may read or write server files or run programs (pg_read_server_files, ...)

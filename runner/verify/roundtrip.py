@@ -25,8 +25,8 @@ from alembic.script import Script, ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from runner import db, phases
+from runner.db import sqlstate
 from runner.errors import PreflightRefused, RunnerError
-from runner.migrate import sqlstate
 from runner.verify import capture, fingerprint, instead, steps
 from runner.verify.fingerprint import Fingerprint, Table
 from runner.verify.instead import Change

@@ -21,13 +21,13 @@ from sqlalchemy.engine import Connection
 
 from runner import db
 from runner.context import Run
+from runner.db import sqlstate
 from runner.errors import ConfigError
-from runner.migrate import sqlstate
 from runner.sqlname import quote
 from runner.verify import prepare, sqlite_scratch
 from runner.verify import role as roles
 from runner.verify.role import Role
-from runner.wait import reason, wait_until_ready
+from runner.wait.ready import reason, wait_until_ready
 
 PREFIX = "runner_verify_"
 _NAME = re.compile(r"^runner_verify_(\d{14})_[0-9a-f]{8}$")

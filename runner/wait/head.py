@@ -21,7 +21,7 @@ from alembic.script import ScriptDirectory
 from runner import db, phases, revisions
 from runner.context import Run
 from runner.errors import Pending
-from runner.wait import reason, wait_until_ready
+from runner.wait.ready import reason, wait_until_ready
 
 
 def wait_for_head(run: Run, cfg: Config, script: ScriptDirectory) -> None:

@@ -10,7 +10,7 @@ the fixed schedule's total: the same patience, spent in waits the application ha
 
 Every attempt has a timeout (0 would turn lock_timeout off: never); the list is finite and its
 end is the caller's "retries exhausted" (exit 8). Used by the revision-level retries
-(runner.migrate) and by the statement-level retries of the online operations (runner.online).
+(runner.migrate.apply) and by the statement-level retries of the online operations (runner.online).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def call(run: Run, fn: Callable[[Attempt], T], *, retry_on: tuple[type[BaseExcep
     """Return fn(attempt) for the first attempt that does not raise retry_on; re-raise the last
     such exception when the schedule runs out, stop as the deadline (RunDeadline, exit 9) when
     RUN_DEADLINE does. on_retry(exception, failed attempt, next attempt) is called before each
-    pause; pauses wake up on cancellation. Serves the revision-level retries (runner.migrate) and
+    pause; pauses wake up on cancellation. Serves the revision-level retries (runner.migrate.apply) and
     each step of the online operations (runner.online.session)."""
     plan = schedule if schedule is not None else attempts(run.settings)
     for attempt, following in zip(plan, [*plan[1:], None], strict=True):

@@ -18,7 +18,7 @@ from typing import Any
 
 from runner.context import Run
 from runner.errors import LockNotAcquired
-from runner.lockkey import HOLDER_SQL, lock_key, split
+from runner.lock.key import HOLDER_SQL, lock_key, split
 from runner.sqlname import qualified
 
 POLL = 0.5  # seconds between two looks

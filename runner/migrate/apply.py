@@ -10,10 +10,11 @@ import sqlalchemy as sa
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 
-from runner import autovacuum, concurrently, db, indexes, lockschedule, revisions
+from runner import db, revisions
 from runner.context import Run
 from runner.errors import ConnectionLost, LockRetriesExhausted, MigrationFailed, RunnerError
-from runner.redact import redact, scrub_query
+from runner.migrate import autovacuum, concurrently, indexes, lockschedule
+from runner.redact import scrub_query
 
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
@@ -32,18 +33,6 @@ class _LockTimeout(Exception):
     def __init__(self, revision: str, attempt: int, message: str, blockers: list[int]) -> None:
         super().__init__(message)
         self.revision, self.attempt, self.blockers = revision, attempt, blockers
-
-
-def sqlstate(exc: BaseException) -> str | None:
-    orig = getattr(exc, "orig", exc)
-    return getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
-
-
-def db_message(exc: BaseException) -> str:
-    """Return the server's error as one redacted line (no SQL, no parameters)."""
-    orig = getattr(exc, "orig", exc)
-    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-    return redact(first)
 
 
 def apply_steps(run: Run, cfg: Config, script: ScriptDirectory, plan: list[tuple[str, str]],
@@ -76,7 +65,7 @@ def apply_steps(run: Run, cfg: Config, script: ScriptDirectory, plan: list[tuple
 
 def _with_lock_retries(run: Run, cfg: Config, script: ScriptDirectory, revision: str, dest: str,
                        downgrade: bool) -> None:
-    """Run the step under each attempt's lock_timeout in turn (runner.lockschedule) until one
+    """Run the step under each attempt's lock_timeout in turn (runner.migrate.lockschedule) until one
     gets its locks; exit 8 when the schedule runs out."""
     schedule = lockschedule.attempts(run.settings)
     started = run.clock()
@@ -104,7 +93,7 @@ def _with_lock_retries(run: Run, cfg: Config, script: ScriptDirectory, revision:
 
 
 def _give_way(run: Run, pids: list[int], revision: str) -> None:
-    """Cancel the autovacuum workers among the sessions that blocked the step (runner.autovacuum)."""
+    """Cancel the autovacuum workers among the sessions that blocked the step (runner.migrate.autovacuum)."""
     try:
         with db.connect(run, "monitor", autocommit=True, connect_timeout=5) as conn:
             autovacuum.give_way(conn, pids, run.log, f"revision {revision}")
@@ -127,9 +116,9 @@ def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, de
         run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
         if db.connection_lost(exc):  # a restart or failover: a rerun will likely succeed
             raise ConnectionLost(f"lost the connection to the database while revision {revision} ran "
-                                 f"({db_message(exc)}); its transaction rolled back, the database is "
+                                 f"({db.db_message(exc)}); its transaction rolled back, the database is "
                                  "at the last good revision: run again once the server is back") from None
-        code = sqlstate(exc)
+        code = db.sqlstate(exc)
         if code == LOCK_NOT_AVAILABLE:
             blockers = monitor.last or []
             for b in blockers:
@@ -137,9 +126,9 @@ def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, de
                              pid=b["pid"], application_name=b["application_name"],
                              state=b["state"], xact_age_s=b["xact_age_s"],
                              query=scrub_query(b["query"]))
-            raise _LockTimeout(revision, attempt.number, db_message(exc),
+            raise _LockTimeout(revision, attempt.number, db.db_message(exc),
                                [b["pid"] for b in blockers]) from None
-        what = "statement_timeout reached" if code == QUERY_CANCELED else db_message(exc)
+        what = "statement_timeout reached" if code == QUERY_CANCELED else db.db_message(exc)
         raise MigrationFailed(f"revision {revision} failed and was rolled back: {what}"
                               + ("" if code else f" ({type(exc).__name__})")) from None
     finally:

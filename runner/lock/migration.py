@@ -18,8 +18,8 @@ from sqlalchemy.engine import Connection
 from runner import db, retry
 from runner.context import Run
 from runner.errors import ConnectionLost, LockNotAcquired
-from runner.lockkey import HOLDER_SQL, lock_key, split
-from runner.wait import reason
+from runner.lock.key import HOLDER_SQL, lock_key, split
+from runner.wait.ready import reason
 
 TRY_LOCK = sa.text("SELECT pg_try_advisory_lock(:key)")
 UNLOCK = sa.text("SELECT pg_advisory_unlock(:key)")
