@@ -581,12 +581,27 @@ def _check_combinations(values: dict[str, Any], command: str, errors: list[str])
             "local development only)"))
 
 
+def first_sentence(text: str) -> str:
+    """The help text up to its first '. ' or '; ' outside parentheses and `code`."""
+    depth, code = 0, False
+    for i, c in enumerate(text):
+        if c == "`":
+            code = not code
+        elif not code and c in "([":
+            depth += 1
+        elif not code and c in ")]":
+            depth = max(0, depth - 1)
+        elif not code and not depth and c in ".;" and text[i + 1:i + 2] == " ":
+            return text[:i] + "."
+    return text.rstrip(".") + "."
+
+
 def markdown_table(groups: tuple[str, ...] = (), brief: bool = False) -> str:
     """Render the settings (of some groups, or all) as a configuration table; brief keeps the
     first sentence of each help text."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for s in SETTINGS:
         if not groups or s.group in groups:
-            text = s.help.split(". ")[0].split("; ")[0].rstrip(".") + "." if brief else s.help
+            text = first_sentence(s.help) if brief else s.help
             rows.append(f"| `{s.env}` | {s.shown if s.shown is not None else s.default} | {text} |")
     return "\n".join(rows)

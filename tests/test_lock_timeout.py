@@ -11,10 +11,11 @@ import time
 import psycopg2
 import pytest
 
-from runner import config, lockschedule
+from runner import config
 from runner.context import Run
 from runner.errors import ConfigError, RunDeadline
 from runner.log import EventLog
+from runner.migrate import lockschedule
 from tests.autovacuum_worker import vacuuming
 from tests.conftest import (
     NEWEST,

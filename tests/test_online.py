@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import signal
+import subprocess
 import threading
 import time
 import types
@@ -605,8 +606,19 @@ def test_not_null_steps_on_each_major(database: Database) -> None:
 
 
 def backfill_env(url: str, **extra: str) -> dict[str, str]:
-    return scenario_env(url, "online_backfill", ONLINE_BACKFILL_BATCH_SIZE="100",
-                        ONLINE_BACKFILL_MAX_BATCH_SIZE="100", ONLINE_BACKFILL_PAUSE="40ms", **extra)
+    # a stopped run's backend can outlive its client by a moment, advisory lock and all: the
+    # next run waits for it as in production rather than giving up after 200 ms
+    return {**scenario_env(url, "online_backfill", ONLINE_BACKFILL_BATCH_SIZE="100",
+                           ONLINE_BACKFILL_MAX_BATCH_SIZE="100", ONLINE_BACKFILL_PAUSE="40ms",
+                           **extra), "MIGRATION_LOCK_TIMEOUT": "30s"}
+
+
+def resumed(db: Database, proc: subprocess.Popen, before: int) -> bool:
+    """True once the running rerun is 500 rows past before; fails at once if it exited."""
+    if proc.poll() is not None:
+        _out, err = proc.communicate()
+        raise AssertionError(f"the rerun exited {proc.returncode} before resuming: {err}")
+    return rows_done(db) >= before + 500
 
 
 def rows_done(db: Database) -> int:
@@ -629,7 +641,7 @@ def test_deadline_sigterm_and_kill_9_stop_a_backfill_that_reruns_resume_exactly_
 
     before = rows_done(database)
     proc = start_runner(["upgrade"], env)
-    wait_for(lambda: rows_done(database) >= before + 500, timeout=60, what="it did not resume")
+    wait_for(lambda: resumed(database, proc, before), timeout=60, what="it did not resume")
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     stopped = finish(proc)
@@ -638,7 +650,7 @@ def test_deadline_sigterm_and_kill_9_stop_a_backfill_that_reruns_resume_exactly_
 
     before = rows_done(database)
     proc = start_runner(["upgrade"], env)
-    wait_for(lambda: rows_done(database) >= before + 500, timeout=60, what="it did not resume")
+    wait_for(lambda: resumed(database, proc, before), timeout=60, what="it did not resume")
     proc.kill()
     proc.communicate(timeout=30)
     at_kill = rows_done(database)
