@@ -255,10 +255,11 @@ class Settings:
     lock_retry_max_wait: float = setting("LOCK_RETRY_MAX_WAIT", "30s", "Longest pause between two "
                                          "attempts (both schedules).", duration(3600.0))
     deploy_phase: str = setting(
-        "DEPLOY_PHASE", "all", "Which revisions `upgrade` applies (flag `--phase`; `status` reports "
-        "and checks that phase): `all` (development), `pre-deploy` (the Job before the rollout: "
-        "every revision not marked post-deploy) or `post-deploy` (the Job after it: the revisions "
-        "whose module sets `runner_phase = \"post-deploy\"`).",
+        "DEPLOY_PHASE", "all", "Which revisions `upgrade` applies: `all`, `pre-deploy` or "
+        "`post-deploy` (flag `--phase`). `all` is for development; `pre-deploy` (the Job before the "
+        "rollout) applies every revision not marked post-deploy; `post-deploy` (the Job after it) "
+        "the revisions whose module sets `runner_phase = \"post-deploy\"`. `status` reports and "
+        "checks the same phase.",
         choice("all", "pre-deploy", "post-deploy"))
     invalid_index_policy: str = setting(
         "INVALID_INDEX_POLICY", "drop", "`drop`: when a revision is about to build an index that an "

@@ -149,7 +149,8 @@ COMMANDS: dict[str, Command] = {
     "stamp": Command("REV --yes", "set the database's revision without migrating (under the lock; "
                      "recorded as a stamp)", _stamp, "runner.ledger.admin:stamp"),
     "repair": Command("[REV ...]", "re-record the checksums of applied revisions after a reviewed "
-                      "edit", _repair, "runner.ledger.admin:repair"),
+                      "edit, or rebuild a ledger changed by hand", _repair,
+                      "runner.ledger.admin:repair"),
 }
 
 

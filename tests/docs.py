@@ -37,7 +37,7 @@ def _non_retriable() -> str:
 
 # the settings the README shows (the README must stay under 12 KB); all of them: configuration.md
 README_SETTINGS = ("DATABASE_URL", "ALEMBIC_CONFIG", "DB_WAIT_TIMEOUT", "LOCK_WAIT_TIMEOUT",
-                   "LOCK_TIMEOUT_START", "LOCK_TIMEOUT_CEILING", "MIGRATION_STATEMENT_TIMEOUT",
+                   "LOCK_TIMEOUT_CEILING", "MIGRATION_STATEMENT_TIMEOUT",
                    "DEPLOY_PHASE", "RUN_DEADLINE", "LOG_FORMAT", "TERMINATION_MESSAGE_PATH",
                    "BACKUP_MODE", "BACKUP_S3_URI")
 

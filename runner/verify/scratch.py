@@ -24,7 +24,7 @@ from runner.context import Run
 from runner.db import sqlstate
 from runner.errors import ConfigError
 from runner.sqlname import quote
-from runner.verify import prepare, sqlite_scratch
+from runner.verify import environ, prepare, sqlite_scratch
 from runner.verify import role as roles
 from runner.verify.role import Role
 from runner.wait.ready import reason, wait_until_ready
@@ -195,16 +195,10 @@ def _admin(server: Run) -> Connection:
 def _env_pointing_at(scratch: Run) -> Iterator[None]:
     """While revisions run: an env.py that builds its own engine gets the scratch database, also
     when it reads DATABASE_URL itself instead of sqlalchemy.url: never the target."""
-    saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_FILE", "PGAPPNAME",
-                                             "PGOPTIONS")}
-    os.environ.pop("DATABASE_URL_FILE", None)
-    os.environ["DATABASE_URL"] = scratch.settings.database_url.render(hide_password=False)
-    db.apply_libpq_environment(scratch)
-    try:
+    # PGAPPNAME and PGOPTIONS listed as they are, so that they are restored after
+    with environ.overlaid({"DATABASE_URL_FILE": None,
+                           "DATABASE_URL": scratch.settings.database_url.render(hide_password=False),
+                           "PGAPPNAME": os.environ.get("PGAPPNAME"),
+                           "PGOPTIONS": os.environ.get("PGOPTIONS")}):
+        db.apply_libpq_environment(scratch)
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sqlite3
 import tempfile
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from runner.context import Run
 from runner.errors import ConfigError
 from runner.revisions import DbState, stamped
 from runner.sqlite import engine, files
-from runner.verify import prepare, sqlite_fingerprint
+from runner.verify import environ, prepare, sqlite_fingerprint
 from runner.verify.sqlite_fingerprint import Fingerprint, Table
 
 POSTGRESQL_ONLY = "lint (Squawk) and the lock observation are PostgreSQL's: off on SQLite"
@@ -95,17 +94,9 @@ def scratch_database(run: Run) -> Iterator[Scratch]:
         scratch = Scratch(run, Path(work) / "scratch.db")
         scratch.create()
         run.log("verify.scratch", f"created the scratch file {scratch.file}")
-        saved = {k: os.environ.get(k) for k in ("DATABASE_URL", "DATABASE_URL_FILE")}
-        os.environ.pop("DATABASE_URL_FILE", None)
-        os.environ["DATABASE_URL"] = scratch.run.settings.database_url.render()
-        try:
+        with environ.overlaid({"DATABASE_URL_FILE": None,
+                               "DATABASE_URL": scratch.run.settings.database_url.render()}):
             yield scratch
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def read_live(run: Run, url: dburl.DbUrl, var: str, version: Table,

@@ -8,7 +8,7 @@ down_revision = None
 
 def upgrade() -> None:
     op.execute("CREATE TABLE items (id bigint PRIMARY KEY, hits integer NOT NULL DEFAULT 0)")
-    op.execute("INSERT INTO items (id) SELECT g FROM generate_series(1, 6000) g")
+    op.execute("INSERT INTO items (id) SELECT g FROM generate_series(1, 20000) g")
 
 
 def downgrade() -> None:
