@@ -12,7 +12,7 @@ import signal
 import subprocess
 from typing import IO, Any
 
-from runner import cancellation
+from runner import cancellation, keepalives
 from runner.context import Run
 from runner.dburl import DbUrl
 from runner.errors import BackupFailed, ConfigError
@@ -77,7 +77,12 @@ def libpq_env(run: Run, purpose: str, url: DbUrl | None = None) -> tuple[dict[st
                           "user of the machine can read; use an unencrypted key file readable only "
                           "by the runner")
     password = params.pop("password", None)
-    env = child_env(PGAPPNAME=run.app_name(purpose), **({"PGPASSWORD": password} if password else {}))
+    # the server's keepalives: a runner whose machine vanished mid-dump must not leave pg_dump's
+    # sessions (and their table locks, which block the next copy's migration) for two hours.
+    # Not tcp_user_timeout: a dump stalled by a slow upload is a zero window, and some kernels
+    # end such a connection after that timeout even though the runner answers every probe
+    env = child_env(PGAPPNAME=run.app_name(purpose), PGOPTIONS=keepalives.server_options(),
+                    **({"PGPASSWORD": password} if password else {}))
     params.pop("application_name", None)
     conninfo = " ".join(f"{k}={_quote(v)}" for k, v in params.items())
     return env, conninfo

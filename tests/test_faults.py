@@ -246,6 +246,29 @@ def test_runner_sessions_ask_the_server_for_keepalives(database: Database) -> No
                    "tcp_keepalives_count": "3", "tcp_user_timeout": "20000"}  # ms
 
 
+def test_pg_dump_sessions_ask_the_server_for_keepalives(database: Database) -> None:
+    """pg_dump's sessions hold ACCESS SHARE on every table it dumps: left behind by a vanished
+    runner for the kernel's two hours, they would make every later copy's migration exit 8.
+    What libpq_env gives pg_dump (psql here, the same libpq) asks for the server's keepalives;
+    not tcp_user_timeout, which some kernels apply to a dump stalled by a slow upload."""
+    import subprocess
+
+    from runner import dburl, procs
+    from runner.config import Settings
+    from runner.context import Run
+    from runner.log import EventLog
+
+    run = Run(settings=Settings(database_url=dburl.parse(database.url)), log=EventLog(), command="backup")
+    env, conninfo = procs.libpq_env(run, "backup")
+    out = subprocess.run(
+        [str(database.cluster.bin / "psql"), "-X", "-At", "--no-password", "-d", conninfo, "-c",
+         "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings WHERE name "
+         "IN ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', "
+         "'tcp_user_timeout')"], env=env, capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.strip() == ("tcp_keepalives_count=3 tcp_keepalives_idle=5 "
+                                  "tcp_keepalives_interval=5 tcp_user_timeout=0"), out.stderr
+
+
 def test_the_start_up_gate_session_asks_for_keepalives_and_keeps_pgoptions(
         database: Database, monkeypatch: pytest.MonkeyPatch) -> None:
     """The gate's session idles for the whole of its leader's run: without server keepalives a
