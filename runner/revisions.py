@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import itertools
 import logging
@@ -40,6 +41,17 @@ class DbState:
     version_schema: str | None
 
 
+def bare_postgresql_means_psycopg2() -> None:
+    """Where psycopg 3 is not installed (the image ships psycopg2), make a bare postgresql:// URL
+    mean psycopg2 again, as before SQLAlchemy 2.1: env.py files that build their engine from
+    DATABASE_URL themselves (`config.set_main_option("sqlalchemy.url", os.environ[...])`, the
+    FastAPI templates' way) would otherwise fail on `import psycopg`. With psycopg 3 installed,
+    SQLAlchemy's own choice stands."""
+    if importlib.util.find_spec("psycopg") is None:
+        sa.dialects.registry.register("postgresql", "sqlalchemy.dialects.postgresql.psycopg2",
+                                      "PGDialect_psycopg2")
+
+
 def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     """Build the Alembic Config; sqlalchemy.url comes from DATABASE_URL."""
     from runner import online  # noqa: F401 - importing it registers op.*_online for env.py
@@ -52,6 +64,7 @@ def alembic_config(settings: Settings, stdout: IO[str] | None = None) -> Config:
     # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the image ships psycopg2
     if "+" not in app_url.drivername and not app_url.is_sqlite:
         app_url = app_url.set(drivername="postgresql+psycopg2")
+    bare_postgresql_means_psycopg2()
     url = app_url.to_sqlalchemy().render_as_string(hide_password=False)
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))  # ConfigParser interpolation
     cfg.attributes["configure_logger"] = False  # our env.py leaves logging to the runner

@@ -131,6 +131,24 @@ def test_foreign_env_builds_its_own_engine(database: Database) -> None:
     assert database.sql("SELECT version_num FROM meta.foreign_version") == "f001"
 
 
+def test_env_reading_a_bare_postgresql_url_from_the_environment(database: Database) -> None:
+    """env.py taking DATABASE_URL itself (the FastAPI templates' way), a bare postgresql://:
+    SQLAlchemy 2.1 would load psycopg 3, which the image does not ship (exit 2, `No module named
+    'psycopg'`); without psycopg 3 the runner makes it mean psycopg2, as before 2.1."""
+    import importlib.util
+
+    assert importlib.util.find_spec("psycopg") is None, "psycopg 3 is installed: nothing to prove"
+    assert database.url.startswith("postgresql://")
+    env = runner_env(database.url, ALEMBIC_CONFIG=str(REPO / "tests/scenarios/environ_url/alembic.ini"),
+                     BACKUP_MODE="off")
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    assert database.sql("SELECT version_num || ' ' || (SELECT count(*) FROM notes) "
+                        "FROM alembic_version") == "e001 0"
+    assert run_runner(["downgrade", "--to", "base", "--yes"], env).code == 0
+    assert database.sql("SELECT to_regclass('notes') IS NULL") == "t"
+
+
 def test_old_cookbook_env_gets_the_runners_connection(database: Database) -> None:
     """env.py from Alembic's older cookbook: `config.attributes.get("connection") or
     engine_from_config(...)`, then `with connectable.connect() as connection:`."""
