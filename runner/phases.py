@@ -164,6 +164,24 @@ def _needs_message(needs: dict[str, list[str]], ready: list[str]) -> str:
             f"before the rollout) and roll the application out first{now}; nothing was changed")
 
 
+def pre_deploy_done_at(script: ScriptDirectory, head: str) -> dict[str, list[str]]:
+    """The single revisions, other than head, at which every pre-deploy revision of head is
+    applied, each with the post-deploy revisions still pending there (parents first): where
+    `wait --until-head` lets the application start. Empty unless head itself is post-deploy."""
+    if phase_of(script, head) != POST:
+        return {}
+    post = [r for r in revisions.ancestors(script, (head,)) if phase_of(script, r) == POST]
+    # only post-deploy revisions lie between a qualifying revision and head: it is the parent
+    # of one of them
+    candidates = {p for r in post for p in _parents(script, r)}
+    found: dict[str, list[str]] = {}
+    for rev in sorted(candidates):
+        todo = pending(script, (rev,), (head,))
+        if not todo.pre:
+            found[rev] = todo.post
+    return found
+
+
 def _base_first(script: ScriptDirectory) -> list[str]:
     """Every revision, each after all of its ancestors (Alembic walks heads to base)."""
     return [s.revision for s in reversed(list(script.walk_revisions()))]

@@ -213,6 +213,46 @@ def test_database_behind_is_not_answered_for(sample: Path, database: Database) -
     assert behind.summary()["applied"] == ["0005"] and database.version() == "0005"
 
 
+def _revision(rev: str, down: str, phase: str) -> str:
+    return (f'"""A {phase} revision."""\n\nfrom alembic import op\n\nrevision = "{rev}"\n'
+            f'down_revision = "{down}"\nrunner_phase = "{phase}"\n\n\ndef upgrade() -> None:\n'
+            f'    op.execute("CREATE TABLE t_{rev} (id int)")\n\n\ndef downgrade() -> None:\n'
+            f'    op.execute("DROP TABLE t_{rev}")\n')
+
+
+def test_wait_until_head_answers_in_the_rollouts_state_exactly_like_the_full_path(
+        tmp_path: Path, database: Database) -> None:
+    """During a rollout the database has every pre-deploy revision and lacks the post-deploy ones:
+    every new pod's `wait --until-head` is answered from the facts there, with the full path's
+    events; one pre-deploy revision short, it is not."""
+    ini = copy_sample(tmp_path / "scripts")
+    versions = ini.parent / "migrations/versions"
+    for rev, down, phase in (("0006", "0005", "pre-deploy"), ("0007", "0006", "post-deploy"),
+                             ("0008", "0007", "post-deploy")):
+        (versions / f"{rev}_phase.py").write_text(_revision(rev, down, phase))
+    assert record_facts(ini, "--strict").returncode == 0
+    assert F.load(F.facts_path(ini)).pre_deploy_done == {"0006": ("0007", "0008"), "0007": ("0008",)}
+    assert run(ini, ["upgrade", "--phase", "pre-deploy"], database.url).code == 0
+    for at, post in (("0006", "0007,0008"), ("0007", "0008")):
+        if at == "0007":
+            assert run(ini, ["upgrade", "--to", "0007"], database.url, FAST_PATH="off").code == 0
+        assert database.version() == at
+        fast_file, full_file = tmp_path / "fast.json", tmp_path / "full.json"
+        fast = run(ini, ["wait", "--until-head"], database.url, TERMINATION_MESSAGE_PATH=str(fast_file))
+        full = run(ini, ["wait", "--until-head"], database.url, TERMINATION_MESSAGE_PATH=str(full_file),
+                   FAST_PATH="off")
+        assert (fast.code, full.code) == (0, 0), fast.err + full.err
+        assert answered_from_facts(fast) and not answered_from_facts(full), fast.err
+        assert events(fast) == events(full)
+        assert termination(fast_file) == termination(full_file)
+        assert fast.summary()["outcome"] == "pre-deploy applied"
+        assert [e["post_deploy"] for e in events(fast) if e["event"] == "head.pre_deploy"] == [post]
+    assert run(ini, ["downgrade", "--to", "0005"], database.url).code == 0
+    short = run(ini, ["wait", "--until-head"], database.url, HEAD_WAIT_TIMEOUT="1s",
+                HEAD_POLL_INTERVAL="0.5s")
+    assert short.code == 10 and not answered_from_facts(short), short.err
+
+
 def test_missing_or_corrupt_facts_are_not_used(own_sample: Path, at_head: Database) -> None:
     path = F.facts_path(own_sample)
     good = path.read_text()

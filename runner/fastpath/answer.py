@@ -52,6 +52,11 @@ def answer(run: Run, args: argparse.Namespace) -> bool:
     if in_recovery or read_only == "on":
         return False  # the full path waits, or migrates, or refuses: its decisions, its messages
     behind = list(versions or ()) != list(facts.heads)
+    if behind and kind == "wait" and len(versions or ()) == 1 and versions[0] in facts.pre_deploy_done:
+        # the rollout's state: every pre-deploy revision applied, post-deploy ones pending
+        run.server_version = server_version
+        _report_pre_deploy_done(run, facts, versions[0], took)
+        return True
     # behind the head in a deploy phase, the leader stops short of the head: the gate's waiters
     # would wait for it in turn; the full path decides what the phase applies (runner.phases)
     gated = kind == "upgrade" and run.settings.deploy_phase == "all"
@@ -156,12 +161,30 @@ def _table(facts: Facts) -> str:
     return qualified(facts.version_table_schema, facts.version_table)
 
 
-def _report(run: Run, kind: str, head: str, took: float) -> None:
-    """Log what the full path logs for the same no-op (tests compare the two)."""
+def _report_pre_deploy_done(run: Run, facts: Facts, current: str, took: float) -> None:
+    """Log what runner.wait.head logs when the database has every pre-deploy revision of head."""
+    head, post = facts.heads[0], facts.pre_deploy_done[current]
+    _started(run, took)
+    run.summary["head"] = head
+    run.summary.update(current=current, polls=1)
+    later = f" (and {len(post)} post-deploy, which run after the rollout)" if post else ""
+    run.log("head.pre_deploy", f"database at {current} has every pre-deploy revision of head "
+            f"{head}{later}: the application may start", current=current, head=head,
+            post_deploy=",".join(post), polls=1)
+    run.summary["outcome"] = "pre-deploy applied"
+    run.durations["head_wait"] = took
+
+
+def _started(run: Run, took: float) -> None:
     target = run.settings.safe_target
     run.log("start", f"{run.command} against {target}", run_id=run.run_id)
     run.log("db.ready", f"database {target} is ready", server_version=run.server_version, attempts=1)
     run.durations["wait"] = took
+
+
+def _report(run: Run, kind: str, head: str, took: float) -> None:
+    """Log what the full path logs for the same no-op (tests compare the two)."""
+    _started(run, took)
     if kind == "upgrade":
         run.summary.update({"phase": run.settings.deploy_phase, "from": head, "target": head})
         run.log("migrate.noop", f"database already at {head}: nothing to do")

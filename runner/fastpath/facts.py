@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-FORMAT = 2
+FORMAT = 3  # 3: pre_deploy_done (the rollout state wait --until-head answers at)
 SUFFIX = ".fastpath.json"
 # a facts file is a few kilobytes (a few hundred for thousands of revisions); a bigger one is not
 # ours, and reading it whole would cost the memory of a job sized for migrations
@@ -56,6 +56,9 @@ class Facts:
     dirs: Mapping[str, str]  # absolute path -> sha256 of the sorted names in it
     search: Mapping[str, str]  # a directory of the Python path -> dir_digest(importable=True)
     probes: Mapping[str, str]  # absolute path -> path_kind() of a path env.py only looked at
+    # revision -> the post-deploy revisions pending there, at which `wait --until-head` lets the
+    # application start (runner.phases.pre_deploy_done_at): the rollout's state
+    pre_deploy_done: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         body = _body(self)
@@ -90,7 +93,9 @@ def load(path: Path) -> Facts:
                      files={_str(k): _str(v) for k, v in data["files"].items()},
                      dirs={_str(k): _str(v) for k, v in data["dirs"].items()},
                      search={_str(k): _str(v) for k, v in data["search"].items()},
-                     probes={_str(k): _str(v) for k, v in data["probes"].items()})
+                     probes={_str(k): _str(v) for k, v in data["probes"].items()},
+                     pre_deploy_done={_str(k): tuple(map(_str, v))
+                                      for k, v in data["pre_deploy_done"].items()})
     except (KeyError, TypeError, AttributeError) as exc:
         raise FactsError(f"{path} is incomplete ({type(exc).__name__}: {exc}): record it again") from None
 
@@ -194,7 +199,8 @@ def _body(facts: Facts) -> dict[str, Any]:
     body.update(format=FORMAT, heads=list(facts.heads), sys_path=list(facts.sys_path),
                 env=dict(facts.env), files=dict(facts.files), dirs=dict(facts.dirs),
                 search=dict(facts.search),
-                probes=dict(facts.probes))
+                probes=dict(facts.probes),
+                pre_deploy_done={k: list(v) for k, v in facts.pre_deploy_done.items()})
     return body
 
 

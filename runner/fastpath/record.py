@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy.engine import Connection, Engine
 
-from runner import dburl, revisions
+from runner import dburl, phases, revisions
 from runner.config import Settings
 from runner.errors import RunnerError
 from runner.fastpath.facts import (
@@ -297,7 +297,16 @@ def record(alembic_config: str) -> Facts:
     return Facts(config=config, heads=heads, chain=_chain(script), version_table=table,
                  version_table_schema=schema, python=sys.version, sys_path=base_path, salt=salt,
                  env=env, files=files, dirs=dirs, search=search,  # type: ignore[arg-type]
-                 probes=probes)
+                 probes=probes, pre_deploy_done=_pre_deploy_done(script, heads[0]))
+
+
+def _pre_deploy_done(script: Any, head: str) -> dict[str, tuple[str, ...]]:
+    """Where `wait --until-head` may answer "pre-deploy applied" (none when a revision's
+    runner_phase is invalid: the full path refuses it, with its message)."""
+    try:
+        return {rev: tuple(post) for rev, post in phases.pre_deploy_done_at(script, head).items()}
+    except RunnerError:
+        return {}
 
 
 def write(facts: Facts) -> Path:
