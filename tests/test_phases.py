@@ -60,6 +60,33 @@ def test_pre_deploy_then_post_deploy(database: Database) -> None:
     assert run_runner(["status", "--check", "--phase", "post-deploy"], env).code == 0
 
 
+def test_a_fleet_runs_each_phase_and_its_status_says_which_is_done(pg, tmp_path: Path) -> None:
+    """TARGETS_FILE: the pre-deploy phase on every target, a status table that tells "pre-deploy
+    done" from "behind", and --check per phase (exit 14: a fleet with targets pending)."""
+    names = [f"ph_{i}_{time.monotonic_ns() % 10**8}" for i in (1, 2)]
+    for name in names:
+        pg.psql(f"CREATE DATABASE {name}")
+    try:
+        (tmp_path / "targets.txt").write_text("\n".join(names) + "\n")
+        env = runner_env(None, ALEMBIC_CONFIG=str(SCENARIO / "alembic.ini"),
+                         TARGETS_FILE=str(tmp_path / "targets.txt"),
+                         DATABASE_URL_TEMPLATE=pg.url("{name}"))
+        assert run_runner(["upgrade", "--phase", "pre-deploy"], env).code == 0
+        for name in names:
+            assert Database(pg, name).version() == "p002"
+        s = run_runner(["status"], env)
+        done = "behind (1 pending: 0 pre-deploy, 1 post-deploy)"
+        assert s.out.count(" p002 ") == 2 and s.out.count(done) == 2, s.out
+        assert run_runner(["status", "--check", "--phase", "pre-deploy"], env).code == 0
+        assert run_runner(["status", "--check", "--phase", "post-deploy"], env).code == 14
+        assert run_runner(["upgrade", "--phase", "post-deploy"], env).code == 0
+        assert run_runner(["status", "--check", "--phase", "post-deploy"], env).code == 0
+        assert Database(pg, names[0]).version() == "p003"
+    finally:
+        for name in names:
+            pg.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)", check=False)
+
+
 def test_post_deploy_refuses_before_its_pre_deploy_revisions(database: Database) -> None:
     assert upgrade(database, "all", "--to", "p001").code == 0
     r = upgrade(database, "post-deploy")

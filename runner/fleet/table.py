@@ -10,7 +10,8 @@ REASON_CHARS = 100
 
 
 def state(result: dict[str, Any]) -> str:
-    """Return 'at head', 'behind (N pending)' or 'unknown (why)' for one target's status result."""
+    """Return 'at head', 'behind (N pending[: P pre-deploy, Q post-deploy])' or 'unknown (why)' for
+    one target's status result."""
     code = result["exit_code"]
     if code not in (ExitCode.OK, ExitCode.PENDING):
         why = result.get("error") or "not read"
@@ -18,7 +19,11 @@ def state(result: dict[str, Any]) -> str:
     if result.get("from") == result.get("head"):
         return "at head"
     if result.get("pending"):
-        return f"behind ({len(result['pending'])} pending)"
+        post = result.get("pending_post_deploy") or []
+        # with post-deploy revisions pending, say whether the pre-deploy phase is done
+        split = f": {len(result.get('pending_pre_deploy') or [])} pre-deploy, {len(post)} post-deploy" \
+            if post else ""
+        return f"behind ({len(result['pending'])} pending{split})"
     return "unknown (revision not in these scripts: the image is older than the database)"
 
 

@@ -35,7 +35,8 @@ from runner.redact import redact
 from runner.report import finish, stuck_error
 
 # what a target's result carries from its run's summary (the rest stays in its log lines)
-KEPT = ("from", "to", "head", "pending", "applied", "backup")
+KEPT = ("from", "to", "head", "pending", "pending_pre_deploy", "pending_post_deploy", "applied",
+        "backup")
 ERROR_CHARS = 300
 # seconds after a signal or the deadline before a target that has not stopped is abandoned: short,
 # so that its ledger row is ended before the main process gives up on the worker (pool.GIVE_UP)
