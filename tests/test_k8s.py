@@ -74,7 +74,8 @@ def runner_containers(docs: list[dict[str, Any]]) -> list[tuple[str, dict, dict]
 
 def test_every_tree_is_found() -> None:
     assert {"base", "overlays/rollback", "overlays/helm-hooks", "overlays/argocd",
-            "overlays/example-app", "overlays/fleet", "overlays/post-deploy"} <= set(DIRS)
+            "overlays/example-app", "overlays/fleet", "overlays/post-deploy",
+            "overlays/fleet-post-deploy"} <= set(DIRS)
     assert set(kustomize_dirs()) == set(DIRS) | set(PARTIAL)
 
 
@@ -328,10 +329,27 @@ def test_post_deploy_job_is_the_pre_deploy_job_in_the_other_phase() -> None:
     assert pre == post
 
 
+def test_fleet_post_deploy_job_is_the_fleet_job_in_the_other_phase() -> None:
+    """Same shards, targets, hardening and deadlines as the fleet's Job (an overlay of it); only
+    the name, the component label and the phase differ."""
+    pre = find(build("overlays/fleet"), "Job")
+    post = find(build("overlays/fleet-post-deploy"), "Job")
+    assert (pre["metadata"]["name"], post["metadata"]["name"]) == \
+        ("migration-runner-fleet", "migration-runner-fleet-post-deploy")
+    for job in (pre, post):
+        job["metadata"].pop("name")
+        job["metadata"]["labels"].pop("app.kubernetes.io/component")
+        job["spec"]["template"]["metadata"]["labels"].pop("app.kubernetes.io/component")
+    args = [job["spec"]["template"]["spec"]["containers"][0].pop("args") for job in (pre, post)]
+    assert args == [["upgrade", "--phase", "pre-deploy"], ["upgrade", "--phase", "post-deploy"]]
+    assert pre == post
+
+
 @pytest.mark.parametrize("directory,name,phase", [
     ("base", "migration-runner", "pre-deploy"),
     ("overlays/post-deploy", "migration-runner-post-deploy", "post-deploy"),
     ("overlays/fleet", "migration-runner-fleet", "pre-deploy"),
+    ("overlays/fleet-post-deploy", "migration-runner-fleet-post-deploy", "post-deploy"),
 ])
 def test_jobs_run_their_deploy_phase(directory: str, name: str, phase: str) -> None:
     from runner.cli import build_parser
