@@ -83,6 +83,8 @@ def libpq_env(run: Run, purpose: str, url: DbUrl | None = None) -> tuple[dict[st
     # end such a connection after that timeout even though the runner answers every probe
     env = child_env(PGAPPNAME=run.app_name(purpose), PGOPTIONS=keepalives.server_options(),
                     **({"PGPASSWORD": password} if password else {}))
+    if params.get("options"):  # the URL's options win over PGOPTIONS in libpq: add them there
+        params["options"] = f"{params['options']} {keepalives.server_options()}"
     params.pop("application_name", None)
     conninfo = " ".join(f"{k}={_quote(v)}" for k, v in params.items())
     return env, conninfo

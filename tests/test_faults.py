@@ -258,15 +258,19 @@ def test_pg_dump_sessions_ask_the_server_for_keepalives(database: Database) -> N
     from runner.context import Run
     from runner.log import EventLog
 
-    run = Run(settings=Settings(database_url=dburl.parse(database.url)), log=EventLog(), command="backup")
-    env, conninfo = procs.libpq_env(run, "backup")
-    out = subprocess.run(
-        [str(database.cluster.bin / "psql"), "-X", "-At", "--no-password", "-d", conninfo, "-c",
-         "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings WHERE name "
-         "IN ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', "
-         "'tcp_user_timeout')"], env=env, capture_output=True, text=True, timeout=30, check=True)
-    assert out.stdout.strip() == ("tcp_keepalives_count=3 tcp_keepalives_idle=5 "
-                                  "tcp_keepalives_interval=5 tcp_user_timeout=0"), out.stderr
+    # the URL's own options (which libpq prefers to PGOPTIONS) are kept, and get them too
+    for url, work_mem in ((database.url, "4096"), (database.url + "?options=-c%20work_mem%3D8MB", "8192")):
+        run = Run(settings=Settings(database_url=dburl.parse(url)), log=EventLog(), command="backup")
+        env, conninfo = procs.libpq_env(run, "backup")
+        out = subprocess.run(
+            [str(database.cluster.bin / "psql"), "-X", "-At", "--no-password", "-d", conninfo, "-c",
+             "SELECT string_agg(name || '=' || setting, ' ' ORDER BY name) FROM pg_settings WHERE "
+             "name IN ('tcp_keepalives_idle', 'tcp_keepalives_interval', 'tcp_keepalives_count', "
+             "'tcp_user_timeout', 'work_mem')"], env=env, capture_output=True, text=True, timeout=30,
+            check=True)
+        assert out.stdout.strip() == ("tcp_keepalives_count=3 tcp_keepalives_idle=5 "
+                                      f"tcp_keepalives_interval=5 tcp_user_timeout=0 work_mem={work_mem}"), \
+            out.stderr
 
 
 def test_the_start_up_gate_session_asks_for_keepalives_and_keeps_pgoptions(
