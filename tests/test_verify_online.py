@@ -113,6 +113,36 @@ def test_contracts_before_the_rollout_and_the_phase_order(pg: Cluster, tmp_path:
     assert scratch_databases(pg) == [] and scratch_roles(pg) == []
 
 
+def test_statements_a_rerun_would_repeat_before_an_online_operation(pg: Cluster, tmp_path: Path) -> None:
+    """An online operation commits what its revision did before it: a revision that creates a
+    table, then builds an index on it online, fails on its rerun after a crash mid-build ('already
+    exists'). A warning names it; an IF NOT EXISTS statement, and statements after the operation,
+    are rerunnable and not named; the rest of the chain has none."""
+    chain = tmp_path / "online"
+    shutil.copytree(ONLINE, chain, ignore=shutil.ignore_patterns("__pycache__"))
+    (chain / "versions/n006.py").write_text(
+        'from alembic import op\n\nrevision = "n006"\ndown_revision = "n005"\n'
+        'runner_phase = "post-deploy"  # after n005, a post-deploy revision\n\n\n'
+        'def upgrade() -> None:\n'
+        '    op.execute("CREATE TABLE IF NOT EXISTS n006_ok (x int)")\n'
+        '    op.execute("CREATE TABLE n006_once (x int)")\n'
+        '    op.create_index_online("ix_n006_once", "n006_once", ["x"])\n'
+        '    op.execute("CREATE TABLE n006_after (x int)")\n\n\n'
+        'def downgrade() -> None:\n'
+        '    op.drop_index_online("ix_n006_once", "n006_once")\n'
+        '    op.execute("DROP TABLE n006_after")\n'
+        '    op.execute("DROP TABLE n006_once")\n'
+        '    op.execute("DROP TABLE n006_ok")\n')
+    r = run_runner(["verify", "--format", "json"], verify_env(pg, ALEMBIC_CONFIG=str(chain / "alembic.ini")))
+    assert r.code == 0, r.err  # a warning: the revision works, its rerun after a crash would not
+    doc = report(r)
+    assert [f for f in findings(doc) if f[1] != "locks"] == [("warning", "rerun", "n006", "before-online")]
+    (found,) = [f for f in doc["findings"] if f["check"] == "rerun"]
+    assert found["message"].startswith("1 statement(s) before create_index_online(ix_n006_once, "
+                                       "n006_once) (CREATE TABLE n006_once (x int)) are committed")
+    assert found["file"].endswith("versions/n006.py")
+
+
 def test_the_phase_order_against_the_live_database(pg: Cluster, database: Database) -> None:
     """tests/scenarios/phases, release 2 (p004, pre-deploy, on top of release 1's post-deploy p003):
     with --against a database where p003 ran, nothing is pending out of order; where only the

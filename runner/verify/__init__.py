@@ -25,7 +25,18 @@ from runner import db, owntables, phases, revisions
 from runner.context import Run
 from runner.errors import ConfigError, MigrationFailed, PreflightRefused, VerifyFailed
 from runner.revisions import DbState
-from runner.verify import capture, drift, hazards, lint, models, rollout, sqlite_scratch, steps, weigh
+from runner.verify import (
+    capture,
+    drift,
+    hazards,
+    lint,
+    models,
+    rerun,
+    rollout,
+    sqlite_scratch,
+    steps,
+    weigh,
+)
 from runner.verify.fingerprint import Table
 from runner.verify.observe import Observer, StepObservation, observing
 from runner.verify.report import ERROR, NOTE, WARN, Finding, fold, relative, short, write
@@ -151,6 +162,8 @@ def _check(run: Run, scratch: Scratch, script: ScriptDirectory, walked: set[str]
         summary.update(revisions=trips.round_tripped, irreversible=trips.irreversible,
                        upgraded=trips.upgraded)
         findings += rollout.contract_findings(trips.sql, trips.changes)
+        if not sqlite_scratch.applies(run):  # PostgreSQL's operations (local SQLite files: not checked)
+            findings += rerun.findings(trips.sql)
         before = [r for r in order if walked is not None and r not in walked]  # applied without checks
         applied = live.heads if live is not None else phases.heads_after(script, (), before)
         findings += rollout.order_findings(script, applied, live is not None)

@@ -80,6 +80,8 @@ class RevisionSql:
     operations: list[str] = dataclasses.field(default_factory=list)  # "create_index_online(ix, t)"
     online_statements: int = 0
     post_deploy: bool = False  # runner_phase = "post-deploy": the previous release no longer runs
+    # what it ran before its first online operation's first statement (runner.verify.rerun)
+    before_online: list[str] = dataclasses.field(default_factory=list)
 
 
 def squawk_binary() -> Path:

@@ -248,10 +248,12 @@ class RoundTrips:
         capture.end()
         executed = [s for s in self._seen if not (s.version_table or s.catalog_read)]
         mark = self.marks.get(rev, Markers(None, {}))
+        first = next((i for i, s in enumerate(executed) if s.operation), len(executed))
         self.sql.append(RevisionSql(rev, self.file_of(rev), [s.sql for s in executed if not s.operation],
                                     fingerprint.relation_names(self._before or {}), mark.allow,
                                     list(dict.fromkeys(s.operation for s in executed if s.operation)),
-                                    sum(1 for s in executed if s.operation), mark.post_deploy))
+                                    sum(1 for s in executed if s.operation), mark.post_deploy,
+                                    [s.sql for s in executed[:first]]))
         self._seen = None
 
     def _finding(self, severity: str, check: str, message: str, rev: str, step: str | None = None) -> None:
