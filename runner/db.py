@@ -96,28 +96,35 @@ def db_message(exc: BaseException) -> str:
 def connection_lost(exc: BaseException | None) -> bool:
     """Return True when exc (or what caused it) says the server connection is gone: a restart,
     a failover, a killed backend. Such a run is worth retrying; nothing half-done was kept."""
+    return lost_cause(exc) is not None
+
+
+def lost_cause(exc: BaseException | None) -> BaseException | None:
+    """The error in exc's chain that says the connection is gone (what to report: SQLAlchemy's
+    later "Can't reconnect until invalid transaction is rolled back" says nothing), or None."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if type(getattr(exc, "orig", exc)).__module__ == "sqlite3":
-            return False  # a SQLite file has no connection to lose: its errors are the statement's
+            return None  # a SQLite file has no connection to lose: its errors are the statement's
         if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-            return True
+            return exc
         orig = getattr(exc, "orig", exc)
         code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
         if isinstance(code, str) and (code.startswith("08") or code in _LOST_SQLSTATES):
-            return True
+            return exc
         if isinstance(exc, sa.exc.OperationalError) and not code:
-            return True  # libpq reports every server error with a SQLSTATE: this is the connection
+            return exc  # libpq reports every server error with a SQLSTATE: this is the connection
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
 
 
 def lost_connection_error(exc: BaseException) -> ConnectionLost | None:
     """Return the error for a connection lost outside the steps that say so themselves, or None."""
-    if not connection_lost(exc):
+    cause = lost_cause(exc)
+    if cause is None:
         return None
-    message = redact(one_line(str(getattr(exc, "orig", exc)))) or type(exc).__name__
+    message = redact(one_line(str(getattr(cause, "orig", cause)))) or type(cause).__name__
     return ConnectionLost(f"lost the connection to the database ({message}): a restart or failover; "
                           "run again once the server is back")
 

@@ -81,6 +81,36 @@ def test_server_lost_mid_migration_exits_11(fresh: Database, how: str) -> None:
         assert db.version() == "l003"
 
 
+def test_server_restarted_mid_backfill_exits_11_and_the_rerun_resumes_it(fresh: Database) -> None:
+    """A restart while an online backfill runs (each batch its own transaction, outside the
+    revision's): exit 11 naming the server's reason, not SQLAlchemy's "Can't reconnect until
+    invalid transaction is rolled back" that the operation's clean-up raised after it; the ledger
+    warning does not send anyone to check privileges; the rerun resumes from the checkpoint and
+    every row is updated exactly once."""
+    from tests.test_online import ROWS, backfill_env, rows_done
+
+    db, c = fresh, fresh.cluster
+    env = backfill_env(db.url)
+    assert run_runner(["upgrade", "--to", "b001"], env).code == 0
+    proc = start_runner(["upgrade"], env)
+    wait_for(lambda: rows_done(db) >= 500, timeout=60, what="the backfill did not start")
+    c.stop("fast")
+    r = finish(proc, timeout=60)
+    c.start()
+    assert r.code == 11, r.err
+    assert "Traceback" not in r.err
+    line = r.summary()["msg"]
+    assert "lost the connection to the database while revision b002 ran" in line, line
+    assert "Can't reconnect" not in line and "rollback()" not in line, line
+    assert "privileges" not in r.err, r.err
+    done = rows_done(db)
+    assert 500 <= done < ROWS and db.version() == "b001"
+    again = run_runner(["upgrade"], env)
+    assert again.code == 0, again.err
+    assert '"backfill.resume"' in again.err, again.err
+    assert db.sql("SELECT count(*) FILTER (WHERE hits = 1) || ' ' || count(*) FROM items") == f"{ROWS} {ROWS}"
+
+
 def test_restart_while_waiting_for_the_lock_reconnects(fresh: Database) -> None:
     """Waiting for the lock changes nothing, so a lost connection is simply opened again."""
     db, c = fresh, fresh.cluster

@@ -20,7 +20,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 import runner
-from runner import revisions
+from runner import db, revisions
 from runner.context import Run
 from runner.exitcodes import ExitCode
 from runner.ledger import checksum, integrity
@@ -183,9 +183,11 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001 - an unreadable ledger never changes a run's outcome
             self.broken = True
             self.run.summary["ledger"] = f"not recorded: could not {what} ({reason(exc)})"
+            # the privileges are worth naming unless the server itself went away
+            hint = "" if db.connection_lost(exc) else f" ({GRANTS_HINT})"
             self.run.log.warning("ledger.unavailable", f"could not {what} in {self.store.where} "
                                  f"({reason(exc)}); this run goes on without the ledger and keeps "
-                                 f"its exit code ({GRANTS_HINT})")
+                                 f"its exit code{hint}")
             return False
 
     def applied(self, heads: tuple[str, ...]) -> set[str]:

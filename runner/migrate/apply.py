@@ -114,9 +114,10 @@ def _step_once(run: Run, cfg: Config, script: ScriptDirectory, revision: str, de
         raise
     except Exception as exc:  # noqa: BLE001 - a migration can raise anything; all of it is classified
         run.cancel.check()  # cancelled by a signal or the deadline: say so, not "failed"
-        if db.connection_lost(exc):  # a restart or failover: a rerun will likely succeed
+        lost = db.lost_cause(exc)
+        if lost is not None:  # a restart or failover: a rerun will likely succeed
             raise ConnectionLost(f"lost the connection to the database while revision {revision} ran "
-                                 f"({db.db_message(exc)}); its transaction rolled back, the database is "
+                                 f"({db.db_message(lost)}); its transaction rolled back, the database is "
                                  "at the last good revision: run again once the server is back") from None
         code = db.sqlstate(exc)
         if code == LOCK_NOT_AVAILABLE:
