@@ -149,6 +149,29 @@ def test_env_reading_a_bare_postgresql_url_from_the_environment(database: Databa
     assert database.sql("SELECT to_regclass('notes') IS NULL") == "t"
 
 
+def test_an_async_env_py_migrates_and_verifies(database: Database) -> None:
+    """The env.py of `alembic init -t async` (an AsyncEngine of its own, asyncpg): upgrade runs
+    its online operations over asyncpg's connection; verify hands env.py the scratch database
+    with the application's driver (VERIFY_DATABASE_URL says none) and reads its fingerprints and
+    locks through asyncpg (one statement per execute, no psycopg2 paramstyle)."""
+    from tests.test_verify import report, verify_env
+
+    url = database.cluster.url(database.name, driver="postgresql+asyncpg")
+    ini = str(REPO / "tests/scenarios/async_env/alembic.ini")
+    env = runner_env(url, ALEMBIC_CONFIG=ini, BACKUP_MODE="off")
+    r = run_runner(["upgrade"], env)
+    assert r.code == 0, r.err
+    assert database.sql("SELECT (SELECT version_num FROM alembic_version) || ' ' || "
+                        "count(*) FILTER (WHERE code = upper(name)) FROM items") == "x002 3000"
+    v = run_runner(["verify", "--format", "json"],
+                   {**verify_env(database.cluster, ALEMBIC_CONFIG=ini), "DATABASE_URL": url})
+    assert v.code == 0, v.err
+    doc = report(v)
+    assert doc["findings"] == [] and doc["summary"]["revisions"] == 2
+    assert doc["online_operations"]["x002"] == ["create_index_online(ix_items_name, items)",
+                                                "add_column_online(items)"]
+
+
 def test_old_cookbook_env_gets_the_runners_connection(database: Database) -> None:
     """env.py from Alembic's older cookbook: `config.attributes.get("connection") or
     engine_from_config(...)`, then `with connectable.connect() as connection:`."""

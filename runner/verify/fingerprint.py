@@ -195,7 +195,7 @@ def query(conn: Connection, exclude: Iterable[Table] = (), prepared: bool = Fals
     # qualify every name in every definition the same way, whatever the role's search_path
     conn.exec_driver_sql("SET LOCAL search_path = pg_catalog")
     excluded = sorted(set(names))
-    if prepared:
+    if prepared and conn.dialect.driver == "psycopg2":  # its paramstyle and cursor (env.py may use asyncpg)
         if not conn.info.get(_PREPARED):
             # the driver's own cursor: no parameters, so the query's format('%I') stays as is
             conn.connection.cursor().execute(f"PREPARE {_PREPARED}(text[]) AS {_QUERY}")

@@ -359,6 +359,9 @@ def snapshot(conn: Connection, locks: bool = True, flush: bool = False) -> Snaps
     cursor = conn.connection.cursor()
     force = _FORCE_FLUSH if flush and _can_force_flush(conn) else ""
     try:
+        if force and conn.dialect.driver != "psycopg2":  # asyncpg: one statement per execute
+            cursor.execute(force)
+            force = ""
         cursor.execute(force + (_LOCKED if locks else _RELATIONS))
         return _parse_locked(cursor.fetchall()) if locks else _parse(cursor.fetchall())
     except Exception as exc:

@@ -44,6 +44,11 @@ def server_run(run: Run) -> Run:
     if url is None:
         raise ConfigError("VERIFY_DATABASE_URL is not set: point it at a server where the runner "
                           "may create and drop databases, e.g. postgresql://USER:PASSWORD@HOST:5432/postgres")
+    app = run.settings.database_url
+    if "+" not in url.drivername and app is not None and "+" in app.drivername and not app.is_sqlite:
+        # env.py gets the scratch URL with the application's driver (an async env.py needs its
+        # postgresql+asyncpg); the runner's own connections use libpq whatever it says
+        url = url.set(drivername=app.drivername)
     return dataclasses.replace(run, settings=dataclasses.replace(run.settings, database_url=url))
 
 
