@@ -672,6 +672,25 @@ def test_deadline_sigterm_and_kill_9_stop_a_backfill_that_reruns_resume_exactly_
     assert database.sql("SELECT state || ' ' || rows_done FROM runner_backfills") == f"done {ROWS}"
 
 
+def test_a_backfill_interrupted_then_its_table_recreated_starts_from_the_first_row(
+        database: Database) -> None:
+    """RUN_DEADLINE stops b002's backfill mid-way; a downgrade to base drops its table (b001's
+    downgrade) and the upgrade creates it again: the checkpoint counts rows of the old table, so
+    the backfill starts from the first row instead of resuming after the checkpoint (which left
+    every row below it never updated). Every row of the new table is updated exactly once."""
+    env = backfill_env(database.url)
+    assert run_runner(["upgrade", "--to", "b001"], env).code == 0
+    assert run_runner(["upgrade"], {**env, "RUN_DEADLINE": "2500ms"}).code == 9
+    assert rows_done(database) > 0
+    assert run_runner(["downgrade", "--to", "base", "--yes"], env).code == 0
+    again = run_runner(["upgrade"], {**env, "ONLINE_BACKFILL_MAX_BATCH_SIZE": "5000",
+                                     "ONLINE_BACKFILL_PAUSE": "0"})
+    assert again.code == 0, again.err
+    assert '"backfill.restart"' in again.err and '"backfill.resume"' not in again.err, again.err
+    assert database.sql("SELECT count(*) FILTER (WHERE hits = 1) || ' ' || count(*) FROM items") == \
+        f"{ROWS} {ROWS}"
+
+
 def test_kill_9_mid_index_build_rerun_rebuilds_it_and_a_held_lock_exits_8(database: Database) -> None:
     """A kill -9 while CREATE INDEX CONCURRENTLY waits: the rerun drops the INVALID leftover and
     builds it again. Then a table lock held elsewhere: retries naming the holder, exit 8, the

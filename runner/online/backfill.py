@@ -141,6 +141,9 @@ class Backfill:
         same = row is not None and (row["relation"], row["key_column"], row["assignment"],
                                     row["condition"]) == (str(spec.table), spec.key, spec.assignment,
                                                           spec.condition)
+        # the checkpoint counts rows of the table it walked: not of one created again since
+        recreated = same and row["relation_oid"] is not None and int(row["relation_oid"]) != spec.table.oid
+        same = same and not recreated
         if row is not None and same and row["state"] == "running":
             s.run.log("backfill.resume", f"backfill {spec.name}: resuming after key "
                       f"{row['checkpoint'] or '(none)'}: {row['rows_done']} of "
@@ -152,13 +155,16 @@ class Backfill:
             return row  # finished, but the revision that ran it did not commit: do not redo it
         if row is not None:
             why = ("ran for an earlier application of its revision: running it again" if same
+                   else f"walked another table {row['relation']} (dropped and created again since): "
+                   "starting again from the first row" if recreated
                    else "was defined differently before: starting again from the first row")
             s.run.log("backfill.restart", f"backfill {spec.name} {why}", name=spec.name)
         upper = s.sql(f"SELECT {quote(spec.key)}::text AS runner_key FROM {spec.table.sql} "
                       f"ORDER BY {quote(spec.key)} DESC LIMIT 1").scalar()
         values = {"name": spec.name, "revision": s.revision, "relation": str(spec.table),
                   "key_column": spec.key, "assignment": spec.assignment, "condition": spec.condition,
-                  "upper_bound": upper, "rows_estimate": self.estimate(), "batch_size": self.sizer.size}
+                  "upper_bound": upper, "rows_estimate": self.estimate(), "batch_size": self.sizer.size,
+                  "relation_oid": spec.table.oid}
         state.start(s.conn, s.version_schema, values)
         s.run.log("backfill.start", f"backfill {spec.name}: up to {spec.key} = {upper}, "
                   f"~{values['rows_estimate']} rows", name=spec.name, upper_bound=upper,

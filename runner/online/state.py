@@ -1,7 +1,10 @@
 """The backfill state table: one row per backfill, next to the version table (`runner_backfills`).
 
 A backfill writes its checkpoint in the same transaction as each batch, so a rerun after a crash
-continues where the last committed batch ended. rows_done counts the keys visited (up to the
+continues where the last committed batch ended, as long as the table is the same one
+(relation_oid): a table dropped and created again since (a downgrade and upgrade of the revision
+that creates it) has none of the rows the checkpoint counts as done, and is backfilled from its
+first row. rows_done counts the keys visited (up to the
 largest key seen at the start, upper_bound), rows_updated the rows the batches changed.
 revision_applied is set in the transaction of the revision that ran the backfill, after it: a
 finished backfill whose revision did not commit (a crash in between) is not run again when the
@@ -41,11 +44,12 @@ CREATE TABLE IF NOT EXISTS {table} (
     started_at     timestamptz NOT NULL DEFAULT now(),
     updated_at     timestamptz NOT NULL DEFAULT now(),
     finished_at    timestamptz,
-    revision_applied boolean NOT NULL DEFAULT false
+    revision_applied boolean NOT NULL DEFAULT false,
+    relation_oid   bigint
 )"""
 COLUMNS = ("name", "revision", "relation", "key_column", "assignment", "condition", "upper_bound",
            "checkpoint", "rows_done", "rows_updated", "rows_estimate", "batch_size", "state", "started_at",
-           "updated_at", "finished_at", "revision_applied")
+           "updated_at", "finished_at", "revision_applied", "relation_oid")
 
 
 def table(schema: str | None) -> str:
@@ -87,7 +91,7 @@ def get(conn: Connection, schema: str | None, name: str) -> dict[str, Any] | Non
 def start(conn: Connection, schema: str | None, values: dict[str, Any]) -> None:
     """Record a backfill starting from the first key (again, when it ran before)."""
     names = ("name", "revision", "relation", "key_column", "assignment", "condition", "upper_bound",
-             "rows_estimate", "batch_size")
+             "rows_estimate", "batch_size", "relation_oid")
     conn.execute(sa.text(f"""
         INSERT INTO {table(schema)} ({', '.join(names)}, state)
         VALUES ({', '.join(':' + n for n in names)}, 'running')

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS {table} (
     started_at     TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
     updated_at     TIMESTAMP NOT NULL DEFAULT CURRENT_TIMESTAMP,
     finished_at    TIMESTAMP,
-    revision_applied BOOLEAN NOT NULL DEFAULT 0
+    revision_applied BOOLEAN NOT NULL DEFAULT 0,
+    relation_oid   INTEGER  -- PostgreSQL's: a SQLite table has no identity that outlives a DROP
 )"""
 
 
