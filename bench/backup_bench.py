@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.measure import wall_rss  # noqa: E402
 from tests.pgcluster import PASSWORD, Cluster, bindir  # noqa: E402
-from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, moto_process, s3_client  # noqa: E402
+from tests.s3_fixtures import S3Server, moto_process, s3_client  # noqa: E402
 
 TOOLS = bindir("18")
 RUNNER_ONLY = False
@@ -80,9 +80,7 @@ def bench_size(gb: float, aws: str, endpoint: str, s3, workdir: Path) -> dict[st
         print(f"\n== {size / 1e9:.2f} GB database (built in {time.monotonic() - t0:.0f}s)", flush=True)
         bucket = f"bench-{int(time.time())}"
         s3.create_bucket(Bucket=bucket)
-        aws_env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                       AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_S3=endpoint,
-                       AWS_EC2_METADATA_DISABLED="true")
+        aws_env = dict(os.environ, **S3Server(endpoint, s3).env())
         pg_env = dict(aws_env, PGPASSWORD=PASSWORD, PGHOST="127.0.0.1", PGPORT=str(cluster.port),
                       PGUSER="admin", PGDATABASE="bench")
         runner_env = dict(aws_env, DATABASE_URL=cluster.url("bench"),
@@ -126,9 +124,8 @@ def bench_jobs(gb: float, endpoint: str, s3, jobs: int, repeat: int) -> dict[str
         print(f"\n== {size / 1e9:.2f} GB database", flush=True)
         bucket = f"bench-{int(time.time())}"
         s3.create_bucket(Bucket=bucket)
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_S3=endpoint, AWS_EC2_METADATA_DISABLED="true",
-                   DATABASE_URL=cluster.url("bench"), ALEMBIC_CONFIG=str(REPO / "alembic.ini"),
+        env = dict(os.environ, **S3Server(endpoint, s3).env(), DATABASE_URL=cluster.url("bench"),
+                   ALEMBIC_CONFIG=str(REPO / "alembic.ini"),
                    BACKUP_S3_URI=f"s3://{bucket}/bench", PG_DUMP_BIN=str(TOOLS / "pg_dump"),
                    PG_RESTORE_BIN=str(TOOLS / "pg_restore"), PYTHONPATH=str(REPO))
         times: dict[str, list[float]] = {"1": [], str(jobs): []}

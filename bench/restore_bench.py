@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 from bench.backup_bench import TOOLS, build  # noqa: E402
 from bench.measure import wall_rss  # noqa: E402
 from tests.pgcluster import PASSWORD, Cluster  # noqa: E402
-from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, moto_process, s3_client  # noqa: E402
+from tests.s3_fixtures import S3Server, moto_process, s3_client  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -79,8 +79,7 @@ def bench_size(gb: float, endpoint: str, s3: Any, workdir: Path, repeat: int,
         print(f"\n== {size / 1e9:.2f} GB database (built in {time.monotonic() - t0:.0f}s)", flush=True)
         bucket = f"bench-{int(time.time())}"
         s3.create_bucket(Bucket=bucket)
-        aws = dict(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_S3=endpoint, AWS_EC2_METADATA_DISABLED="true")
+        aws = S3Server(endpoint, s3).env()
 
         def runner_env(db: str) -> dict[str, str]:
             return dict(os.environ, **aws, DATABASE_URL=cluster.url(db), PYTHONPATH=str(REPO),

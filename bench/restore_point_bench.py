@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from bench.backup_bench import TOOLS, build  # noqa: E402
 from bench.measure import wall_rss  # noqa: E402
 from tests.pgcluster import Cluster  # noqa: E402
-from tests.s3_fixtures import ACCESS_KEY, REGION, SECRET_KEY, moto_process, s3_client  # noqa: E402
+from tests.s3_fixtures import S3Server, moto_process, s3_client  # noqa: E402
 
 
 def archiving_cluster() -> Cluster:
@@ -57,9 +57,8 @@ def bench_size(gb: float, endpoint: str, s3, repeat: int) -> dict[str, float]:
         print(f"\n== {size / 1e9:.2f} GB database (built in {time.monotonic() - t0:.0f}s)", flush=True)
         bucket = f"bench-{int(time.time())}"
         s3.create_bucket(Bucket=bucket)
-        env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                   AWS_DEFAULT_REGION=REGION, AWS_ENDPOINT_URL_S3=endpoint, AWS_EC2_METADATA_DISABLED="true",
-                   DATABASE_URL=cluster.url("bench"), ALEMBIC_CONFIG=str(REPO / "alembic.ini"),
+        env = dict(os.environ, **S3Server(endpoint, s3).env(), DATABASE_URL=cluster.url("bench"),
+                   ALEMBIC_CONFIG=str(REPO / "alembic.ini"),
                    BACKUP_S3_URI=f"s3://{bucket}/bench", PG_DUMP_BIN=str(TOOLS / "pg_dump"),
                    PYTHONPATH=str(REPO), LOG_FORMAT="json")
         reset = [sys.executable, "-m", "runner", "downgrade", "--to", "base", "--yes"]
