@@ -1,5 +1,6 @@
-"""The process environment while a scratch chain runs: env.py files that read DATABASE_URL (or
-libpq's PG* variables) themselves must get the scratch database's, never the target's."""
+"""The process environment while env.py runs elsewhere than the run's database: env.py files that
+read DATABASE_URL (or libpq's PG* variables) themselves must get that database's (verify's
+scratch database, the fast-path recorder's stand-in URLs), never the target's."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import io
 import itertools
@@ -41,6 +42,7 @@ class DbState:
     version_schema: str | None
 
 
+@functools.cache  # once per process: SQLAlchemy's dialect registry is process-wide
 def bare_postgresql_means_psycopg2() -> None:
     """Where psycopg 3 is not installed (the image ships psycopg2), make a bare postgresql:// URL
     mean psycopg2 again, as before SQLAlchemy 2.1: env.py files that build their engine from

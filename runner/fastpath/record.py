@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy.engine import Connection, Engine
 
-from runner import dburl, phases, revisions
+from runner import dburl, environ, phases, revisions
 from runner.config import Settings
 from runner.errors import RunnerError
 from runner.fastpath.facts import (
@@ -322,24 +322,24 @@ def write(facts: Facts) -> Path:
 def _one_pass(config: str, url: str, database_url: dburl.DbUrl
               ) -> tuple[tuple[str, str | None], Any]:
     """Run env.py once as the runner would, with DATABASE_URL=url; return (table, schema), script."""
-    saved_path, saved_url = list(sys.path), os.environ.get("DATABASE_URL")
-    os.environ["DATABASE_URL"] = url
+    saved_path = list(sys.path)
     try:
-        settings = Settings(alembic_config=Path(config), database_url=database_url)
-        cfg = revisions.alembic_config(settings, stdout=io.StringIO())
-        script = revisions.load_scripts(cfg)
-        calls = _Calls()
-        cfg.attributes["connection"] = calls.hand_out()
-        env = EnvironmentContext(cfg, script)
-        # the module-level proxies (alembic.context.*) are taken from the instance's attributes
-        env.configure = calls.configure  # type: ignore[method-assign]
-        env.begin_transaction = calls.begin_transaction  # type: ignore[method-assign]
-        env.run_migrations = calls.run_migrations  # type: ignore[method-assign]
-        for name in ("get_context", "get_bind", "execute", "static_output", "is_transactional_ddl"):
-            setattr(env, name, _needs_database(name))
-        with env, _engines_hand_out(calls):
-            script.run_env()
-        return calls.answer(), script
+        with environ.overlaid({"DATABASE_URL": url}):
+            settings = Settings(alembic_config=Path(config), database_url=database_url)
+            cfg = revisions.alembic_config(settings, stdout=io.StringIO())
+            script = revisions.load_scripts(cfg)
+            calls = _Calls()
+            cfg.attributes["connection"] = calls.hand_out()
+            env = EnvironmentContext(cfg, script)
+            # the module-level proxies (alembic.context.*) are taken from the instance's attributes
+            env.configure = calls.configure  # type: ignore[method-assign]
+            env.begin_transaction = calls.begin_transaction  # type: ignore[method-assign]
+            env.run_migrations = calls.run_migrations  # type: ignore[method-assign]
+            for name in ("get_context", "get_bind", "execute", "static_output", "is_transactional_ddl"):
+                setattr(env, name, _needs_database(name))
+            with env, _engines_hand_out(calls):
+                script.run_env()
+            return calls.answer(), script
     except CannotRecord:
         raise
     except _Refused as exc:
@@ -351,10 +351,6 @@ def _one_pass(config: str, url: str, database_url: dburl.DbUrl
         raise CannotRecord(f"env.py failed without a database ({type(exc).__name__}: {first})") from None
     finally:
         sys.path[:] = saved_path
-        if saved_url is None:
-            os.environ.pop("DATABASE_URL", None)
-        else:
-            os.environ["DATABASE_URL"] = saved_url
 
 
 def _needs_database(name: str) -> Any:

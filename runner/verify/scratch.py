@@ -19,12 +19,12 @@ from collections.abc import Iterator
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from runner import db
+from runner import db, environ
 from runner.context import Run
 from runner.db import sqlstate
 from runner.errors import ConfigError
 from runner.sqlname import quote
-from runner.verify import environ, prepare, sqlite_scratch
+from runner.verify import prepare, sqlite_scratch
 from runner.verify import role as roles
 from runner.verify.role import Role
 from runner.wait.ready import reason, wait_until_ready

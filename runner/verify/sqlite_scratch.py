@@ -21,12 +21,12 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from runner import db, dburl
+from runner import db, dburl, environ
 from runner.context import Run
 from runner.errors import ConfigError
 from runner.revisions import DbState, stamped
 from runner.sqlite import engine, files
-from runner.verify import environ, prepare, sqlite_fingerprint
+from runner.verify import prepare, sqlite_fingerprint
 from runner.verify.sqlite_fingerprint import Fingerprint, Table
 
 POSTGRESQL_ONLY = "lint (Squawk) and the lock observation are PostgreSQL's: off on SQLite"
